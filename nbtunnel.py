@@ -1,0 +1,1448 @@
+#!/usr/bin/env python3
+"""nbtunnel: run Jupyter on a machine you reach over SSH and use it from this one.
+
+    nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print the URL
+    nbtunnel.py [HOST] --status      one line per recorded session
+    nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
+
+How it works: every step of one command shares one OpenSSH connection (a private
+ControlMaster socket), so you authenticate at most once per command.  The remote
+work is done by a small Python program sent on ssh's stdin (nothing is uploaded);
+it finds a free port, starts Jupyter detached in tmux (or another session manager)
+through your login environment, waits until the server is ready and answers with
+its port and token as JSON.  The tunnel is a forward added to that same master
+connection, which stays in the background until ``--terminate``.
+
+Compatibility promise: this one file, with Python 3.8+ and the system ``ssh``, is a
+complete install; the remote needs Python 3.6+, Jupyter and the session manager.
+The command line, output and exit codes follow the documented interface; new
+options may be added, documented ones are not renamed or dropped.
+
+Plugins are Python files that ``import nbtunnel`` and call ``nbtunnel.register(obj)``
+with an object whose ``kind`` is ``"manager"``, ``"environment"`` or ``"tunnel"``
+(see the base classes ``SessionManager``, ``ShellEnvironment``, ``TunnelBackend``).
+They are loaded from ``plugins/`` beside this file, ``$XDG_CONFIG_HOME/nbtunnel/plugins``,
+``$NBTUNNEL_PLUGIN_PATH`` and ``--plugin FILE``.  Plugins describe commands as argv
+lists; they never run processes themselves.
+"""
+
+import argparse
+import base64
+import configparser
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, one run at a time is up to the user
+    fcntl = None
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("nbtunnel")
+
+# Constants ###################################################################
+
+SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+DEFAULT_SESSION = "nbtunnel"
+DEFAULT_APP = "lab"
+DEFAULT_TIMEOUT = 30.0
+APPS = {  # app -> (jupyter subcommand, path of the landing page under base_url)
+    "lab": ("lab", "lab"),
+    "notebook": ("notebook", "tree"),
+    "nbclassic": ("nbclassic", "tree"),
+    "server": ("server", ""),
+}
+RESULT_MARK = "NBTUNNEL-RESULT:"
+# The one command line the remote login shell ever sees: constant and quote-free,
+# so it means the same under sh, bash, zsh, tcsh and fish.
+REMOTE_COMMAND = "python3 - || python -"
+SERVER_ALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"]
+
+# Messages that tests and users rely on.
+MSG_NO_HOST = "no HOST given and {why}; recorded sessions: {sessions}"
+MSG_HOSTKEY = (
+    "the host key of {host} is not known here: check it and connect once with plain "
+    "ssh to record it, or pass --accept-new to accept it on first contact"
+)
+MSG_HOSTKEY_CHANGED = (
+    "the host key of {host} has CHANGED since it was recorded (possible man-in-the-middle); "
+    "nbtunnel will not connect. Check with the administrator and fix known_hosts"
+)
+MSG_AUTH = (
+    "{host} refused authentication ({detail}). Without a terminal (cron), ssh needs a "
+    "key without a passphrase or a running ssh-agent (SSH_AUTH_SOCK)"
+)
+MSG_UNREACHABLE = "cannot reach {host}: {detail}"
+MSG_NO_PYTHON = "no python3 or python on the PATH of {host}; nbtunnel needs Python 3.6+ there"
+MSG_BUSY = (
+    "not terminating {session} on {host}: {n} kernel(s) busy ({names}); "
+    "wait for them or pass --force"
+)
+
+
+class Error(Exception):
+    """The one exception that reaches the user: a message and an exit code."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class UsageError(Error):
+    """Bad usage or bad input: exit 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 2)
+
+
+# Pure helpers ################################################################
+
+
+def check_session(name: str) -> str:
+    """Return NAME if it is an allowed session name, else raise UsageError."""
+    if not isinstance(name, str) or not SESSION_RE.match(name):
+        raise UsageError(
+            "invalid session name %r: use 1-64 characters from A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit" % (name,)
+        )
+    return name
+
+
+def check_port(value, what: str):
+    """Return VALUE as a port number (None stays None), else raise UsageError."""
+    if value is None or value == "":
+        return None
+    try:
+        port = int(str(value), 10)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise UsageError("invalid %s %r: must be a number from 1 to 65535" % (what, value))
+    return port
+
+
+def shell_line(words) -> str:
+    """Join WORDS into one POSIX shell line, every word quoted."""
+    return " ".join(shlex.quote(str(w)) for w in words)
+
+
+def jupyter_argv(app, jupyter=None) -> list:
+    """The remote argv that starts Jupyter, before nbtunnel's own arguments."""
+    if jupyter:
+        argv = shlex.split(jupyter)
+        if not argv:
+            raise UsageError("--jupyter is empty")
+        return argv
+    return ["jupyter", APPS[app][0]]
+
+
+def guess_app(jupyter) -> str:
+    """Which front end a --jupyter command line starts, for the landing page."""
+    words = [os.path.basename(w) for w in shlex.split(jupyter or "")]
+    for word in words:
+        for app in APPS:
+            if word in (app, "jupyter-" + app):
+                return app
+    return "server" if words else DEFAULT_APP
+
+
+def server_args() -> list:
+    """Arguments nbtunnel adds to every Jupyter command (the port is added remotely)."""
+    return ["--no-browser", "--ip=127.0.0.1", "--port-retries=0"]
+
+
+def make_url(port: int, base_url: str, app: str, token: str) -> str:
+    """The browser URL for a server reached on local PORT."""
+    base = "/" + (base_url or "/").strip("/")
+    path = APPS.get(app, APPS[DEFAULT_APP])[1]
+    path = (base.rstrip("/") + "/" + path) if path else base.rstrip("/") + "/"
+    return "http://127.0.0.1:%d%s?token=%s" % (port, path, token)
+
+
+def record_name(host: str, session: str) -> str:
+    """File name of the local record for HOST and SESSION (any HOST is safe)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
+    digest = hashlib.sha1(host.encode()).hexdigest()[:8]
+    return "%s-%s@%s.json" % (safe, digest, session)
+
+
+def ssh_options(args) -> list:
+    """The user's ssh options as argv words, in ssh's own syntax."""
+    words = []
+    if args.ssh_config:
+        words += ["-F", args.ssh_config]
+    for opt in args.ssh_option or ():
+        words += ["-o", opt]
+    if args.jump:
+        words += ["-J", args.jump]
+    if args.identity:
+        words += ["-i", args.identity]
+    if args.accept_new:
+        words += ["-o", "StrictHostKeyChecking=accept-new"]
+    return words
+
+
+def classify_ssh_error(host: str, stderr: str) -> str:
+    """Turn ssh's stderr into a message a user understands, naming HOST."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else "ssh failed without a message"
+    if "IDENTIFICATION HAS CHANGED" in text:
+        return MSG_HOSTKEY_CHANGED.format(host=host)
+    if "Host key verification failed" in text or "No ED25519 host key is known" in text:
+        return MSG_HOSTKEY.format(host=host)
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return MSG_AUTH.format(host=host, detail=last)
+    return MSG_UNREACHABLE.format(host=host, detail=last)
+
+
+# The remote helper ###########################################################
+#
+# Plain Python sent on ssh's stdin and run by the remote python3.  It must run on
+# the oldest Pythons found on HPC login nodes (3.6: no walrus, no f-string "=").
+# Assumptions about the remote: a POSIX system with a login shell in /etc/passwd;
+# Linux /proc is used when present to tell a live Jupyter from a zombie or a
+# reused pid; everything else is the standard library.
+
+REMOTE_HELPER = r'''
+import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, time
+try:
+    import fcntl
+except ImportError:
+    fcntl = None
+try:
+    import urllib.request as urlrequest
+except ImportError:
+    urlrequest = None
+
+MARK = "NBTUNNEL-RESULT:"
+ENV_MARK = "NBTUNNEL-ENV-FOLLOWS"
+DUMP = "import os,json,sys;sys.stdout.write(json.dumps(dict(os.environ)))"
+LAUNCHER = """
+import json, os, sys
+spec = json.load(open(SPEC))
+os.remove(SPEC)
+with open(spec["pidfile"], "w") as f:
+    f.write(str(os.getpid()))
+sys.stdout.write("nbtunnel: Jupyter runs in this session; its log is %s\\n" % spec["log"])
+sys.stdout.flush()
+fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 384)
+# stdin stays the terminal: tmux and screen end a pane whose terminal nobody holds
+os.dup2(fd, 1)
+os.dup2(fd, 2)
+try:
+    os.chdir(spec["cwd"])
+    os.execve(spec["argv"][0], spec["argv"], spec["env"])
+except OSError as e:
+    os.write(2, ("nbtunnel: cannot start %s: %s\\n" % (spec["argv"][0], e)).encode())
+    os._exit(127)
+"""
+BOOT = "import base64,sys;exec(base64.b64decode(sys.argv[1]))"
+
+
+class Fail(Exception):
+    def __init__(self, kind, message, **extra):
+        Exception.__init__(self, message)
+        self.kind, self.extra = kind, extra
+
+
+def state_dir():
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    path = os.path.join(base, "nbtunnel")
+    if not os.path.isdir(path):
+        os.makedirs(path, 0o700)
+    return path
+
+
+def files(session):
+    d = state_dir()
+    return dict((k, os.path.join(d, session + ext)) for k, ext in (
+        ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
+        ("lock", ".lock")))
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, data):
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.rename(tmp, path)
+
+
+def remove(*paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+class Lock(object):
+    def __init__(self, path, timeout):
+        self.path, self.timeout, self.fd = path, timeout, None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.time() + self.timeout
+        while fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise Fail("locked", "another nbtunnel is busy with this session")
+                time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        if e.errno != errno.EPERM:  # EPERM: exists, but not ours
+            return False
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("State:"):
+                    return "Z" not in line.split()[1]
+    except (IOError, OSError):
+        pass
+    return True
+
+
+def pid_is_jupyter(pid):
+    if not pid_alive(pid):
+        return False
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return b"jupyter" in f.read()
+    except (IOError, OSError):
+        return True  # no /proc here: a live pid is the best we can tell
+
+
+def free_port():
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def tail(path, n=20):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except (IOError, OSError):
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def http(port, base_url, path, token, method="GET", timeout=5):
+    url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
+    req = urlrequest.Request(url, method=method, headers={"Authorization": "token " + token})
+    opener = urlrequest.build_opener(urlrequest.ProxyHandler({}))
+    with opener.open(req, timeout=timeout) as resp:
+        body = resp.read()
+        return resp.status, (json.loads(body.decode()) if body.strip() else None)
+
+
+def run(argv, timeout=30, env=None):
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env)
+    except OSError as e:
+        return 127, "", str(e)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    return p.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+# Login environment ----------------------------------------------------------
+
+def shell_family(shell):
+    name = os.path.basename(shell)
+    if name == "fish":
+        return "fish"
+    if name in ("csh", "tcsh"):
+        return "csh"
+    return "sh"
+
+
+def login_env(steps, timeout):
+    """The environment a login shell of this user has, after STEPS ran in it."""
+    shell = pwd.getpwuid(os.getuid()).pw_shell or os.environ.get("SHELL") or "/bin/sh"
+    if not os.access(shell, os.X_OK):
+        shell = "/bin/sh"
+    family = shell_family(shell)
+    env = dict(os.environ, NBT_PY=sys.executable, NBT_DUMP=DUMP)
+    lines = []
+    if family == "csh":  # csh takes -l only alone; source its login file ourselves
+        lines.append("if ( -r ~/.login ) source ~/.login")
+    for step in steps:
+        env.update(step.get("vars", {}))
+        lines.append(step[family])
+    lines.append("echo " + ENV_MARK)
+    lines.append({"sh": 'exec "$NBT_PY" -c "$NBT_DUMP"', "fish": "exec $NBT_PY -c $NBT_DUMP",
+                  "csh": "exec $NBT_PY:q -c $NBT_DUMP:q"}[family])
+    argv = [shell, "-c", "\n".join(lines)] if family == "csh" else \
+        [shell, "-l", "-c", "\n".join(lines)]
+    code, out, err = run(argv, timeout=timeout, env=env)
+    if ENV_MARK not in out:
+        raise Fail("env", "the login shell %s failed before Jupyter could start (exit %s)"
+                   % (shell, code), log_tail="\n".join(err.splitlines()[-15:]))
+    try:
+        found = json.loads(out.rsplit(ENV_MARK, 1)[1].strip())
+    except ValueError:
+        raise Fail("env", "could not read the environment of the login shell %s" % shell,
+                   log_tail="\n".join(err.splitlines()[-15:]))
+    for key in list(found):
+        if key.startswith("NBT_"):
+            del found[key]
+    found.pop("TMUX", None)
+    found.pop("STY", None)
+    return shell, found
+
+
+def which(program, env):
+    return shutil.which(program, path=env.get("PATH", os.defpath))
+
+
+# Jupyter servers ------------------------------------------------------------
+
+def runtime_dirs(env):
+    home = os.path.expanduser("~")
+    dirs = []
+    if env.get("JUPYTER_RUNTIME_DIR"):
+        dirs.append(env["JUPYTER_RUNTIME_DIR"])
+    if env.get("JUPYTER_DATA_DIR"):
+        dirs.append(os.path.join(env["JUPYTER_DATA_DIR"], "runtime"))
+    data = env.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share")
+    dirs.append(os.path.join(data, "jupyter", "runtime"))
+    dirs.append(os.path.join(home, "Library", "Jupyter", "runtime"))
+    if env.get("XDG_RUNTIME_DIR"):
+        dirs.append(os.path.join(env["XDG_RUNTIME_DIR"], "jupyter"))
+    return dirs
+
+
+def find_runtime_file(pid, dirs, newer_than=0):
+    for d in dirs:
+        for prefix in ("jpserver-", "nbserver-"):
+            path = os.path.join(d, "%s%d.json" % (prefix, pid))
+            try:
+                if os.path.getmtime(path) < newer_than:
+                    continue  # left by an earlier server whose pid was reused
+            except OSError:
+                continue
+            info = read_json(path)
+            if info and info.get("port") and info.get("pid", pid) == pid:
+                return path, info
+    return None, None
+
+
+def probe(session):
+    """Info about the live server of SESSION, or None."""
+    st = read_json(files(session)["state"])
+    if not st or not pid_is_jupyter(st.get("pid")):
+        return None
+    info = read_json(st.get("runtime_file", "")) or {}
+    if not info.get("port"):
+        return None
+    return dict(session=session, pid=st["pid"], port=info["port"], token=info.get("token", ""),
+                base_url=info.get("base_url", "/"), log=st.get("log"),
+                manager=st.get("manager"), app=st.get("app"), root_dir=info.get(
+                    "root_dir", info.get("notebook_dir")), started=st.get("started"))
+
+
+def busy_kernels(info):
+    try:
+        code, kernels = http(info["port"], info["base_url"], "api/kernels", info["token"])
+    except Exception:
+        return []
+    return [k.get("name", "?") + ":" + k.get("id", "?")[:8] for k in kernels or ()
+            if k.get("execution_state") == "busy"]
+
+
+def wait_dead(pid, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    return not pid_alive(pid)
+
+
+def stop_server(info, timeout):
+    """Shut the server down through its own API, then by signals if it must."""
+    pid = info["pid"]
+    try:
+        http(info["port"], info["base_url"], "api/shutdown", info["token"], method="POST")
+    except Exception:
+        pass
+    if wait_dead(pid, timeout):
+        return "api"
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+        if wait_dead(pid, wait):
+            return sig == signal.SIGTERM and "sigterm" or "sigkill"
+    return "alive"
+
+
+def fill(argv, launch):
+    return [w.replace("@PYTHON@", launch["python"]).replace("@LAUNCH@", launch["code"])
+            for w in argv]
+
+
+def run_manager(mgr, what, session, env, launch=None):
+    argv = mgr.get(what)
+    if not argv:
+        return None
+    argv = fill(argv, launch) if launch else list(argv)
+    code, out, err = run(argv, env=env)
+    return code, out, err
+
+
+# Operations -----------------------------------------------------------------
+
+def op_start(p):
+    session, mgr, timeout = p["session"], p["manager"], p["timeout"]
+    paths = files(session)
+    with Lock(paths["lock"], timeout):
+        info = probe(session)
+        if info:
+            info["reused"] = True
+            return info
+        shell, env = login_env(p["env_steps"], timeout)
+        for program in [mgr["program"]] if mgr.get("program") else []:
+            if not which(program, env):
+                raise Fail("no-manager", "%s is not installed on this host (not on the login "
+                           "PATH); install it or choose another --manager" % program)
+        st = read_json(paths["state"])
+        if st and pid_alive(st.get("pid")):  # ours, but unusable (no runtime file)
+            stop_server(dict(pid=st["pid"], port=0, base_url="/", token=""), 0)
+        alive = run_manager(mgr, "alive", session, env)
+        if alive and alive[0] == 0:
+            if not st:
+                raise Fail("session-exists", "a %s session named %s already exists and was not "
+                           "started by nbtunnel; choose another --session"
+                           % (mgr["name"], session))
+            run_manager(mgr, "stop", session, env)  # ours, whose server is gone
+        argv = list(p["argv"])
+        exe = which(argv[0], env) if "/" not in argv[0] else argv[0]
+        if not exe or not os.access(exe, os.X_OK):
+            raise Fail("no-jupyter", "%s not found on this host in the login environment of %s "
+                       "(PATH=%s); install Jupyter or pass --jupyter /path/to/jupyter"
+                       % (argv[0], shell, env.get("PATH", "")))
+        argv[0] = exe
+        if os.path.basename(exe) == "jupyter" and len(argv) > 1 and not argv[1].startswith("-"):
+            sub = "jupyter-" + argv[1]
+            if not which(sub, env) and not os.path.exists(os.path.join(os.path.dirname(exe), sub)):
+                raise Fail("no-jupyter", "'jupyter %s' is not installed on this host (no %s "
+                           "next to %s or on the login PATH)" % (argv[1], sub, exe))
+        cwd = p.get("notebook_dir") or "~"
+        if cwd == "~" or cwd.startswith("~/"):
+            cwd = os.path.expanduser("~") + cwd[1:]
+        cwd = os.path.join(os.path.expanduser("~"), cwd)
+        if not os.path.isdir(cwd):
+            raise Fail("no-dir", "notebook directory %r does not exist on this host" % (cwd,))
+        tries = 1 if p.get("remote_port") else 3
+        for attempt in range(tries):
+            port = p.get("remote_port") or free_port()
+            info = launch(p, paths, env, argv + ["--port=%d" % port], cwd)
+            if info:
+                info["reused"] = False
+                return info
+        raise Fail("launch", "the remote port was taken each time Jupyter started",
+                   log_tail=tail(paths["log"]))
+
+
+def launch(p, paths, env, argv, cwd):
+    """Start Jupyter through the manager and wait until it answers; None if the port was taken."""
+    session, mgr, timeout = p["session"], p["manager"], p["timeout"]
+    remove(paths["pid"], paths["log"])
+    write_json(paths["spec"], dict(argv=argv, env=env, cwd=cwd, log=paths["log"],
+                                   pidfile=paths["pid"]))
+    code = ("SPEC = %r\n" % paths["spec"]) + LAUNCHER
+    python = sys.executable if all(c.isalnum() or c in "/._-+" for c in sys.executable) \
+        else "python3"
+    launch_words = dict(python=python, code=base64.b64encode(code.encode()).decode())
+    started = time.time()
+    rc, out, err = run_manager(mgr, "start", session, env, launch_words)
+    if rc != 0:
+        remove(paths["spec"])
+        raise Fail("launch", "%s could not start the session: %s" % (mgr["name"], (err or out).strip()))
+    dirs = runtime_dirs(env)
+    deadline = started + timeout
+    pid = None
+    while time.time() < deadline:
+        if pid is None:
+            try:
+                with open(paths["pid"]) as f:
+                    pid = int(f.read().strip() or 0) or None
+            except (IOError, OSError, ValueError):
+                pid = None
+        if pid is not None:
+            runtime, info = find_runtime_file(pid, dirs, started - 2)
+            if info:
+                break
+            if not pid_alive(pid):
+                text = tail(paths["log"])
+                if "already in use" in text or "Address in use" in text:
+                    return None
+                raise Fail("launch", "Jupyter exited before it was ready", log_tail=text)
+        time.sleep(0.05)
+    else:
+        if pid:
+            stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
+        run_manager(mgr, "stop", session, env)
+        remove(paths["spec"])
+        raise Fail("timeout", "Jupyter was not ready within %ss" % timeout,
+                   log_tail=tail(paths["log"]))
+    write_json(paths["state"], dict(session=session, pid=pid, runtime_file=runtime,
+                                    log=paths["log"], manager=mgr["name"], app=p.get("app"),
+                                    started=started))
+    result = probe(session)
+    while time.time() < deadline:  # listening is not answering: wait for the API
+        try:
+            if http(result["port"], result["base_url"], "api/status", result["token"])[0] == 200:
+                break
+        except Exception:
+            time.sleep(0.05)
+    return result
+
+
+def op_stop(p):
+    session, timeout = p["session"], p["timeout"]
+    paths = files(session)
+    with Lock(paths["lock"], timeout):
+        st = read_json(paths["state"])
+        info = probe(session)
+        if info and not p.get("force"):
+            busy = busy_kernels(info)
+            if busy:
+                return dict(busy=busy, stopped=False)
+        how = stop_server(info, timeout) if info else None
+        if st:
+            mgr = p["manager"] if p["manager"]["name"] == st.get("manager") else \
+                p["managers"].get(st.get("manager"), p["manager"])
+            alive = run_manager(mgr, "alive", session, None)
+            if alive and alive[0] == 0:
+                run_manager(mgr, "stop", session, None)
+            remove(paths["state"], paths["pid"], paths["spec"])
+        return dict(stopped=bool(info), how=how, was_recorded=bool(st))
+
+
+def op_status(p):
+    out = []
+    for session in p["sessions"]:
+        info = probe(session)
+        if info:
+            info["server"] = "running"
+            out.append(info)
+        else:
+            out.append(dict(session=session, server="stopped"))
+    return out
+
+
+def main(b64):
+    p = json.loads(base64.b64decode(b64).decode())
+    try:
+        result = dict(ok=True, result={"start": op_start, "stop": op_stop,
+                                       "status": op_status}[p["op"]](p))
+    except Fail as e:
+        result = dict(ok=False, kind=e.kind, message=str(e), **e.extra)
+    except Exception as e:
+        import traceback
+        result = dict(ok=False, kind="internal", message="%s: %s" % (type(e).__name__, e),
+                      log_tail=traceback.format_exc())
+    sys.stdout.write("\n" + MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+'''
+
+
+def remote_program(op: str, params: dict) -> bytes:
+    """The helper source plus its call, as sent on ssh's stdin."""
+    payload = base64.b64encode(json.dumps(dict(params, op=op)).encode()).decode()
+    return (REMOTE_HELPER + "\nmain(%r)\n" % payload).encode()
+
+
+def parse_result(host: str, stdout: str, stderr: str, code: int) -> dict:
+    """The helper's JSON answer, or an Error that says why there is none."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    if code == 127 or "command not found" in stderr.lower() or "not found" in stderr:
+        raise Error(MSG_NO_PYTHON.format(host=host))
+    if code == 255:
+        raise Error(classify_ssh_error(host, stderr))
+    raise Error("the nbtunnel helper on %s gave no answer (exit %s): %s"
+                % (host, code, stderr.strip()[-2000:] or "no message"))
+
+
+# Plugins #####################################################################
+
+
+class SessionManager:
+    """Runs Jupyter detached on the remote.  Methods return remote argv lists.
+
+    ``command`` is the argv of the launcher; its words may contain the
+    placeholders ``@PYTHON@`` and ``@LAUNCH@``, which the remote helper fills
+    in with safe text (no quoting needed, also inside a shell line).
+    """
+
+    kind = "manager"
+    name = ""
+    program = ""  # must be on the remote login PATH
+
+    def start(self, session: str, command: list) -> list:
+        """argv that starts COMMAND detached, in a session named SESSION."""
+        raise NotImplementedError
+
+    def alive(self, session: str):
+        """argv whose exit status 0 means the session exists, or None."""
+        return None
+
+    def stop(self, session: str):
+        """argv that ends the session, or None."""
+        return None
+
+    def describe(self, session: str) -> dict:
+        """What the remote helper needs, as plain data."""
+        launcher = ["@PYTHON@", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
+                    "@LAUNCH@"]
+        return dict(name=self.name, program=self.program, start=self.start(session, launcher),
+                    alive=self.alive(session), stop=self.stop(session))
+
+
+class Tmux(SessionManager):
+    """tmux: the session survives logout; `tmux attach -t NAME` shows it."""
+
+    name = "tmux"
+    program = "tmux"
+
+    @staticmethod
+    def target(session: str) -> str:
+        """tmux turns '.' and ':' into '_' in session names."""
+        return session.replace(".", "_")
+
+    def start(self, session, command):
+        """tmux runs its command through the user's shell: quote every word."""
+        return ["tmux", "new-session", "-d", "-s", self.target(session), shell_line(command)]
+
+    def alive(self, session):
+        """'=' asks for this exact name, not a prefix."""
+        return ["tmux", "has-session", "-t", "=" + self.target(session)]
+
+    def stop(self, session):
+        """End the session and whatever still runs in it."""
+        return ["tmux", "kill-session", "-t", "=" + self.target(session)]
+
+
+class ShellEnvironment:
+    """Prepares the shell Jupyter starts from.  ``steps`` returns shell snippets.
+
+    Each step is a dict with one constant snippet per shell family (``sh``,
+    ``fish``, ``csh``) and ``vars``, the data it reads from environment
+    variables named NBT_*: user data never becomes shell text.
+    """
+
+    kind = "environment"
+    name = ""
+
+    def add_arguments(self, parser) -> None:
+        """Add this plugin's command-line options."""
+
+    def steps(self, args) -> list:
+        """Snippets to run, in order, before Jupyter starts."""
+        return []
+
+
+class RcFile(ShellEnvironment):
+    """--rc FILE: source a shell file first (the `source ~/.zshrc` habit)."""
+
+    name = "rc"
+
+    def steps(self, args):
+        """Source the file in the user's login shell."""
+        if not args.rc:
+            return []
+        return [dict(vars={"NBT_RC": args.rc}, sh='. "$NBT_RC"', fish="source $NBT_RC",
+                     csh="source $NBT_RC:q")]
+
+
+class TunnelBackend:
+    """Makes local PORT reach the remote server.  The built-in one uses the ssh master."""
+
+    kind = "tunnel"
+    name = ""
+
+    def open(self, conn, local_port: int, remote_port: int) -> None:
+        """Forward 127.0.0.1:LOCAL_PORT here to 127.0.0.1:REMOTE_PORT there."""
+        raise NotImplementedError
+
+    def close(self, conn, local_port: int, remote_port: int) -> None:
+        """Remove that forward."""
+        raise NotImplementedError
+
+
+class SshForward(TunnelBackend):
+    """A -L forward added to the shared OpenSSH master connection."""
+
+    name = "ssh"
+
+    def open(self, conn, local_port, remote_port):
+        """`ssh -O forward`: the master keeps it open after this command returns."""
+        conn.control("forward", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local_port, remote_port))
+
+    def close(self, conn, local_port, remote_port):
+        """`ssh -O cancel` of the same forward."""
+        conn.control("cancel", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local_port, remote_port))
+
+
+MANAGERS = {}
+ENVIRONMENTS = {}
+TUNNELS = {}
+REGISTRIES = {"manager": MANAGERS, "environment": ENVIRONMENTS, "tunnel": TUNNELS}
+REQUIRED = {"manager": ("start", "alive", "stop", "describe"),
+            "environment": ("steps", "add_arguments"), "tunnel": ("open", "close")}
+
+
+def register(plugin) -> None:
+    """Add PLUGIN (an instance of one of the base classes, or duck-typed alike)."""
+    kind = getattr(plugin, "kind", None)
+    if kind not in REGISTRIES:
+        raise Error("plugin %r has no valid kind (manager, environment or tunnel)" % (plugin,))
+    missing = [m for m in REQUIRED[kind] if not callable(getattr(plugin, m, None))]
+    if missing or not getattr(plugin, "name", ""):
+        raise Error("%s plugin %r lacks %s" % (kind, plugin, ", ".join(missing) or "a name"))
+    plugin.source = getattr(plugin, "source", None) or getattr(
+        sys.modules.get(type(plugin).__module__), "__file__", None) or "built-in"
+    REGISTRIES[kind][plugin.name] = plugin
+
+
+def get(kind: str, name: str):
+    """The registered plugin of KIND called NAME, or an error listing the known ones."""
+    try:
+        return REGISTRIES[kind][name]
+    except KeyError:
+        raise UsageError("unknown %s %r; known: %s" % (kind, name, ", ".join(sorted(REGISTRIES[kind]))))
+
+
+register(Tmux())
+register(RcFile())
+register(SshForward())
+
+
+def plugin_files(extra=()) -> list:
+    """Plugin files to load, in order: beside this file, user config, env, --plugin."""
+    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")]
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+    dirs.append(os.path.join(config, "nbtunnel", "plugins"))
+    dirs += [d for d in os.environ.get("NBTUNNEL_PLUGIN_PATH", "").split(os.pathsep) if d]
+    found = []
+    for d in dirs:
+        if os.path.isdir(d):
+            found += sorted(os.path.join(d, f) for f in os.listdir(d)
+                            if f.endswith(".py") and not f.startswith("_"))
+    return found + list(extra)
+
+
+def load_plugins(paths) -> list:
+    """Import each plugin file; one that fails is reported and skipped."""
+    loaded = []
+    for path in paths:
+        name = "nbtunnel_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            loaded.append(path)
+        except Exception as e:  # a broken plugin must not break the others
+            sys.modules.pop(name, None)
+            log.warning("warning: plugin %s failed to load and is skipped: %s: %s",
+                        path, type(e).__name__, e)
+    return loaded
+
+
+# Running ssh #################################################################
+
+
+def subproc(argv, **kw) -> subprocess.CompletedProcess:
+    """Run one local process; the only place nbtunnel starts one (logged with -v)."""
+    log.debug("+ %s", shlex.join(argv))
+    return subprocess.run(argv, **kw)
+
+
+def control_dir() -> str:
+    """A private directory for control sockets, short enough for a socket path."""
+    base = os.environ.get("NBTUNNEL_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
+    path = os.path.join(base, "nbtunnel") if base else ""
+    if not path or len(path) > 60:
+        path = os.path.join(tempfile.gettempdir(), "nbtunnel-%d" % os.getuid())
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path):
+        raise Error("%s must be a directory owned by you with mode 0700" % path)
+    return path
+
+
+class Connection:
+    """One OpenSSH master connection to HOST, shared by every step of a command."""
+
+    def __init__(self, host: str, options: list, key: str, timeout: float):
+        self.host, self.options, self.timeout = host, list(options), timeout
+        digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
+        self.socket = os.path.join(control_dir(), digest)
+        self.opened_here = False
+        self.batch = not sys.stdin.isatty()
+
+    def argv(self, *extra) -> list:
+        """ssh with the user's options and our control socket."""
+        words = ["ssh"] + self.options + ["-S", self.socket]
+        if self.batch:
+            words += ["-o", "BatchMode=yes"]
+        return words + list(extra)
+
+    def alive(self) -> bool:
+        """Is the master running?"""
+        if not os.path.exists(self.socket):
+            return False
+        r = subproc(self.argv("-O", "check", self.host), stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True)
+        return r.returncode == 0
+
+    def master_pid(self):
+        """Pid of the master process, or None."""
+        if not os.path.exists(self.socket):
+            return None
+        r = subproc(self.argv("-O", "check", self.host), stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True)
+        m = re.search(r"pid=(\d+)", r.stderr)
+        return int(m.group(1)) if r.returncode == 0 and m else None
+
+    def open(self) -> None:
+        """Start the master unless one runs; this is the only authentication."""
+        if self.alive():
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)  # a socket left by a master that died
+        argv = self.argv("-f", "-N", "-M", "-o", "ControlPersist=yes",
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, self.host)
+        # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
+        with tempfile.TemporaryFile() as err:
+            try:
+                r = subproc(argv, stdin=None if not self.batch else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=err,
+                            timeout=None if not self.batch else self.timeout + 5)
+                code = r.returncode
+            except subprocess.TimeoutExpired:
+                raise Error(MSG_UNREACHABLE.format(
+                    host=self.host, detail="no answer within %gs" % self.timeout))
+            except FileNotFoundError:
+                raise Error("no ssh program found on this machine; install OpenSSH")
+            err.seek(0)
+            text = err.read().decode("utf-8", "replace")
+        if code != 0 or not self.alive():
+            raise Error(classify_ssh_error(self.host, text))
+        self.opened_here = True
+
+    def run_helper(self, op: str, params: dict, timeout: float) -> dict:
+        """Run the remote helper for OP over the master; return its result."""
+        argv = self.argv("-T", "-o", "ControlMaster=no", self.host, REMOTE_COMMAND)
+        try:
+            r = subproc(argv, input=remote_program(op, params), capture_output=True,
+                        timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Error("%s did not answer within %gs" % (self.host, timeout))
+        out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
+        answer = parse_result(self.host, out, err, r.returncode)
+        if not answer.get("ok"):
+            message = "%s: %s" % (self.host, answer.get("message"))
+            if answer.get("log_tail"):
+                message += "\n--- last lines of the remote log ---\n" + answer["log_tail"]
+            raise Error(message)
+        return answer["result"]
+
+    def control(self, command: str, *extra) -> None:
+        """Send a control command (forward, cancel, exit) to the master."""
+        r = subproc(self.argv("-O", command, *extra, self.host), stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Error("ssh -O %s %s failed for %s: %s"
+                        % (command, " ".join(extra), self.host, r.stderr.strip()))
+
+    def close(self) -> None:
+        """End the master and every forward it holds."""
+        if os.path.exists(self.socket):
+            subproc(self.argv("-O", "exit", self.host), stdin=subprocess.DEVNULL,
+                    capture_output=True)
+
+
+# State #######################################################################
+
+
+def state_dir(args) -> str:
+    """The local state directory, created private."""
+    path = args.state_dir or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "nbtunnel")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def load_records(directory: str) -> list:
+    """Every session recorded in DIRECTORY (unreadable files are skipped with a warning)."""
+    records = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                rec = json.load(f)
+            rec["host"], rec["session"]  # noqa: B018 - both must be there
+            records.append(rec)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("warning: ignoring unreadable record %s (%s)", name, e)
+    return records
+
+
+def save_record(directory: str, rec: dict) -> None:
+    """Write REC atomically, readable by the user only."""
+    path = os.path.join(directory, record_name(rec["host"], rec["session"]))
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def drop_record(directory: str, host: str, session: str) -> None:
+    """Forget HOST/SESSION."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, record_name(host, session)))
+
+
+@contextlib.contextmanager
+def locked(directory: str, host: str, session: str):
+    """Serialise nbtunnel runs on one host and session (start, terminate, ensure)."""
+    path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def local_port_open(port: int) -> bool:
+    """Does something accept connections on 127.0.0.1:PORT here?"""
+    with contextlib.closing(socket.socket()) as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_local_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Actions #####################################################################
+
+
+class Run:
+    """Everything one command needs: options, state directory, plugins."""
+
+    def __init__(self, args):
+        self.args = args
+        self.state = state_dir(args)
+        self.records = load_records(self.state)
+
+    def connection(self, host: str, rec=None) -> Connection:
+        """The shared connection for HOST, with the options it was recorded with."""
+        options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
+        return Connection(host, options, os.path.realpath(self.state), self.args.timeout)
+
+    def manager(self, name=None) -> SessionManager:
+        """The session manager plugin chosen for this run."""
+        return get("manager", name or self.args.manager)
+
+    def params(self, session: str) -> dict:
+        """What every remote operation is told."""
+        managers = {n: m.describe(session) for n, m in MANAGERS.items()}
+        return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
+                    managers=managers)
+
+
+def cmd_start(run: Run, host: str) -> int:
+    """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
+    args = run.args
+    session = args.session
+    mgr = run.manager()
+    tunnel = get("tunnel", args.tunnel)
+    app = args.app or (guess_app(args.jupyter) if args.jupyter else DEFAULT_APP)
+    steps = []
+    for env in ENVIRONMENTS.values():
+        steps += env.steps(args)
+    params = dict(run.params(session), argv=jupyter_argv(app, args.jupyter) + server_args(),
+                  app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
+                  env_steps=steps)
+    old = find_record(run.records, host, session)
+    with locked(run.state, host, session):
+        conn = run.connection(host, old)
+        conn.open()
+        try:
+            info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+            local_port = open_tunnel(conn, tunnel, old, info["port"], args.local_port)
+        except BaseException:
+            if conn.opened_here:
+                conn.close()  # leave nothing running after a failure
+            raise
+        rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
+                   app=info.get("app") or app, local_port=local_port, remote_port=info["port"],
+                   token=info["token"], base_url=info["base_url"], pid=info["pid"],
+                   log=info.get("log"), ssh_options=conn.options, socket=conn.socket,
+                   started=info.get("started"))
+        rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
+        save_record(run.state, rec)
+    if not args.quiet:
+        log.info("%s Jupyter on %s (session %s, %s, remote port %d) at local port %d",
+                 "reattached to" if info["reused"] else "started", host, session, mgr.name,
+                 info["port"], local_port)
+    out = dict(public(rec), reused=info["reused"])
+    print(json.dumps(out) if args.json else rec["url"])
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(rec["url"])
+    return 0
+
+
+def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
+    """Forward a local port to REMOTE_PORT, keeping the old local port when possible."""
+    if old and old.get("remote_port") != remote_port and conn.opened_here is False:
+        with contextlib.suppress(Error):  # the server moved: drop the stale forward
+            tunnel.close(conn, old["local_port"], old["remote_port"])
+    if wanted:
+        candidates = [wanted]
+    elif old:
+        candidates = [old["local_port"]] + [None] * 3
+    else:
+        candidates = [None] * 3
+    error = None
+    for port in candidates:
+        port = port or free_local_port()
+        try:
+            tunnel.open(conn, port, remote_port)
+            return port
+        except Error as e:
+            error = e
+    raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
+
+
+def public(rec: dict) -> dict:
+    """The fields of a record that --json shows."""
+    keys = ("host", "session", "url", "local_port", "remote_port", "token", "manager", "app",
+            "pid", "log", "tunnel")
+    return {k: rec.get(k) for k in keys}
+
+
+def find_record(records, host, session):
+    """The record of HOST/SESSION, or None."""
+    for rec in records:
+        if rec["host"] == host and rec["session"] == session:
+            return rec
+    return None
+
+
+def cmd_status(run: Run, host) -> int:
+    """Ask each recorded host about its sessions; one line (or JSON object) each."""
+    args = run.args
+    records = [r for r in run.records if host is None or r["host"] == host]
+    if args.session_given:
+        records = [r for r in records if r["session"] == args.session]
+    by_host = {}
+    for rec in records:
+        by_host.setdefault(rec["host"], []).append(rec)
+    rows = []
+    for h, recs in by_host.items():
+        conn = run.connection(h, recs[0])
+        answers = {}
+        try:
+            was_up = conn.alive()
+            conn.open()
+            params = dict(run.params(recs[0]["session"]), sessions=[r["session"] for r in recs])
+            for a in conn.run_helper("status", params, timeout=args.timeout + 10):
+                answers[a["session"]] = a
+            if not was_up:
+                conn.close()
+        except Error as e:
+            log.warning("warning: %s", e)
+        for rec in recs:
+            a = answers.get(rec["session"])
+            row = dict(public(rec), server=a["server"] if a else "unknown")
+            row["tunnel"] = "up" if conn.alive() and local_port_open(rec["local_port"]) else "down"
+            if a and a["server"] == "running" and a["port"] != rec["remote_port"]:
+                row["tunnel"] = "down"  # the forward points at an older server
+            row["plugin"] = rec.get("manager")
+            rows.append(row)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s" % (
+                r["host"], r["session"], r["server"], r["tunnel"],
+                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"]))
+        if not rows and not args.quiet:
+            log.info("no sessions recorded")
+    return 0
+
+
+def cmd_terminate(run: Run, host: str) -> int:
+    """Stop the server gracefully, end its session, close the tunnel, drop the record."""
+    args = run.args
+    session = args.session
+    rec = find_record(run.records, host, session)
+    with locked(run.state, host, session):
+        conn = run.connection(host, rec)
+        conn.open()
+        try:
+            params = dict(run.params(session), force=args.force)
+            if rec and rec.get("manager") in MANAGERS:
+                params["manager"] = params["managers"][rec["manager"]]
+            result = conn.run_helper("stop", params, timeout=args.timeout * 2 + 30)
+        except BaseException:
+            if conn.opened_here:
+                conn.close()
+            raise
+        if result.get("busy"):
+            if conn.opened_here:
+                conn.close()
+            raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
+                                        names=", ".join(result["busy"])), 3)
+        others = [r for r in run.records if r.get("socket") == conn.socket and r is not rec]
+        if rec and others:
+            with contextlib.suppress(Error):
+                get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
+                                                               rec["remote_port"])
+        else:
+            conn.close()
+        drop_record(run.state, host, session)
+    if args.json:
+        print(json.dumps(dict(host=host, session=session, stopped=result["stopped"])))
+    elif not args.quiet:
+        log.info("%s: session %s %s", host, session,
+                 "stopped" if result["stopped"] else "was not running")
+    return 0
+
+
+# Command line ################################################################
+
+CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
+    "session": ("session", str), "app": ("app", str), "jupyter": ("jupyter", str),
+    "notebook-dir": ("notebook_dir", str), "manager": ("manager", str), "rc": ("rc", str),
+    "local-port": ("local_port", str), "remote-port": ("remote_port", str),
+    "ssh-config": ("ssh_config", str), "ssh-option": ("ssh_option", list),
+    "jump": ("jump", str), "identity": ("identity", str), "accept-new": ("accept_new", bool),
+    "timeout": ("timeout", float), "tunnel": ("tunnel", str), "plugin": ("plugin", list),
+    "state-dir": ("state_dir", str),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(
+        prog="nbtunnel", description="Start or reattach to Jupyter on a host you reach over "
+        "SSH, tunnel it to 127.0.0.1 here, and print the URL.")
+    p.add_argument("host", nargs="?", metavar="HOST",
+                   help="ssh destination: host, user@host, ssh://user@host:port or an alias")
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--terminate", action="store_true", help="stop the server and the tunnel")
+    act.add_argument("--status", action="store_true", help="show recorded sessions")
+    p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
+    g = p.add_argument_group("the server")
+    g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
+    g.add_argument("--app", choices=sorted(APPS), help="Jupyter front end (default lab)")
+    g.add_argument("--jupyter", metavar="CMD", help="remote command that starts Jupyter")
+    g.add_argument("--notebook-dir", metavar="DIR", help="remote working directory (literal)")
+    g.add_argument("--manager", metavar="NAME", help="session manager plugin (default tmux)")
+    g.add_argument("--rc", metavar="FILE", help="remote shell file to source before launching")
+    g.add_argument("--remote-port", metavar="N", help="remote port (default: a free one)")
+    g = p.add_argument_group("the tunnel and ssh")
+    g.add_argument("--local-port", metavar="N", help="local port (default: a free one)")
+    g.add_argument("--tunnel", metavar="NAME", help="tunnel backend (default ssh)")
+    g.add_argument("-F", "--ssh-config", metavar="FILE", help="ssh config file (ssh -F)")
+    g.add_argument("-o", "--ssh-option", metavar="OPTION", action="append",
+                   help="ssh option, as ssh -o; repeatable")
+    g.add_argument("-J", "--jump", metavar="JUMP", help="jump host (ssh -J)")
+    g.add_argument("-i", "--identity", metavar="FILE", help="identity file (ssh -i)")
+    g.add_argument("--accept-new", action="store_true", default=None,
+                   help="accept an unknown host key once (never the default)")
+    g.add_argument("--timeout", metavar="SECONDS", type=float,
+                   help="bound on connecting and on server start-up (default %g)" % DEFAULT_TIMEOUT)
+    g = p.add_argument_group("nbtunnel")
+    g.add_argument("--plugin", metavar="FILE", action="append", help="load a plugin file")
+    g.add_argument("--config", metavar="FILE", help="config file (INI)")
+    g.add_argument("--state-dir", metavar="DIR", help="where sessions are recorded")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--open", action="store_true", help="open the URL in the local browser")
+    g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
+    g.add_argument("-v", "--verbose", action="store_true", help="show every ssh command run")
+    g.add_argument("--version", action="version", version="nbtunnel " + __version__)
+    for env in ENVIRONMENTS.values():
+        env.add_arguments(p)
+    return p
+
+
+def read_config(path) -> configparser.ConfigParser:
+    """The INI config file (missing is fine, broken is an error)."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    if path and os.path.exists(path):
+        try:
+            cfg.read(path)
+        except configparser.Error as e:
+            raise UsageError("config file %s: %s" % (path, e))
+    return cfg
+
+
+def apply_config(args, cfg, host) -> None:
+    """Fill options not given on the command line from [host HOST] or [DEFAULT]."""
+    section = cfg["host " + host] if host and cfg.has_section("host " + host) else cfg.defaults()
+    for key, value in section.items():
+        if key == "host":
+            continue
+        if key not in CONFIG_KEYS:
+            raise UsageError("config file: unknown key %r" % key)
+        dest, kind = CONFIG_KEYS[key]
+        if getattr(args, dest, None) not in (None, []):
+            continue
+        if kind is bool:
+            value = value.strip().lower() in ("1", "yes", "true", "on")
+        elif kind is list:
+            value = value.split()
+        elif kind is float:
+            try:
+                value = float(value)
+            except ValueError:
+                raise UsageError("config file: %s must be a number, not %r" % (key, value))
+        setattr(args, dest, value)
+
+
+def resolve_host(args, cfg, records):
+    """HOST from the command line, the config default, or the only record."""
+    if args.host:
+        return args.host
+    if cfg.defaults().get("host"):
+        return cfg.defaults()["host"]
+    candidates = records
+    if args.session_given:
+        candidates = [r for r in records if r["session"] == args.session]
+    if len(candidates) == 1:
+        args.session = candidates[0]["session"]
+        return candidates[0]["host"]
+    if args.terminate and not candidates:
+        return None
+    sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
+    why = "several sessions are recorded" if candidates else "nothing is recorded"
+    raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
+
+
+def configure_logging(args) -> None:
+    """stderr messages: -q errors only, -v every ssh command."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nbtunnel: %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
+
+
+def main(argv=None) -> int:
+    """Run nbtunnel with ARGV; return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    pre.add_argument("-v", "--verbose", action="store_true")
+    pre.add_argument("-q", "--quiet", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    configure_logging(known)
+    load_plugins(plugin_files(known.plugin))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.session_given = args.session is not None
+    try:
+        cfg = read_config(args.config or os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
+            os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+            "nbtunnel", "config.ini"))
+        apply_config(args, cfg, args.host or cfg.defaults().get("host"))
+        args.session = check_session(args.session or DEFAULT_SESSION)
+        args.local_port = check_port(args.local_port, "--local-port")
+        args.remote_port = check_port(args.remote_port, "--remote-port")
+        args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
+        args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "ssh" not in TUNNELS
+                                      else "sshtunnel")
+        args.timeout = args.timeout if args.timeout and args.timeout > 0 else DEFAULT_TIMEOUT
+        get("manager", args.manager)
+        get("tunnel", args.tunnel)
+        run = Run(args)
+        if args.status:
+            return cmd_status(run, args.host)
+        host = resolve_host(args, cfg, run.records)
+        if host is not None and host.startswith("-"):
+            raise UsageError("invalid HOST %r" % host)
+        if args.terminate:
+            if host is None:
+                if not args.quiet:
+                    log.info("nothing to terminate: no sessions recorded")
+                return 0
+            return cmd_terminate(run, host)
+        return cmd_start(run, host)
+    except Error as e:
+        log.error("error: %s", e)
+        return e.code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+# A plugin's `import nbtunnel` must find this running module, not load a second copy.
+sys.modules.setdefault("nbtunnel", sys.modules[__name__])
+
+if __name__ == "__main__":
+    sys.exit(main())
