@@ -585,6 +585,9 @@ def op_start(p):
             if info:
                 info["reused"] = False
                 return info
+        if p.get("remote_port"):
+            raise Fail("port", "remote port %d is already in use on this host; choose another "
+                       "--remote-port or leave it out" % p["remote_port"])
         raise Fail("launch", "the remote port was taken each time Jupyter started",
                    log_tail=tail(paths["log"]))
 

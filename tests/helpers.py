@@ -1,0 +1,261 @@
+"""Helpers for the tests: HTTP, ports, processes and Jupyter kernels.
+
+Process checks read /proc rather than trusting ``kill -0``: some sandboxed
+kernels (gVisor) reap killed processes late, so a zombie still answers
+``kill -0`` for a while. A process whose state is ``Z`` (or ``X``) is dead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Tests talk to 127.0.0.1 only: never let an http_proxy variable route that elsewhere.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+# HTTP #########################################################################
+
+
+def http_request(
+    method: str,
+    url: str,
+    *,
+    timeout: float = 10.0,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> tuple[int, str]:
+    """Send one HTTP request; return (status, body text), also for 4xx/5xx answers."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode("utf-8", "replace")
+
+
+def http_get(url: str, timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET url; return (status, body text). Connection errors raise OSError."""
+    return http_request("GET", url, timeout=timeout, headers=headers)
+
+
+# Waiting and ports ############################################################
+
+
+def wait_until(
+    fn: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, message: str = ""
+) -> T:
+    """Call fn until it returns something truthy and return that; raise TimeoutError after timeout.
+
+    An OSError raised by fn counts as "not yet" (a port not open, a file not written).
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            value = fn()
+            if value:
+                return value
+            last = value
+        except OSError as err:
+            last = err
+        if time.monotonic() >= deadline:
+            what = message or getattr(fn, "__name__", "condition")
+            raise TimeoutError(f"{what}: not true after {timeout:g}s (last result: {last!r})")
+        time.sleep(interval)
+
+
+def local_port_open(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    """True when something accepts TCP connections on host:port of this machine."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_local_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on host that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# Processes ####################################################################
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def pid_alive(pid: int) -> bool:
+    """True while pid is a live process; a zombie (State Z or X) counts as dead."""
+    state = _proc_status(pid).get("State", "")
+    return bool(state) and state[0] not in "ZX"
+
+
+def proc_uid(pid: int) -> int | None:
+    """Real uid of pid, or None when it is gone."""
+    uid = _proc_status(pid).get("Uid")
+    return int(uid.split()[0]) if uid else None
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    """argv of pid ([] for a kernel thread or a process that is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0")[:-1]]
+
+
+def live_pids() -> list[int]:
+    """Every live (non-zombie) process on this machine, except this one."""
+    own = os.getpid()
+    pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
+    return [pid for pid in pids if pid != own and pid_alive(pid)]
+
+
+def find_pids(pattern: str, uid: int | None = None, program: str | None = None) -> list[int]:
+    """Live pids whose space-joined cmdline matches regex pattern, optionally of one uid / program name."""
+    regex = re.compile(pattern)
+    found = []
+    for pid in live_pids():
+        argv = proc_cmdline(pid)
+        if not argv:
+            continue
+        if program is not None and os.path.basename(argv[0]) != program:
+            continue
+        if uid is not None and proc_uid(pid) != uid:
+            continue
+        if regex.search(" ".join(argv)):
+            found.append(pid)
+    return found
+
+
+def local_ssh_pids(pattern: str) -> list[int]:
+    """Live local ``ssh`` client processes whose cmdline matches regex pattern."""
+    return find_pids(pattern, program="ssh")
+
+
+def kill_pids(pids: Iterable[int], sig: int = signal.SIGKILL, timeout: float = 10.0) -> list[int]:
+    """Send sig to pids, wait for them to die; return those still alive after timeout."""
+    pids = list(pids)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if pid_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if pid_alive(pid)]
+    return alive
+
+
+# Jupyter ######################################################################
+
+
+def _kernel_message(msg_type: str, content: dict, session: str) -> dict:
+    """A Jupyter messaging protocol v5.3 message for the shell channel."""
+    return {
+        "header": {
+            "msg_id": uuid.uuid4().hex,
+            "msg_type": msg_type,
+            "username": "nbtunnel-test",
+            "session": session,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "version": "5.3",
+        },
+        "parent_header": {},
+        "metadata": {},
+        "content": content,
+        "channel": "shell",
+        "buffers": [],
+    }
+
+
+def run_kernel_code(base_http_url: str, token: str, code: str, timeout: float = 60.0) -> str:
+    """Run code in a new kernel of the Jupyter server at base_http_url; return its text output.
+
+    Creates the kernel over the REST API, executes code over the kernel's
+    websocket, and deletes the kernel. Returns stream output followed by the
+    ``text/plain`` of the execute_result, e.g. ``"2"`` for ``1+1``. A Python
+    error in code raises RuntimeError.
+    """
+    import websocket  # websocket-client, installed by tests/run
+
+    base = base_http_url.rstrip("/")
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    status, body = http_request("POST", f"{base}/api/kernels", timeout=timeout, headers=headers, body=b"{}")
+    if status != 201:
+        raise RuntimeError(f"POST /api/kernels answered {status}: {body[:500]}")
+    kernel_id = json.loads(body)["id"]
+    session = uuid.uuid4().hex
+    ws_url = re.sub(r"^http", "ws", base) + f"/api/kernels/{kernel_id}/channels?session_id={session}"
+    deadline = time.monotonic() + timeout
+    try:
+        ws = websocket.create_connection(
+            ws_url, timeout=timeout, header=[f"Authorization: token {token}"]
+        )
+        try:
+            request = _kernel_message(
+                "execute_request",
+                {
+                    "code": code,
+                    "silent": False,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+                session,
+            )
+            msg_id = request["header"]["msg_id"]
+            ws.send(json.dumps(request))
+            streams: list[str] = []
+            result = ""
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"kernel gave no idle status for {code!r} within {timeout:g}s")
+                ws.settimeout(remaining)
+                message = json.loads(ws.recv())
+                if message.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                msg_type = message["header"]["msg_type"]
+                content = message["content"]
+                if msg_type == "stream":
+                    streams.append(content["text"])
+                elif msg_type == "execute_result":
+                    result = content["data"].get("text/plain", "")
+                elif msg_type == "error":
+                    raise RuntimeError(f"{content['ename']}: {content['evalue']}")
+                elif msg_type == "status" and content.get("execution_state") == "idle":
+                    return "".join(streams) + result
+        finally:
+            ws.close()
+    finally:
+        http_request("DELETE", f"{base}/api/kernels/{kernel_id}", timeout=10, headers=headers)
