@@ -10,6 +10,7 @@ and config directories, and cleans up after the test whatever it left.
 
 Every name carries this process's pid, so two suites can run side by side;
 what an earlier, killed run left behind is removed at start-up. Needs root.
+NBTUNNEL_TEST_NO_NETNS=1 forces the loopback fallback.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-
 from helpers import (
     find_pids,
     free_local_port,
@@ -62,13 +61,22 @@ _REMOTES: list[RemoteHost] = []
 _LEFTOVERS: list[str] = []
 
 
-def _root(argv: Sequence[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+def _root(
+    argv: Sequence[str], check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
     """Run a setup command as root (this process), capturing text output."""
     proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        list(argv),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
     return proc
 
 
@@ -133,7 +141,10 @@ def _remove_user(name: str) -> None:
     _kill_user(name)
     for top in ("/tmp", "/var/tmp", "/dev/shm", "/run/screen"):
         if os.path.isdir(top):
-            _root(["find", top, "-xdev", "-mindepth", "1", "-uid", str(uid), "-delete"], check=False)
+            _root(
+                ["find", top, "-xdev", "-mindepth", "1", "-uid", str(uid), "-delete"],
+                check=False,
+            )
     if _root(["userdel", "-r", name], check=False).returncode != 0:
         _root(["userdel", "-r", "-f", name], check=False)
 
@@ -254,6 +265,9 @@ class RemoteHost:
 
     def _make_network(self) -> None:
         assert self.netns is not None
+        if os.environ.get("NBTUNNEL_TEST_NO_NETNS"):
+            self._use_loopback("NBTUNNEL_TEST_NO_NETNS is set")
+            return
         if _root(["ip", "netns", "add", self.netns], check=False).returncode != 0:
             self._use_loopback("`ip netns add` is not permitted here")
             return
@@ -261,12 +275,43 @@ class RemoteHost:
             subnet = _pick_subnet()
             host_ip, remote_ip = (str(addr) for addr in subnet.hosts())
             for argv in (
-                ["ip", "link", "add", self.veth_host, "type", "veth", "peer", "name", self.veth_remote],
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    self.veth_host,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    self.veth_remote,
+                ],
                 ["ip", "link", "set", self.veth_remote, "netns", self.netns],
                 ["ip", "addr", "add", f"{host_ip}/30", "dev", self.veth_host],
                 ["ip", "link", "set", self.veth_host, "up"],
-                ["ip", "netns", "exec", self.netns, "ip", "addr", "add", f"{remote_ip}/30", "dev", self.veth_remote],
-                ["ip", "netns", "exec", self.netns, "ip", "link", "set", self.veth_remote, "up"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    "ip",
+                    "addr",
+                    "add",
+                    f"{remote_ip}/30",
+                    "dev",
+                    self.veth_remote,
+                ],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.netns,
+                    "ip",
+                    "link",
+                    "set",
+                    self.veth_remote,
+                    "up",
+                ],
                 ["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"],
             ):
                 _root(argv)
@@ -292,7 +337,9 @@ class RemoteHost:
     def _make_user(self) -> None:
         _remove_user(self.user)  # a user of an earlier run that had this same pid
         _root(["useradd", "-m", "-s", "/bin/bash", "-c", USER_COMMENT, self.user])
-        _root(["usermod", "-p", "*", self.user])  # unlocked, no password: sshd takes keys
+        _root(
+            ["usermod", "-p", "*", self.user]
+        )  # unlocked, no password: sshd takes keys
         entry = pwd.getpwnam(self.user)
         self.uid, self.home = entry.pw_uid, Path(entry.pw_dir)
         venv_bin = self.jupyter_venv / "bin"
@@ -302,7 +349,8 @@ class RemoteHost:
         self._append_user_file(".zprofile", f'export PATH="{venv_bin}:$PATH"\n')
         self._append_user_file(".login", f'setenv PATH "{venv_bin}:$PATH"\n')
         self._append_user_file(
-            ".config/fish/config.fish", f"if status is-login\n    set -gx PATH {venv_bin} $PATH\nend\n"
+            ".config/fish/config.fish",
+            f"if status is-login\n    set -gx PATH {venv_bin} $PATH\nend\n",
         )
 
     def _append_user_file(self, relative: str, text: str, mode: int = 0o644) -> Path:
@@ -319,8 +367,34 @@ class RemoteHost:
         return path
 
     def _make_keys(self) -> None:
-        _root(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", self.user, "-f", str(self.identity)])
-        _root(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nbtest-host", "-f", str(self.host_key)])
+        _root(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                self.user,
+                "-f",
+                str(self.identity),
+            ]
+        )
+        _root(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "nbtest-host",
+                "-f",
+                str(self.host_key),
+            ]
+        )
         public = self.identity.with_suffix(".pub").read_text()
         self._append_user_file(".ssh/authorized_keys", public, mode=0o600)
         host_public = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
@@ -388,14 +462,20 @@ Host {self.ip}
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
 
     def _start_sshd(self) -> None:
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
-        argv = self._in_netns([SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.sshd_log)])
+        Path("/run/sshd").mkdir(
+            mode=0o755, exist_ok=True
+        )  # privilege separation directory
+        argv = self._in_netns(
+            [SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.sshd_log)]
+        )
         self.sshd = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 15
         while not self.port_open(self.port, self.ip):
             if self.sshd.poll() is not None or time.monotonic() > deadline:
                 log = self.sshd_log.read_text() if self.sshd_log.exists() else ""
-                raise RuntimeError(f"test sshd did not start (exit {self.sshd.poll()}):\n{log}")
+                raise RuntimeError(
+                    f"test sshd did not start (exit {self.sshd.poll()}):\n{log}"
+                )
             time.sleep(0.05)
 
     # Use ######################################################################
@@ -429,7 +509,9 @@ Host {self.ip}
         """Run cmd as the remote user on the remote host; a str goes through `bash -lc` (a login shell)."""
         argv = ["bash", "-lc", cmd] if isinstance(cmd, str) else list(cmd)
         env = [f"{key}={value}" for key, value in self.user_env().items()]
-        full = self._in_netns(["runuser", "-u", self.user, "--", "env", "-i", *env, *argv])
+        full = self._in_netns(
+            ["runuser", "-u", self.user, "--", "env", "-i", *env, *argv]
+        )
         return subprocess.run(
             full,
             check=check,
@@ -491,7 +573,11 @@ Host {self.ip}
         """Make sshd read sshd_config again (after a test changed it)."""
         assert self.sshd is not None
         self.sshd.send_signal(signal.SIGHUP)
-        wait_until(lambda: self.port_open(self.port, self.ip), 15, message="sshd back after SIGHUP")
+        wait_until(
+            lambda: self.port_open(self.port, self.ip),
+            15,
+            message="sshd back after SIGHUP",
+        )
 
     # Tear-down ################################################################
 
@@ -499,7 +585,9 @@ Host {self.ip}
         """Remove everything start() made: processes, sshd, user, namespace, veth, files."""
         self.kill_user_processes()
         if self.sshd is not None:
-            kill_pids([*_descendants(self.sshd.pid), self.sshd.pid], signal.SIGTERM, timeout=5)
+            kill_pids(
+                [*_descendants(self.sshd.pid), self.sshd.pid], signal.SIGTERM, timeout=5
+            )
             kill_pids([*_descendants(self.sshd.pid), self.sshd.pid], timeout=5)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.sshd.wait(timeout=5)
@@ -544,9 +632,14 @@ Host {self.ip}
 def remote() -> Iterator[RemoteHost]:
     """The real remote host for this session (see RemoteHost)."""
     if os.geteuid() != 0:
-        pytest.skip("the test remote needs root (useradd, ip netns, sshd): run bash tests/run")
+        pytest.skip(
+            "the test remote needs root (useradd, ip netns, sshd): run bash tests/run"
+        )
     if not (JUPYTER_VENV / "bin" / "jupyter").exists():
-        warnings.warn(f"{JUPYTER_VENV} has no jupyter: run bash tests/run to install it", stacklevel=1)
+        warnings.warn(
+            f"{JUPYTER_VENV} has no jupyter: run bash tests/run to install it",
+            stacklevel=1,
+        )
     host = RemoteHost()
     _REMOTES.append(host)
     try:
@@ -572,7 +665,8 @@ class NbtRunner:
         self.env = {
             key: value
             for key, value in os.environ.items()
-            if key not in {"XDG_RUNTIME_DIR", "NBTUNNEL_STATE_DIR", "SSH_AUTH_SOCK", "BROWSER"}
+            if key
+            not in {"XDG_RUNTIME_DIR", "NBTUNNEL_STATE_DIR", "SSH_AUTH_SOCK", "BROWSER"}
         }
         self.env.update(
             XDG_STATE_HOME=str(self.tmp / "xdg-state"),
@@ -613,6 +707,7 @@ class NbtRunner:
         """Run nbtunnel.py args to completion; env entries are added (None removes one)."""
         return subprocess.run(
             self.argv(*args),
+            check=False,
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
@@ -621,7 +716,9 @@ class NbtRunner:
             env=self._env(env),
         )
 
-    def popen(self, *args: str, env: dict[str, str | None] | None = None, **kwargs) -> subprocess.Popen:
+    def popen(
+        self, *args: str, env: dict[str, str | None] | None = None, **kwargs
+    ) -> subprocess.Popen:
         """Start nbtunnel.py args in the background (e.g. --watch); killed at teardown if still running."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.PIPE)
@@ -657,18 +754,33 @@ class NbtRunner:
             host, name = session.get("host"), session.get("session")
             if host and name:
                 with contextlib.suppress(Exception):
-                    self.run(str(host), "--terminate", "--force", "--session", str(name), timeout=60)
-        ports = [int(s["local_port"]) for s in sessions if str(s.get("local_port", "")).isdigit()]
+                    self.run(
+                        str(host),
+                        "--terminate",
+                        "--force",
+                        "--session",
+                        str(name),
+                        timeout=60,
+                    )
+        ports = [
+            int(s["local_port"])
+            for s in sessions
+            if str(s.get("local_port", "")).isdigit()
+        ]
 
         mine = re.escape(str(self.tmp)) + r"(?:/|\s|$)"
         local = [pid for pid in find_pids(mine) if pid_alive(pid)]
         local += find_pids(re.escape(str(self.ssh_config)), program="ssh")
         if local:
-            forced.append(f"local processes {[' '.join(proc_cmdline(p)) for p in sorted(set(local))]}")
+            forced.append(
+                f"local processes {[' '.join(proc_cmdline(p)) for p in sorted(set(local))]}"
+            )
             kill_pids(set(local))
         remote_jobs = self.remote.pids(r"jupyter|tmux|SCREEN|screen|ipykernel")
         if remote_jobs:
-            forced.append(f"remote processes {[' '.join(proc_cmdline(p)) for p in remote_jobs]}")
+            forced.append(
+                f"remote processes {[' '.join(proc_cmdline(p)) for p in remote_jobs]}"
+            )
         self.remote.kill_user_processes()
         self.remote.clean_jupyter_runtime()
         self.remote.reset_unknown_known_hosts()
@@ -687,7 +799,10 @@ def nbt(remote: RemoteHost) -> Iterator[NbtRunner]:
     yield runner
     forced = runner.cleanup()
     if forced:
-        warnings.warn("left after --terminate --force, removed by force: " + "; ".join(forced), stacklevel=1)
+        warnings.warn(
+            "left after --terminate --force, removed by force: " + "; ".join(forced),
+            stacklevel=1,
+        )
 
 
 # Reporting ####################################################################
@@ -710,7 +825,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+def pytest_terminal_summary(
+    terminalreporter, exitstatus: int, config: pytest.Config
+) -> None:
     for host in _REMOTES:
         terminalreporter.write_line(host.describe(), yellow=host.fallback)
     for item in _LEFTOVERS:

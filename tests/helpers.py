@@ -7,6 +7,7 @@ kernels (gVisor) reap killed processes late, so a zombie still answers
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -39,7 +40,9 @@ def http_request(
     body: bytes | None = None,
 ) -> tuple[int, str]:
     """Send one HTTP request; return (status, body text), also for 4xx/5xx answers."""
-    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    request = urllib.request.Request(
+        url, data=body, method=method, headers=headers or {}
+    )
     try:
         with _OPENER.open(request, timeout=timeout) as response:
             return response.status, response.read().decode("utf-8", "replace")
@@ -47,7 +50,9 @@ def http_request(
         return err.code, err.read().decode("utf-8", "replace")
 
 
-def http_get(url: str, timeout: float = 10.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+def http_get(
+    url: str, timeout: float = 10.0, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
     """GET url; return (status, body text). Connection errors raise OSError."""
     return http_request("GET", url, timeout=timeout, headers=headers)
 
@@ -74,7 +79,9 @@ def wait_until(
             last = err
         if time.monotonic() >= deadline:
             what = message or getattr(fn, "__name__", "condition")
-            raise TimeoutError(f"{what}: not true after {timeout:g}s (last result: {last!r})")
+            raise TimeoutError(
+                f"{what}: not true after {timeout:g}s (last result: {last!r})"
+            )
         time.sleep(interval)
 
 
@@ -137,7 +144,9 @@ def live_pids() -> list[int]:
     return [pid for pid in pids if pid != own and pid_alive(pid)]
 
 
-def find_pids(pattern: str, uid: int | None = None, program: str | None = None) -> list[int]:
+def find_pids(
+    pattern: str, uid: int | None = None, program: str | None = None
+) -> list[int]:
     """Live pids whose space-joined cmdline matches regex pattern, optionally of one uid / program name."""
     regex = re.compile(pattern)
     found = []
@@ -159,14 +168,14 @@ def local_ssh_pids(pattern: str) -> list[int]:
     return find_pids(pattern, program="ssh")
 
 
-def kill_pids(pids: Iterable[int], sig: int = signal.SIGKILL, timeout: float = 10.0) -> list[int]:
+def kill_pids(
+    pids: Iterable[int], sig: int = signal.SIGKILL, timeout: float = 10.0
+) -> list[int]:
     """Send sig to pids, wait for them to die; return those still alive after timeout."""
     pids = list(pids)
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     alive = [pid for pid in pids if pid_alive(pid)]
     while alive and time.monotonic() < deadline:
@@ -186,7 +195,7 @@ def _kernel_message(msg_type: str, content: dict, session: str) -> dict:
             "msg_type": msg_type,
             "username": "nbtunnel-test",
             "session": session,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(),
             "version": "5.3",
         },
         "parent_header": {},
@@ -197,7 +206,9 @@ def _kernel_message(msg_type: str, content: dict, session: str) -> dict:
     }
 
 
-def run_kernel_code(base_http_url: str, token: str, code: str, timeout: float = 60.0) -> str:
+def run_kernel_code(
+    base_http_url: str, token: str, code: str, timeout: float = 60.0
+) -> str:
     """Run code in a new kernel of the Jupyter server at base_http_url; return its text output.
 
     Creates the kernel over the REST API, executes code over the kernel's
@@ -209,12 +220,17 @@ def run_kernel_code(base_http_url: str, token: str, code: str, timeout: float = 
 
     base = base_http_url.rstrip("/")
     headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
-    status, body = http_request("POST", f"{base}/api/kernels", timeout=timeout, headers=headers, body=b"{}")
+    status, body = http_request(
+        "POST", f"{base}/api/kernels", timeout=timeout, headers=headers, body=b"{}"
+    )
     if status != 201:
         raise RuntimeError(f"POST /api/kernels answered {status}: {body[:500]}")
     kernel_id = json.loads(body)["id"]
     session = uuid.uuid4().hex
-    ws_url = re.sub(r"^http", "ws", base) + f"/api/kernels/{kernel_id}/channels?session_id={session}"
+    ws_url = (
+        re.sub(r"^http", "ws", base)
+        + f"/api/kernels/{kernel_id}/channels?session_id={session}"
+    )
     deadline = time.monotonic() + timeout
     try:
         ws = websocket.create_connection(
@@ -240,7 +256,9 @@ def run_kernel_code(base_http_url: str, token: str, code: str, timeout: float = 
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"kernel gave no idle status for {code!r} within {timeout:g}s")
+                    raise TimeoutError(
+                        f"kernel gave no idle status for {code!r} within {timeout:g}s"
+                    )
                 ws.settimeout(remaining)
                 message = json.loads(ws.recv())
                 if message.get("parent_header", {}).get("msg_id") != msg_id:
@@ -258,4 +276,6 @@ def run_kernel_code(base_http_url: str, token: str, code: str, timeout: float = 
         finally:
             ws.close()
     finally:
-        http_request("DELETE", f"{base}/api/kernels/{kernel_id}", timeout=10, headers=headers)
+        http_request(
+            "DELETE", f"{base}/api/kernels/{kernel_id}", timeout=10, headers=headers
+        )

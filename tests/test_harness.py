@@ -12,7 +12,6 @@ import time
 
 import pytest
 from conftest import NBTUNNEL, RemoteHost
-
 from helpers import (
     free_local_port,
     http_get,
@@ -24,10 +23,13 @@ from helpers import (
 )
 
 
-def ssh(remote: RemoteHost, alias: str, *command: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def ssh(
+    remote: RemoteHost, alias: str, *command: str, timeout: float = 30
+) -> subprocess.CompletedProcess:
     """Run the system ssh with the test ssh_config."""
     return subprocess.run(
         ["ssh", "-F", str(remote.ssh_config), alias, *command],
+        check=False,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -68,14 +70,22 @@ def test_down_alias_is_unreachable(remote: RemoteHost) -> None:
 
 def test_remote_has_its_own_loopback(remote: RemoteHost) -> None:
     if remote.fallback:
-        pytest.skip(f"fallback remote on this machine's 127.0.0.1 ({remote.fallback_reason})")
+        pytest.skip(
+            f"fallback remote on this machine's 127.0.0.1 ({remote.fallback_reason})"
+        )
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
         assert local_port_open(port)
         assert not remote.port_open(port)
-        probe = remote.run(["python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)"])
+        probe = remote.run(
+            [
+                "python3",
+                "-c",
+                f"import socket; socket.create_connection(('127.0.0.1', {port}), 1)",
+            ]
+        )
         assert probe.returncode != 0
         assert "ConnectionRefusedError" in probe.stderr
 
@@ -84,7 +94,9 @@ def test_run_is_the_remote_user_with_a_login_shell(remote: RemoteHost) -> None:
     proc = remote.run("id -un; echo $HOME; jupyter --version", check=True)
     user, home, *versions = proc.stdout.splitlines()
     assert (user, home) == (remote.user, str(remote.home))
-    assert re.search(r"^jupyter_server\s*:\s*2\.", "\n".join(versions), re.MULTILINE), proc.stdout
+    assert re.search(r"^jupyter_server\s*:\s*2\.", "\n".join(versions), re.MULTILINE), (
+        proc.stdout
+    )
     plain = remote.run(["bash", "-c", "command -v jupyter"])
     assert plain.returncode != 0
 
@@ -98,7 +110,9 @@ def test_pids_and_tmux_sessions_follow_the_remote(remote: RemoteHost) -> None:
         assert pid_alive(pid)
     finally:
         remote.run(["tmux", "kill-server"])
-    wait_until(lambda: not pid_alive(pid), 10, message="sleep ended with its tmux session")
+    wait_until(
+        lambda: not pid_alive(pid), 10, message="sleep ended with its tmux session"
+    )
     assert remote.pids(r"sleep 4242|tmux") == []
     assert remote.tmux_sessions() == []
 
@@ -110,11 +124,16 @@ def test_kernel_runs_code_through_an_ssh_forward(remote: RemoteHost) -> None:
         "jupyter server --no-browser --ip=127.0.0.1 --port=0 "
         f"--ServerApp.token={token} --ServerApp.root_dir=$HOME >$HOME/probe.log 2>&1"
     )
-    remote.run(["tmux", "new-session", "-d", "-s", "probe", "bash", "-lc", launch], check=True)
+    remote.run(
+        ["tmux", "new-session", "-d", "-s", "probe", "bash", "-lc", launch], check=True
+    )
     forward = None
     try:
+
         def server_info() -> dict | None:
-            listing = remote.run("cat $(jupyter --runtime-dir)/jpserver-*.json 2>/dev/null")
+            listing = remote.run(
+                "cat $(jupyter --runtime-dir)/jpserver-*.json 2>/dev/null"
+            )
             for chunk in re.findall(r"\{.*?\}", listing.stdout, re.DOTALL):
                 info = json.loads(chunk)
                 if info.get("token") == token and pid_alive(info["pid"]):
@@ -123,11 +142,22 @@ def test_kernel_runs_code_through_an_ssh_forward(remote: RemoteHost) -> None:
 
         info = wait_until(server_info, 60, message="jupyter runtime file")
         if not remote.fallback:
-            assert not local_port_open(info["port"])  # it listens on the remote's loopback only
+            assert not local_port_open(
+                info["port"]
+            )  # it listens on the remote's loopback only
         local_port = free_local_port()
         forward = subprocess.Popen(
-            ["ssh", "-F", str(remote.ssh_config), "-N", "-o", "ExitOnForwardFailure=yes",
-             "-L", f"127.0.0.1:{local_port}:127.0.0.1:{info['port']}", remote.alias],
+            [
+                "ssh",
+                "-F",
+                str(remote.ssh_config),
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                f"127.0.0.1:{local_port}:127.0.0.1:{info['port']}",
+                remote.alias,
+            ],
             stdin=subprocess.DEVNULL,
         )
         wait_until(lambda: local_port_open(local_port), 20, message="ssh forward")
@@ -141,7 +171,9 @@ def test_kernel_runs_code_through_an_ssh_forward(remote: RemoteHost) -> None:
             kill_pids([forward.pid])
             forward.wait(timeout=10)
         remote.run(["tmux", "kill-server"])
-        wait_until(lambda: not remote.pids("jupyter|ipykernel"), 30, message="jupyter gone")
+        wait_until(
+            lambda: not remote.pids("jupyter|ipykernel"), 30, message="jupyter gone"
+        )
         remote.clean_jupyter_runtime()
 
 
