@@ -274,47 +274,17 @@ class RemoteHost:
         try:
             subnet = _pick_subnet()
             host_ip, remote_ip = (str(addr) for addr in subnet.hosts())
-            for argv in (
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    self.veth_host,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    self.veth_remote,
-                ],
-                ["ip", "link", "set", self.veth_remote, "netns", self.netns],
-                ["ip", "addr", "add", f"{host_ip}/30", "dev", self.veth_host],
-                ["ip", "link", "set", self.veth_host, "up"],
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.netns,
-                    "ip",
-                    "addr",
-                    "add",
-                    f"{remote_ip}/30",
-                    "dev",
-                    self.veth_remote,
-                ],
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.netns,
-                    "ip",
-                    "link",
-                    "set",
-                    self.veth_remote,
-                    "up",
-                ],
-                ["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"],
+            in_ns = f"ip netns exec {self.netns} "
+            for command in (
+                f"ip link add {self.veth_host} type veth peer name {self.veth_remote}",
+                f"ip link set {self.veth_remote} netns {self.netns}",
+                f"ip addr add {host_ip}/30 dev {self.veth_host}",
+                f"ip link set {self.veth_host} up",
+                in_ns + f"ip addr add {remote_ip}/30 dev {self.veth_remote}",
+                in_ns + f"ip link set {self.veth_remote} up",
+                in_ns + "ip link set lo up",
             ):
-                _root(argv)
+                _root(command.split())  # names and addresses hold no spaces
         except RuntimeError as err:
             self._remove_network()
             self._use_loopback(str(err))
@@ -337,9 +307,8 @@ class RemoteHost:
     def _make_user(self) -> None:
         _remove_user(self.user)  # a user of an earlier run that had this same pid
         _root(["useradd", "-m", "-s", "/bin/bash", "-c", USER_COMMENT, self.user])
-        _root(
-            ["usermod", "-p", "*", self.user]
-        )  # unlocked, no password: sshd takes keys
+        # '*': no password, but not locked ('!'), which sshd would refuse even for keys.
+        _root(["usermod", "-p", "*", self.user])
         entry = pwd.getpwnam(self.user)
         self.uid, self.home = entry.pw_uid, Path(entry.pw_dir)
         venv_bin = self.jupyter_venv / "bin"
@@ -367,34 +336,9 @@ class RemoteHost:
         return path
 
     def _make_keys(self) -> None:
-        _root(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                self.user,
-                "-f",
-                str(self.identity),
-            ]
-        )
-        _root(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "nbtest-host",
-                "-f",
-                str(self.host_key),
-            ]
-        )
+        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
+        _root([*keygen, "-C", self.user, "-f", str(self.identity)])
+        _root([*keygen, "-C", "nbtest-host", "-f", str(self.host_key)])
         public = self.identity.with_suffix(".pub").read_text()
         self._append_user_file(".ssh/authorized_keys", public, mode=0o600)
         host_public = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
@@ -462,9 +406,8 @@ Host {self.ip}
         return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
 
     def _start_sshd(self) -> None:
-        Path("/run/sshd").mkdir(
-            mode=0o755, exist_ok=True
-        )  # privilege separation directory
+        # sshd's privilege separation directory.
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         argv = self._in_netns(
             [SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.sshd_log)]
         )

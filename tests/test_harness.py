@@ -8,7 +8,6 @@ import re
 import secrets
 import socket
 import subprocess
-import time
 
 import pytest
 from conftest import NBTUNNEL, RemoteHost
@@ -180,10 +179,9 @@ def test_kernel_runs_code_through_an_ssh_forward(remote: RemoteHost) -> None:
 def test_nbt_runs_the_cli_with_private_state(nbt) -> None:
     if not NBTUNNEL.exists():
         pytest.skip("nbtunnel.py is not there yet")
-    started = time.monotonic()
     proc = nbt.run("--help", timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "--terminate" in proc.stdout
-    assert time.monotonic() - started < 30
     assert "XDG_RUNTIME_DIR" not in nbt.env
     assert not os.path.exists(nbt.env["NBTUNNEL_CONFIG"])
+    assert str(nbt.state_dir).startswith(nbt.env["XDG_STATE_HOME"].rsplit("/", 1)[0])
