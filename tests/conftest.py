@@ -225,6 +225,8 @@ class RemoteHost:
     alias = ALIAS
     unknown_alias = f"{ALIAS}-unknown"
     down_alias = f"{ALIAS}-down"
+    password_alias = f"{ALIAS}-pw"
+    password = "nbt-Pass-7391"
     jupyter_venv = JUPYTER_VENV
 
     def __init__(self) -> None:
@@ -368,8 +370,12 @@ PrintMotd no
 PrintLastLog no
 LogLevel VERBOSE
 Subsystem sftp /usr/lib/openssh/sftp-server
+# The user also has a password, accepted only as a password (for tests of prompts).
+Match User {self.user}
+    PasswordAuthentication yes
 """
         )
+        subprocess.run(["chpasswd"], input=f"{self.user}:{self.password}\n", text=True, check=True)
         common = f"""\
     User {self.user}
     IdentityFile {self.identity}
@@ -390,6 +396,16 @@ Host {self.unknown_alias}
     Port {self.port}
     UserKnownHostsFile {self.unknown_known_hosts}
 {common}
+Host {self.password_alias}
+    HostName {self.ip}
+    Port {self.port}
+    User {self.user}
+    UserKnownHostsFile {self.known_hosts}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    PubkeyAuthentication no
+    PreferredAuthentications password
+    NumberOfPasswordPrompts 1
 Host {self.down_alias}
     HostName {self.ip}
     Port {self.down_port}
