@@ -709,6 +709,8 @@ def parse_result(host: str, stdout: str, stderr: str, code: int) -> dict:
             return json.loads(line[len(RESULT_MARK):])
     if code == 127 or "command not found" in stderr.lower() or "not found" in stderr:
         raise Error(MSG_NO_PYTHON.format(host=host))
+    if "SyntaxError" in stderr:
+        raise Error(MSG_NO_PYTHON.format(host=host) + " (its python3 is too old)")
     if code == 255:
         raise Error(classify_ssh_error(host, stderr))
     raise Error("the nbtunnel helper on %s gave no answer (exit %s): %s"
@@ -931,7 +933,7 @@ class Connection:
         digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
         self.socket = os.path.join(control_dir(), digest)
         self.opened_here = False
-        self.batch = not sys.stdin.isatty()
+        self.batch = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
 
     def argv(self, *extra) -> list:
         """ssh with the user's options and our control socket."""
@@ -1261,12 +1263,12 @@ def cmd_terminate(run: Run, host: str) -> int:
             raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
                                         names=", ".join(result["busy"])), 3)
         others = [r for r in run.records if r.get("socket") == conn.socket and r is not rec]
-        if rec and others:
+        if not others:
+            conn.close()
+        elif rec:  # other sessions' tunnels share this connection: keep it
             with contextlib.suppress(Error):
                 get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
                                                                rec["remote_port"])
-        else:
-            conn.close()
         drop_record(run.state, host, session)
     if args.json:
         print(json.dumps(dict(host=host, session=session, stopped=result["stopped"])))
