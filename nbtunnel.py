@@ -1271,7 +1271,8 @@ def cmd_terminate(run: Run, host: str) -> int:
                                                                rec["remote_port"])
         drop_record(run.state, host, session)
     if args.json:
-        print(json.dumps(dict(host=host, session=session, stopped=result["stopped"])))
+        print(json.dumps(dict(host=host, session=session, stopped=result["stopped"],
+                              how=result.get("how"))))
     elif not args.quiet:
         log.info("%s: session %s %s", host, session,
                  "stopped" if result["stopped"] else "was not running")

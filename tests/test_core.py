@@ -149,7 +149,7 @@ def test_terminate_leaves_nothing(nbt, remote):
     assert nbt.status() == []
     # The server shut down through its own API: it said so in its log.
     log = remote.run(["cat", info["log"]]).stdout
-    assert "Shutting down" in log
+    assert "Shutting down on /api/shutdown request" in log
 
     again = nbt.run("--terminate")
     assert again.returncode == 0, again.stderr
