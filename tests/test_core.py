@@ -364,3 +364,13 @@ def test_verbose_shows_ssh_commands_and_quiet_is_quiet(nbt, remote):
     quiet = nbt.run(remote.alias, "-q")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert len(quiet.stdout.splitlines()) == 1
+
+
+def test_open_hands_the_url_to_the_browser(nbt, remote, tmp_path):
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf "%s" "$1" > {opened}\n')
+    browser.chmod(0o755)
+    proc = nbt.run(remote.alias, "--open", env={"BROWSER": f"{browser} %s"})
+    assert proc.returncode == 0, proc.stderr
+    assert opened.read_text() == proc.stdout.strip()
