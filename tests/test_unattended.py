@@ -1,0 +1,289 @@
+"""--ensure (for cron) and --watch (a foreground supervisor), end to end against the real
+sshd, tmux and Jupyter of the test remote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import http_request, local_port_open, run_kernel_code, wait_until
+from unattended import (
+    api_status,
+    forwards,
+    jupyter_pids,
+    kill_masters,
+    masters,
+    passphrase_key,
+    read_line,
+    run_in_pty,
+)
+
+NBTUNNEL = Path(__file__).resolve().parent.parent / "nbtunnel.py"
+
+
+def start(nbt, *args: str) -> dict:
+    proc = nbt.run(nbt.remote.alias, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def ensure(nbt, *args: str, host: str | None = None) -> subprocess.CompletedProcess:
+    return nbt.run(host or nbt.remote.alias, "--ensure", *args, timeout=180)
+
+
+# --ensure #####################################################################
+
+
+def test_ensure_starts_then_stays_silent_without_ssh(nbt, remote):
+    first = ensure(nbt)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"started Jupyter on {remote.alias} (session nbtunnel): http://127.0.0.1:")
+    url = lines[0].rsplit(": ", 1)[1]
+    assert api_status(url) == 200
+    pids = jupyter_pids(remote)
+    assert len(pids) == 1
+
+    # All is well: no output at all, no ssh run, no login, nothing started.
+    before = remote.auth_count()
+    quiet = ensure(nbt, "-v")
+    assert quiet.returncode == 0 and quiet.stdout == ""
+    assert "+ ssh" not in quiet.stderr, quiet.stderr  # -v logs every ssh command: there was none
+    silent = ensure(nbt)
+    assert silent.returncode == 0 and silent.stdout == "" and silent.stderr == ""
+    assert remote.auth_count() == before
+    assert jupyter_pids(remote) == pids
+    assert remote.tmux_sessions() == ["nbtunnel"]
+
+    # --json reports the session with an empty list of repairs.
+    as_json = ensure(nbt, "--json")
+    data = json.loads(as_json.stdout)
+    assert data["repairs"] == [] and data["url"] == url
+
+
+def test_ensure_reopens_dead_tunnel_on_same_port(nbt, remote):
+    info = start(nbt)
+    pids = jupyter_pids(remote)
+    kill_masters(nbt.ssh_config)
+    wait_until(lambda: not local_port_open(info["local_port"]), 15, message="tunnel closed")
+
+    before = remote.auth_count()
+    proc = ensure(nbt)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port {info['local_port']}: {info['url']}\n"
+    assert remote.auth_count() - before == 1  # one connection for the whole repair
+    assert api_status(info["url"]) == 200  # the bookmarked URL works again
+    assert jupyter_pids(remote) == pids  # the server was not touched
+    assert len(masters(nbt.ssh_config)) == 1 and forwards(nbt.ssh_config) == [info["local_port"]]
+
+
+def test_ensure_reopens_tunnel_elsewhere_when_its_port_was_taken(nbt, remote):
+    info = start(nbt)
+    kill_masters(nbt.ssh_config)
+    wait_until(lambda: not local_port_open(info["local_port"]), 15, message="tunnel closed")
+    import socket
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", info["local_port"]))
+    squatter.listen(1)
+    try:
+        proc = ensure(nbt, "--json")
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["local_port"] != info["local_port"] and data["token"] == info["token"]
+        assert data["repairs"] == [
+            f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port {data['local_port']} "
+            f"(local port {info['local_port']} was taken): {data['url']}"
+        ]
+        assert api_status(data["url"]) == 200
+    finally:
+        squatter.close()
+
+
+def test_ensure_restarted_server_keeps_its_url(nbt, remote):
+    info = start(nbt)
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    proc = ensure(nbt)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+    )
+    assert api_status(info["url"]) == 200  # same local port and same token: the bookmark works
+    assert len(jupyter_pids(remote)) == 1 and remote.tmux_sessions() == ["nbtunnel"]
+    base = f"http://127.0.0.1:{info['local_port']}"
+    assert run_kernel_code(base, info["token"], "1+1") == "2"
+
+
+def test_ensure_never_prompts_even_on_a_terminal(nbt, remote):
+    env = nbt._env({"SSH_AUTH_SOCK": None, "SSH_ASKPASS": None, "DISPLAY": None})
+    with passphrase_key(nbt, remote) as config:
+        base = [sys.executable, str(NBTUNNEL), "--ssh-config", str(config), "--state-dir", str(nbt.state_dir)]
+        # The control: on a terminal a plain start lets ssh ask for the passphrase...
+        code, out = run_in_pty([*base, "nbkeyed"], env, timeout=60, stop_on="Enter passphrase")
+        assert "Enter passphrase" in out, out
+        # ...but --ensure never asks: it fails at once and says what cron needs.
+        t0 = time.monotonic()
+        code, out = run_in_pty([*base, "nbkeyed", "--ensure"], env, timeout=60)
+        assert time.monotonic() - t0 < 30
+    assert code == 1, out
+    assert "Enter passphrase" not in out
+    assert "refused authentication" in out and "passphrase" in out and "ssh-agent" in out
+    errors = [line for line in out.splitlines() if line.strip()]
+    assert len(errors) == 1, out  # one line says why
+    assert not jupyter_pids(remote) and not masters(config)
+
+
+def test_ensure_unreachable_host_one_line_and_exit_1(nbt, remote):
+    proc = ensure(nbt, "--timeout", "5", host=remote.down_alias)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and remote.down_alias in lines[0] and "cannot reach" in lines[0]
+
+
+def test_ensure_broken_jupyter_is_one_line_and_exit_1(nbt, remote):
+    proc = ensure(nbt, "--jupyter", "jupyter server --no-such-option-xyz=1")
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Jupyter exited before it was ready" in lines[0], proc.stderr
+    assert remote.tmux_sessions() == [] and not masters(nbt.ssh_config)
+    # -v keeps the remote log's tail.
+    verbose = ensure(nbt, "-v", "--jupyter", "jupyter server --no-such-option-xyz=1")
+    assert verbose.returncode == 1 and "last lines of the remote log" in verbose.stderr
+
+
+def test_ensure_without_host_uses_the_only_record(nbt, remote):
+    info = start(nbt)
+    kill_masters(nbt.ssh_config)
+    wait_until(lambda: not local_port_open(info["local_port"]), 15, message="tunnel closed")
+    proc = nbt.run("--ensure")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("reopened the tunnel") and api_status(info["url"]) == 200
+
+
+# --watch ######################################################################
+
+
+def watch(nbt, *args: str, host: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start --watch; return the process and the URL it printed."""
+    proc = nbt.popen(host or nbt.remote.alias, "--watch", "--interval", "1", "--timeout", "10", *args)
+    url = read_line(proc, 90).strip()
+    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+    assert api_status(url) == 200
+    return proc, url
+
+
+def wait_watched(proc: subprocess.Popen, fn, timeout: float, message: str) -> None:
+    """wait_until fn() while --watch runs; on failure, show what --watch said."""
+    try:
+        wait_until(fn, timeout, interval=0.5, message=message)
+    except TimeoutError as err:
+        proc.send_signal(signal.SIGINT)
+        out, errors = proc.communicate(timeout=30)
+        raise AssertionError(f"{err}\n--- --watch exit {proc.returncode}, stderr:\n{errors}") from None
+
+
+def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: float = 30) -> tuple[int, str, str]:
+    """Send sig (if any), wait; return (exit code, stdout rest, stderr)."""
+    if sig is not None:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def test_watch_ctrl_c_closes_tunnel_and_keeps_server(nbt, remote):
+    proc, url = watch(nbt)
+    pids = jupyter_pids(remote)
+    port = int(url.split(":")[2].split("/")[0])
+    time.sleep(3)  # a few health checks
+    assert proc.poll() is None
+    code, out, err = finish(proc, signal.SIGINT)
+    assert code == 0, err
+    assert out == ""  # the URL was the only line on stdout
+    assert "closed the tunnel" in err
+    wait_until(lambda: not masters(nbt.ssh_config), 15, message="master gone")
+    assert not local_port_open(port)
+    assert jupyter_pids(remote) == pids  # the server keeps running
+    row = nbt.status()[0]
+    assert row["server"] == "running" and row["tunnel"] == "down"
+
+
+def test_watch_sigterm_with_terminate_stops_everything(nbt, remote):
+    proc, url = watch(nbt, "--terminate")
+    code, _, err = finish(proc, signal.SIGTERM)
+    assert code == 0, err
+    wait_until(lambda: not jupyter_pids(remote), 30, message="server stopped")
+    assert remote.tmux_sessions() == []
+    assert not masters(nbt.ssh_config)
+    assert nbt.status() == []
+    assert api_status(url, timeout=3) == 0
+
+
+def test_watch_reopens_killed_tunnel(nbt, remote):
+    proc, url = watch(nbt)
+    pids = jupyter_pids(remote)
+    kill_masters(nbt.ssh_config)
+    wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
+    assert jupyter_pids(remote) == pids
+    assert len(masters(nbt.ssh_config)) == 1
+    assert proc.poll() is None
+    code, _, err = finish(proc)
+    assert code == 0
+    assert f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port" in err and url in err, err
+
+
+def test_watch_restarts_a_server_that_died(nbt, remote):
+    proc, url = watch(nbt)
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 90, "server back")
+    assert len(jupyter_pids(remote)) == 1 and remote.tmux_sessions() == ["nbtunnel"]
+    code, _, err = finish(proc)
+    assert code == 0 and f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}" in err, err
+
+
+def test_watch_exits_when_shut_down_from_the_browser(nbt, remote):
+    proc, url = watch(nbt)
+    port = int(url.split(":")[2].split("/")[0])
+    token = url.split("token=")[1]
+    # What File > Shut Down in JupyterLab sends.
+    status, _ = http_request(
+        "POST", f"http://127.0.0.1:{port}/api/shutdown", headers={"Authorization": f"token {token}"}
+    )
+    assert status == 200
+    code, out, err = finish(proc, None, timeout=60)
+    assert code == 0, err
+    assert "was shut down" in err
+    wait_until(lambda: not jupyter_pids(remote), 15, message="server gone")
+    assert remote.tmux_sessions() == []
+    assert not masters(nbt.ssh_config) and not local_port_open(port)
+    assert nbt.status() == []
+
+
+def test_watch_and_ensure_share_the_session(nbt, remote):
+    proc, url = watch(nbt)
+    # cron's --ensure next to a running --watch: healthy, so silent, and nothing doubled.
+    quiet = ensure(nbt)
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    assert len(jupyter_pids(remote)) == 1 and len(masters(nbt.ssh_config)) == 1
+    finish(proc)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--watch", "--status"], ["--watch", "--ensure"], ["--ensure", "--terminate"], ["--watch", "--interval", "0"], ["--watch", "--interval", "x"]],
+)
+def test_bad_combinations_exit_2(nbt, remote, args):
+    before = remote.auth_count()
+    proc = nbt.run(remote.alias, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert remote.auth_count() == before
