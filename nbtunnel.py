@@ -1403,7 +1403,7 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
             return ["restarted Jupyter on %s, which was not running: %s" % (where, rec["url"])]
         return ["started Jupyter on %s: %s" % (where, rec["url"])]
     if old is None:
-        return ["recovered %s from the remote (no usable local record): %s" % (where, rec["url"])]
+        return ["reattached to Jupyter already running on %s: %s" % (where, rec["url"])]
     if tunnel_was_up and rec["local_port"] == old["local_port"] \
             and rec["remote_port"] == old["remote_port"]:
         return []

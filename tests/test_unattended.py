@@ -4,37 +4,27 @@ sshd, tmux and Jupyter of the test remote."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import http_request, local_port_open, run_kernel_code, wait_until
+from helpers import http_request, local_port_open, wait_until
 from unattended import (
     api_status,
-    forwards,
+    ensure,
+    finish,
     jupyter_pids,
     kill_masters,
     masters,
     passphrase_key,
-    read_line,
     run_in_pty,
+    start,
+    watch,
 )
 
 NBTUNNEL = Path(__file__).resolve().parent.parent / "nbtunnel.py"
-
-
-def start(nbt, *args: str) -> dict:
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def ensure(nbt, *args: str, host: str | None = None) -> subprocess.CompletedProcess:
-    return nbt.run(host or nbt.remote.alias, "--ensure", *args, timeout=180)
 
 
 # --ensure #####################################################################
@@ -67,22 +57,6 @@ def test_ensure_starts_then_stays_silent_without_ssh(nbt, remote):
     assert data["repairs"] == [] and data["url"] == url
 
 
-def test_ensure_reopens_dead_tunnel_on_same_port(nbt, remote):
-    info = start(nbt)
-    pids = jupyter_pids(remote)
-    kill_masters(nbt.ssh_config)
-    wait_until(lambda: not local_port_open(info["local_port"]), 15, message="tunnel closed")
-
-    before = remote.auth_count()
-    proc = ensure(nbt)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port {info['local_port']}: {info['url']}\n"
-    assert remote.auth_count() - before == 1  # one connection for the whole repair
-    assert api_status(info["url"]) == 200  # the bookmarked URL works again
-    assert jupyter_pids(remote) == pids  # the server was not touched
-    assert len(masters(nbt.ssh_config)) == 1 and forwards(nbt.ssh_config) == [info["local_port"]]
-
-
 def test_ensure_reopens_tunnel_elsewhere_when_its_port_was_taken(nbt, remote):
     info = start(nbt)
     kill_masters(nbt.ssh_config)
@@ -104,22 +78,6 @@ def test_ensure_reopens_tunnel_elsewhere_when_its_port_was_taken(nbt, remote):
         assert api_status(data["url"]) == 200
     finally:
         squatter.close()
-
-
-def test_ensure_restarted_server_keeps_its_url(nbt, remote):
-    info = start(nbt)
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
-    proc = ensure(nbt)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == (
-        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
-    )
-    assert api_status(info["url"]) == 200  # same local port and same token: the bookmark works
-    assert len(jupyter_pids(remote)) == 1 and remote.tmux_sessions() == ["nbtunnel"]
-    base = f"http://127.0.0.1:{info['local_port']}"
-    assert run_kernel_code(base, info["token"], "1+1") == "2"
 
 
 def test_ensure_never_prompts_even_on_a_terminal(nbt, remote):
@@ -172,33 +130,6 @@ def test_ensure_without_host_uses_the_only_record(nbt, remote):
 # --watch ######################################################################
 
 
-def watch(nbt, *args: str, host: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start --watch; return the process and the URL it printed."""
-    proc = nbt.popen(host or nbt.remote.alias, "--watch", "--interval", "1", "--timeout", "10", *args)
-    url = read_line(proc, 90).strip()
-    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
-    assert api_status(url) == 200
-    return proc, url
-
-
-def wait_watched(proc: subprocess.Popen, fn, timeout: float, message: str) -> None:
-    """wait_until fn() while --watch runs; on failure, show what --watch said."""
-    try:
-        wait_until(fn, timeout, interval=0.5, message=message)
-    except TimeoutError as err:
-        proc.send_signal(signal.SIGINT)
-        out, errors = proc.communicate(timeout=30)
-        raise AssertionError(f"{err}\n--- --watch exit {proc.returncode}, stderr:\n{errors}") from None
-
-
-def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: float = 30) -> tuple[int, str, str]:
-    """Send sig (if any), wait; return (exit code, stdout rest, stderr)."""
-    if sig is not None:
-        proc.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
 def test_watch_ctrl_c_closes_tunnel_and_keeps_server(nbt, remote):
     proc, url = watch(nbt)
     pids = jupyter_pids(remote)
@@ -225,30 +156,6 @@ def test_watch_sigterm_with_terminate_stops_everything(nbt, remote):
     assert not masters(nbt.ssh_config)
     assert nbt.status() == []
     assert api_status(url, timeout=3) == 0
-
-
-def test_watch_reopens_killed_tunnel(nbt, remote):
-    proc, url = watch(nbt)
-    pids = jupyter_pids(remote)
-    kill_masters(nbt.ssh_config)
-    wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
-    assert jupyter_pids(remote) == pids
-    assert len(masters(nbt.ssh_config)) == 1
-    assert proc.poll() is None
-    code, _, err = finish(proc)
-    assert code == 0
-    assert f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port" in err and url in err, err
-
-
-def test_watch_restarts_a_server_that_died(nbt, remote):
-    proc, url = watch(nbt)
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
-    wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 90, "server back")
-    assert len(jupyter_pids(remote)) == 1 and remote.tmux_sessions() == ["nbtunnel"]
-    code, _, err = finish(proc)
-    assert code == 0 and f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}" in err, err
 
 
 def test_watch_exits_when_shut_down_from_the_browser(nbt, remote):

@@ -5,6 +5,7 @@ a passphrase-protected key for the never-prompts tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pty
 import re
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from helpers import find_pids, free_local_port, http_get, pid_alive, proc_cmdline
+from helpers import find_pids, free_local_port, http_get, pid_alive, proc_cmdline, wait_until
 
 JUPYTER_RE = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
 
@@ -262,3 +263,47 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout: float, stop_on: st
             os.waitpid(pid, 0)
         os.close(fd)
     return code, output.decode("utf-8", "replace")
+
+
+# Running nbtunnel ############################################################
+
+
+def start(nbt, *args: str) -> dict:
+    """A plain start with --json; its parsed output."""
+    proc = nbt.run(nbt.remote.alias, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def ensure(nbt, *args: str, host: str | None = None) -> subprocess.CompletedProcess:
+    """Run --ensure to completion."""
+    return nbt.run(host or nbt.remote.alias, "--ensure", *args, timeout=180)
+
+
+def watch(nbt, *args: str, host: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start --watch; return the process and the URL it printed."""
+    proc = nbt.popen(host or nbt.remote.alias, "--watch", "--interval", "1", "--timeout", "10", *args)
+    url = read_line(proc, 90).strip()
+    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+    assert api_status(url) == 200
+    return proc, url
+
+
+def wait_watched(proc: subprocess.Popen, fn, timeout: float, message: str) -> None:
+    """wait_until fn() while --watch runs; on failure, show what --watch said."""
+    try:
+        wait_until(fn, timeout, interval=0.5, message=message)
+    except TimeoutError as err:
+        proc.send_signal(signal.SIGINT)
+        out, errors = proc.communicate(timeout=30)
+        raise AssertionError(f"{err}\n--- --watch exit {proc.returncode}, stderr:\n{errors}") from None
+
+
+def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: float = 30) -> tuple[int, str, str]:
+    """Send sig (if any), wait; return (exit code, stdout rest, stderr)."""
+    if sig is not None:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
