@@ -4,6 +4,8 @@
     nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print the URL
     nbtunnel.py [HOST] --status      one line per recorded session
     nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
+    nbtunnel.py [HOST] --ensure      for cron: repair what is missing, silent when all is well
+    nbtunnel.py [HOST] --watch       stay in the foreground keeping server and tunnel healthy
 
 How it works: every step of one command shares one OpenSSH connection (a private
 ControlMaster socket), so you authenticate at most once per command.  The remote

@@ -4,6 +4,7 @@ sshd, tmux and Jupyter of the test remote."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -194,3 +195,115 @@ def test_bad_combinations_exit_2(nbt, remote, args):
     proc = nbt.run(remote.alias, *args)
     assert proc.returncode == 2, proc.stderr
     assert remote.auth_count() == before
+
+
+# Pure parts ###################################################################
+
+
+def _rec(local_port=5000, remote_port=6000, url="http://127.0.0.1:5000/lab?token=t"):
+    return dict(local_port=local_port, remote_port=remote_port, url=url)
+
+
+def test_repair_lines_say_what_changed():
+    import nbtunnel
+
+    lines = nbtunnel.repair_lines
+    new = _rec()
+    assert lines("h", "s", None, new, {"reused": False}, False) == [f"started Jupyter on h (session s): {new['url']}"]
+    assert lines("h", "s", _rec(), new, {"reused": False}, True) == [
+        f"restarted Jupyter on h (session s), which was not running: {new['url']}"
+    ]
+    assert lines("h", "s", None, new, {"reused": True}, False) == [
+        f"reattached to Jupyter already running on h (session s): {new['url']}"
+    ]
+    assert lines("h", "s", _rec(), new, {"reused": True}, False) == [
+        f"reopened the tunnel to h (session s) on local port 5000: {new['url']}"
+    ]
+    assert lines("h", "s", _rec(local_port=4000), new, {"reused": True}, True) == [
+        f"reopened the tunnel to h (session s) on local port 5000 (local port 4000 was taken): {new['url']}"
+    ]
+    assert lines("h", "s", _rec(remote_port=7000), new, {"reused": True}, True)[0].startswith("reopened")
+    assert lines("h", "s", _rec(), new, {"reused": True}, True) == []  # nothing changed
+
+
+def test_local_lock_gives_up_after_its_timeout(tmp_path):
+    import nbtunnel
+
+    with nbtunnel.locked(str(tmp_path), "h", "s"):
+        t0 = time.monotonic()
+        with pytest.raises(nbtunnel.Error, match="has been busy"):
+            with nbtunnel.locked(str(tmp_path), "h", "s", timeout=1):
+                pass
+        assert 0.9 < time.monotonic() - t0 < 5
+    with nbtunnel.locked(str(tmp_path), "h", "s", timeout=1):  # free again
+        pass
+
+
+def test_listening_ports_of_a_process():
+    import socket
+
+    import nbtunnel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        assert port in nbtunnel.listening_ports(os.getpid())
+    assert port not in nbtunnel.listening_ports(os.getpid())
+    assert nbtunnel.listening_ports(None) == []
+
+
+def test_api_ok_needs_the_token_and_a_200(tmp_path):
+    import http.server
+    import threading
+
+    import nbtunnel
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            good = self.path == "/base/api/status" and self.headers.get("Authorization") == "token right"
+            self.send_response(200 if good else 403)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rec = dict(local_port=server.server_port, base_url="/base/", token="right")
+        assert nbtunnel.api_ok(rec)
+        assert not nbtunnel.api_ok(dict(rec, token="wrong"))
+        assert not nbtunnel.api_ok(dict(rec, base_url="/"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not nbtunnel.api_ok(rec, timeout=1)  # nothing listens any more
+
+
+def test_link_failures_are_told_from_refusals():
+    import nbtunnel
+
+    class Conn:
+        host = "h"
+        closed = False
+
+        def alive(self):
+            return True
+
+        def close(self):
+            self.closed = True
+
+    conn = Conn()
+    refusals = [
+        nbtunnel.MSG_AUTH.format(host="h", detail="Permission denied (publickey)"),
+        nbtunnel.MSG_HOSTKEY.format(host="h"),
+        nbtunnel.MSG_HOSTKEY_CHANGED.format(host="h"),
+        "h: Jupyter exited before it was ready",
+    ]
+    for text in refusals:
+        assert not nbtunnel.link_failure(conn, nbtunnel.Error(text)), text
+    assert nbtunnel.link_failure(conn, nbtunnel.Error(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x")))
+    assert not conn.closed
+    assert nbtunnel.link_failure(conn, nbtunnel.Error("h did not answer within 10s"))
+    assert conn.closed  # a hung link: the master is dropped
