@@ -1205,9 +1205,16 @@ def start_params(run: Run) -> dict:
 
 
 def fresh_record(run: Run, host: str, session: str):
-    """The record of HOST/SESSION as it is on disk now (another run may have changed it)."""
-    run.records = load_records(run.state)
-    return find_record(run.records, host, session)
+    """The record of HOST/SESSION as it is on disk now (another run may have changed it),
+    or None when there is none or it is damaged (load_records has warned about that)."""
+    try:
+        with open(os.path.join(run.state, record_name(host, session))) as f:
+            rec = json.load(f)
+        ok = (rec["host"], rec["session"]) == (host, session) and isinstance(rec["token"], str) \
+            and all(isinstance(rec[k], int) for k in ("local_port", "remote_port"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec if ok else None
 
 
 def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
@@ -1434,7 +1441,7 @@ def cmd_ensure(run: Run, host: str) -> int:
     args = run.args
     session = args.session
     run.batch = True  # never prompt, even on a terminal
-    rec = find_record(run.records, host, session)
+    rec = fresh_record(run, host, session)
     lines = []
     if not (rec and api_ok(rec)):  # healthy costs one HTTP request and no ssh at all
         params = start_params(run)
@@ -1471,6 +1478,8 @@ def link_failure(conn: Connection, err: Error) -> bool:
         return False
     if text.startswith(MSG_UNREACHABLE.split(":")[0].format(host=conn.host)):
         return True
+    if " runs but does not answer through local port " in text:
+        return True  # the server is there but slow: look again later
     if " did not answer within " in text:
         conn.close()  # a hung link: drop the master so that the next try reconnects
         return True

@@ -177,6 +177,16 @@ def test_watch_exits_when_shut_down_from_the_browser(nbt, remote):
     assert nbt.status() == []
 
 
+def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):
+    proc, url = watch(nbt)
+    done = nbt.run("--terminate")
+    assert done.returncode == 0, done.stderr
+    code, _, err = finish(proc, None, timeout=60)
+    assert code == 0, err
+    assert "was terminated" in err
+    assert not masters(nbt.ssh_config) and not jupyter_pids(remote) and nbt.status() == []
+
+
 def test_watch_and_ensure_share_the_session(nbt, remote):
     proc, url = watch(nbt)
     # cron's --ensure next to a running --watch: healthy, so silent, and nothing doubled.
@@ -307,3 +317,23 @@ def test_link_failures_are_told_from_refusals():
     assert not conn.closed
     assert nbtunnel.link_failure(conn, nbtunnel.Error("h did not answer within 10s"))
     assert conn.closed  # a hung link: the master is dropped
+    slow = nbtunnel.MSG_NOT_ANSWERING.format(host="h", session="s", port=1, log="x")
+    assert nbtunnel.link_failure(conn, nbtunnel.Error(slow))
+
+
+def test_damaged_records_are_not_used(tmp_path):
+    import argparse
+
+    import nbtunnel
+
+    run = argparse.Namespace(state=str(tmp_path))
+    path = tmp_path / nbtunnel.record_name("h", "s")
+    good = dict(host="h", session="s", token="t", local_port=1, remote_port=2)
+    path.write_text(json.dumps(good))
+    assert nbtunnel.fresh_record(run, "h", "s") == good
+    for bad in ["{", "[]", json.dumps(dict(good, local_port="1")), json.dumps(dict(good, host="other")),
+                json.dumps({k: v for k, v in good.items() if k != "token"})]:
+        path.write_text(bad)
+        assert nbtunnel.fresh_record(run, "h", "s") is None, bad
+    path.unlink()
+    assert nbtunnel.fresh_record(run, "h", "s") is None
