@@ -1179,6 +1179,8 @@ class Run:
         options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
         conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
         conn.batch = conn.batch or self.batch
+        if rec and rec.get("socket") and os.path.exists(rec["socket"]):
+            conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
         return conn
 
     def manager(self, name=None) -> SessionManager:

@@ -70,6 +70,24 @@ def test_tmux_server_killed(nbt, remote):
     assert_single(nbt, remote, info)
 
 
+def test_jupyter_killed_ensure_from_cron_environment(nbt, remote):
+    """The tunnel was opened from a desktop session (XDG_RUNTIME_DIR set), cron has none:
+    --ensure still finds and reuses that tunnel's connection."""
+    proc = nbt.run(remote.alias, "--json", env={"XDG_RUNTIME_DIR": str(nbt.tmp / "rt")})
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    master = masters(nbt.ssh_config)
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    before = remote.auth_count()
+    proc = ensure(nbt)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("restarted Jupyter") and proc.stdout.endswith(info["url"] + "\n")
+    assert masters(nbt.ssh_config) == master and remote.auth_count() == before
+    assert_single(nbt, remote, info)
+
+
 def test_remote_reboot(nbt, remote):
     """Every process of the remote user dies (server, tmux, the ssh session of the tunnel)."""
     info = start(nbt)
