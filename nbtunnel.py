@@ -1097,7 +1097,7 @@ def locked(directory: str, host: str, session: str, timeout=None):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise Error("another nbtunnel run for %s (session %s) has been busy for "
-                                "over %ds; try again later" % (host, session, timeout))
+                                "over %ds; try again later" % (host, session, timeout)) from None
                 time.sleep(0.2)
         yield
     finally:

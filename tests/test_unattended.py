@@ -198,7 +198,13 @@ def test_watch_and_ensure_share_the_session(nbt, remote):
 
 @pytest.mark.parametrize(
     "args",
-    [["--watch", "--status"], ["--watch", "--ensure"], ["--ensure", "--terminate"], ["--watch", "--interval", "0"], ["--watch", "--interval", "x"]],
+    [
+        ["--watch", "--status"],
+        ["--watch", "--ensure"],
+        ["--ensure", "--terminate"],
+        ["--watch", "--interval", "0"],
+        ["--watch", "--interval", "x"],
+    ],
 )
 def test_bad_combinations_exit_2(nbt, remote, args):
     before = remote.auth_count()
