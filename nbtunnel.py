@@ -4,6 +4,8 @@
     nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print the URL
     nbtunnel.py [HOST] --status      one line per recorded session
     nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
+    nbtunnel.py [HOST] --ensure      for cron: repair what is missing, silent when all is well
+    nbtunnel.py [HOST] --watch       stay in the foreground keeping server and tunnel healthy
 
 How it works: every step of one command shares one OpenSSH connection (a private
 ControlMaster socket), so you authenticate at most once per command.  The remote
@@ -31,6 +33,7 @@ import base64
 import configparser
 import contextlib
 import hashlib
+import http.client
 import importlib.util
 import json
 import logging
@@ -38,10 +41,13 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 try:
     import fcntl
@@ -596,7 +602,10 @@ def launch(p, paths, env, argv, cwd):
     """Start Jupyter through the manager and wait until it answers; None if the port was taken."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
     remove(paths["pid"], paths["log"])
-    write_json(paths["spec"], dict(argv=argv, env=env, cwd=cwd, log=paths["log"],
+    # A restarted server keeps its token, so bookmarked URLs keep working.  It goes to
+    # Jupyter alone (not to tmux, whose other windows would inherit it).
+    server_env = dict(env, JUPYTER_TOKEN=p["token"]) if p.get("token") else env
+    write_json(paths["spec"], dict(argv=argv, env=server_env, cwd=cwd, log=paths["log"],
                                    pidfile=paths["pid"]))
     code = ("SPEC = %r\n" % paths["spec"]) + LAUNCHER
     python = sys.executable if all(c.isalnum() or c in "/._-+" for c in sys.executable) \
@@ -668,6 +677,17 @@ def op_stop(p):
         return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
+def how_ended(session):
+    """Why SESSION has no live server: shutdown (asked through Jupyter's API, e.g. File >
+    Shut Down), died (killed or crashed: it may be restarted) or none (nothing recorded)."""
+    st = read_json(files(session)["state"])
+    if not st:
+        return "none"
+    if "Shutting down on /api/shutdown request" in tail(st.get("log") or "", 40):
+        return "shutdown"
+    return "died"
+
+
 def op_status(p):
     out = []
     for session in p["sessions"]:
@@ -676,7 +696,7 @@ def op_status(p):
             info["server"] = "running"
             out.append(info)
         else:
-            out.append(dict(session=session, server="stopped"))
+            out.append(dict(session=session, server="stopped", ended=how_ended(session)))
     return out
 
 
@@ -1063,13 +1083,24 @@ def drop_record(directory: str, host: str, session: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(directory: str, host: str, session: str):
-    """Serialise nbtunnel runs on one host and session (start, terminate, ensure)."""
+def locked(directory: str, host: str, session: str, timeout=None):
+    """Serialise nbtunnel runs on one host and session (start, terminate, ensure).
+
+    With TIMEOUT, give up after that many seconds instead of waiting for ever
+    (a cron job must not pile up behind a run that hangs)."""
     path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if fcntl:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + (timeout or 0)
+        while fcntl:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Error("another nbtunnel run for %s (session %s) has been busy for "
+                                "over %ds; try again later" % (host, session, timeout)) from None
+                time.sleep(0.2)
         yield
     finally:
         os.close(fd)
@@ -1089,6 +1120,50 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def api_ok(rec: dict, timeout: float = 5.0) -> bool:
+    """Does the server of REC answer /api/status with its token through the local port?
+
+    This one HTTP request proves the tunnel and the server healthy without any ssh."""
+    base = (rec.get("base_url") or "/").strip("/")
+    url = "http://127.0.0.1:%d/%sapi/status" % (rec["local_port"], base + "/" if base else "")
+    request = urllib.request.Request(url, headers={"Authorization": "token " + rec["token"]})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+def listening_ports(pid) -> list:
+    """TCP ports process PID listens on (read from Linux /proc; [] elsewhere)."""
+    try:
+        inodes = set()
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            with contextlib.suppress(OSError):
+                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    except (OSError, TypeError):
+        return []
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                w = line.split()
+                if len(w) > 9 and w[3] == "0A" and w[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(w[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def find_forward(conn, info: dict):
+    """The local port of a forward the master already holds to the server INFO, or None."""
+    for port in listening_ports(conn.master_pid()):
+        if api_ok(dict(info, local_port=port), timeout=3):
+            return port
+    return None
+
+
 # Actions #####################################################################
 
 
@@ -1097,13 +1172,18 @@ class Run:
 
     def __init__(self, args):
         self.args = args
+        self.batch = False  # True: ssh never prompts, even on a terminal (--ensure, --watch)
         self.state = state_dir(args)
         self.records = load_records(self.state)
 
     def connection(self, host: str, rec=None) -> Connection:
         """The shared connection for HOST, with the options it was recorded with."""
         options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
-        return Connection(host, options, os.path.realpath(self.state), self.args.timeout)
+        conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
+        conn.batch = conn.batch or self.batch
+        if rec and rec.get("socket") and os.path.exists(rec["socket"]):
+            conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+        return conn
 
     def manager(self, name=None) -> SessionManager:
         """The session manager plugin chosen for this run."""
@@ -1116,41 +1196,77 @@ class Run:
                     managers=managers)
 
 
-def cmd_start(run: Run, host: str) -> int:
-    """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
+def start_params(run: Run) -> dict:
+    """What the remote "start" operation is told for this run's options."""
     args = run.args
-    session = args.session
-    mgr = run.manager()
-    tunnel = get("tunnel", args.tunnel)
     app = args.app or (guess_app(args.jupyter) if args.jupyter else DEFAULT_APP)
     steps = []
     for env in ENVIRONMENTS.values():
         steps += env.steps(args)
-    params = dict(run.params(session), argv=jupyter_argv(app, args.jupyter) + server_args(),
-                  app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
-                  env_steps=steps)
-    old = find_record(run.records, host, session)
+    return dict(run.params(args.session), argv=jupyter_argv(app, args.jupyter) + server_args(),
+                app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
+                env_steps=steps)
+
+
+def fresh_record(run: Run, host: str, session: str):
+    """The record of HOST/SESSION as it is on disk now (another run may have changed it),
+    or None when there is none or it is damaged (load_records has warned about that)."""
+    try:
+        with open(os.path.join(run.state, record_name(host, session))) as f:
+            rec = json.load(f)
+        ok = (rec["host"], rec["session"]) == (host, session) and isinstance(rec["token"], str) \
+            and all(isinstance(rec[k], int) for k in ("local_port", "remote_port"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec if ok else None
+
+
+def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
+    """With the lock held and CONN open: start or reattach, forward, record; (record, info).
+
+    A server that has to be started again gets the token of OLD, and the tunnel
+    OLD's local port when it is free, so the URL stays the same.
+    """
+    args = run.args
+    session = args.session
+    tunnel = get("tunnel", args.tunnel)
+    if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
+        params = dict(params, token=old["token"])
+    try:
+        info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+        if old is None and not conn.opened_here and not args.local_port:
+            port = find_forward(conn, info)  # the record was lost, the forward was not
+            old = dict(local_port=port, remote_port=info["port"]) if port else None
+        local_port = open_tunnel(conn, tunnel, old, info["port"], args.local_port)
+    except BaseException:
+        if conn.opened_here:
+            conn.close()  # leave nothing running after a failure
+        raise
+    app = info.get("app") or params["app"]
+    rec = dict(host=host, session=session, manager=run.manager().name, tunnel=tunnel.name,
+               app=app, local_port=local_port, remote_port=info["port"],
+               token=info["token"], base_url=info["base_url"], pid=info["pid"],
+               log=info.get("log"), ssh_options=conn.options, socket=conn.socket,
+               started=info.get("started"))
+    rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
+    save_record(run.state, rec)
+    return rec, info
+
+
+def cmd_start(run: Run, host: str) -> int:
+    """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
+    args = run.args
+    session = args.session
+    params = start_params(run)
     with locked(run.state, host, session):
+        old = fresh_record(run, host, session)
         conn = run.connection(host, old)
         conn.open()
-        try:
-            info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
-            local_port = open_tunnel(conn, tunnel, old, info["port"], args.local_port)
-        except BaseException:
-            if conn.opened_here:
-                conn.close()  # leave nothing running after a failure
-            raise
-        rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
-                   app=info.get("app") or app, local_port=local_port, remote_port=info["port"],
-                   token=info["token"], base_url=info["base_url"], pid=info["pid"],
-                   log=info.get("log"), ssh_options=conn.options, socket=conn.socket,
-                   started=info.get("started"))
-        rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
-        save_record(run.state, rec)
+        rec, info = bring_up(run, host, conn, old, params)
     if not args.quiet:
         log.info("%s Jupyter on %s (session %s, %s, remote port %d) at local port %d",
-                 "reattached to" if info["reused"] else "started", host, session, mgr.name,
-                 info["port"], local_port)
+                 "reattached to" if info["reused"] else "started", host, session,
+                 rec["manager"], info["port"], rec["local_port"])
     out = dict(public(rec), reused=info["reused"])
     print(json.dumps(out) if args.json else rec["url"])
     if args.open:
@@ -1162,7 +1278,7 @@ def cmd_start(run: Run, host: str) -> int:
 
 def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
     """Forward a local port to REMOTE_PORT, keeping the old local port when possible."""
-    if old and old.get("remote_port") != remote_port and conn.opened_here is False:
+    if old and old.get("remote_port") != remote_port:
         with contextlib.suppress(Error):  # the server moved: drop the stale forward
             tunnel.close(conn, old["local_port"], old["remote_port"])
     if wanted:
@@ -1279,6 +1395,193 @@ def cmd_terminate(run: Run, host: str) -> int:
     return 0
 
 
+# Unattended: ensure and watch ################################################
+#
+# --ensure is for cron: it repairs what is missing and says nothing otherwise.
+# --watch stays in the foreground and does the same every few seconds.  Both
+# judge health as a user would, by an HTTP request to Jupyter's API through the
+# local port, and neither ever prompts: nobody would see the question.
+
+BACKOFF_MAX = 30  # seconds between reconnection attempts, at most
+MSG_NOT_ANSWERING = (
+    "Jupyter on {host} (session {session}) runs but does not answer through local port {port}; "
+    "its log is {log} there"
+)
+
+
+def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was_up) -> list:
+    """One line for each thing a repair changed (nothing when nothing had to change)."""
+    where = "%s (session %s)" % (host, session)
+    if not info["reused"]:
+        if old:
+            return ["restarted Jupyter on %s, which was not running: %s" % (where, rec["url"])]
+        return ["started Jupyter on %s: %s" % (where, rec["url"])]
+    if old is None:
+        return ["reattached to Jupyter already running on %s: %s" % (where, rec["url"])]
+    if tunnel_was_up and rec["local_port"] == old["local_port"] \
+            and rec["remote_port"] == old["remote_port"]:
+        return []
+    moved = "" if rec["local_port"] == old["local_port"] else \
+        " (local port %d was taken)" % old["local_port"]
+    return ["reopened the tunnel to %s on local port %d%s: %s"
+            % (where, rec["local_port"], moved, rec["url"])]
+
+
+def repair(run: Run, host: str, conn: Connection, old, params: dict):
+    """With the lock held: connect, start or reattach, forward again; (record, lines)."""
+    tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
+    conn.open()
+    rec, info = bring_up(run, host, conn, old, params)
+    deadline = time.monotonic() + 10
+    while not api_ok(rec):
+        if time.monotonic() > deadline:
+            raise Error(MSG_NOT_ANSWERING.format(host=host, session=rec["session"],
+                                                 port=rec["local_port"], log=rec.get("log")))
+        time.sleep(0.3)
+    return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+
+
+def cmd_ensure(run: Run, host: str) -> int:
+    """For cron: start or repair the server and tunnel of HOST/SESSION; silent when healthy."""
+    args = run.args
+    session = args.session
+    run.batch = True  # never prompt, even on a terminal
+    rec = fresh_record(run, host, session)
+    lines = []
+    if not (rec and api_ok(rec)):  # healthy costs one HTTP request and no ssh at all
+        params = start_params(run)
+        with locked(run.state, host, session, timeout=args.timeout * 3 + 60):
+            rec = fresh_record(run, host, session)
+            if not (rec and api_ok(rec)):  # else a run we waited for has repaired it
+                rec, lines = repair(run, host, run.connection(host, rec), rec, params)
+    if args.json:
+        print(json.dumps(dict(public(rec), repairs=lines)))
+    else:
+        for line in lines:
+            print(line)
+    return 0
+
+
+def close_tunnel(run: Run, conn: Connection, rec: dict) -> None:
+    """Remove REC's forward; end the master too unless another recorded session uses it."""
+    others = [r for r in load_records(run.state) if r.get("socket") == conn.socket
+              and (r["host"], r["session"]) != (rec["host"], rec["session"])]
+    if others:
+        with contextlib.suppress(Error):
+            get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
+                                                           rec["remote_port"])
+    else:
+        conn.close()
+
+
+def link_failure(conn: Connection, err: Error) -> bool:
+    """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
+    text = str(err)
+    refusals = (MSG_AUTH.split("(")[0], MSG_HOSTKEY.split(":")[0],
+                MSG_HOSTKEY_CHANGED.split(" (")[0])
+    if any(text.startswith(m.format(host=conn.host)) for m in refusals):
+        return False
+    if text.startswith(MSG_UNREACHABLE.split(":")[0].format(host=conn.host)):
+        return True
+    if " runs but does not answer through local port " in text:
+        return True  # the server is there but slow: look again later
+    if " did not answer within " in text:
+        conn.close()  # a hung link: drop the master so that the next try reconnects
+        return True
+    return not conn.alive()
+
+
+def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict):
+    """With the lock held: find out what broke and repair it; (record, lines), or None
+    when the server was shut down on purpose (File > Shut Down, or --terminate)."""
+    args = run.args
+    session = args.session
+    if api_ok(rec):
+        return rec, []  # another run repaired it meanwhile
+    if not conn.alive():
+        log.warning("the connection to %s is down; reconnecting", host)
+    tunnel_was_up = conn.alive() and local_port_open(rec["local_port"])
+    conn.open()
+    state = conn.run_helper("status", dict(run.params(session), sessions=[session]),
+                            timeout=min(args.timeout, 15))[0]
+    if state["server"] != "running" and state.get("ended") != "died":
+        log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
+                 "shut down" if state.get("ended") == "shutdown" else "terminated")
+        close_tunnel(run, conn, rec)
+        drop_record(run.state, host, session)
+        return None
+    new, lines = repair(run, host, conn, rec, params)
+    if tunnel_was_up and not lines and state["server"] == "running":
+        lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
+    return new, lines
+
+
+def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -> None:
+    """Check every --interval seconds, repair with backoff; return once the server is shut down."""
+    args = run.args
+    session = args.session
+    failures = 0
+    while True:
+        time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else args.interval)
+        current = fresh_record(run, host, session)
+        if current and api_ok(current, timeout=max(3.0, min(10.0, 2 * args.interval))):
+            rec, failures = current, 0
+            continue
+        try:
+            with locked(run.state, host, session):
+                result = watch_repair(run, host, conn, fresh_record(run, host, session) or rec,
+                                      params)
+        except Error as e:
+            if not link_failure(conn, e):
+                raise
+            failures += 1
+            log.warning("%s; trying again in %ds", str(e).splitlines()[0],
+                        min(BACKOFF_MAX, 2 ** (failures - 1)))
+            continue
+        if result is None:
+            return
+        rec, lines = result
+        for line in lines:
+            log.info("%s", line)
+        failures = 0
+
+
+def interrupt(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def cmd_watch(run: Run, host: str) -> int:
+    """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
+    args = run.args
+    session = args.session
+    params = start_params(run)
+    with locked(run.state, host, session):
+        old = fresh_record(run, host, session)
+        conn = run.connection(host, old)
+        conn.open()  # this first connection may prompt on a terminal; reconnections never do
+        rec, info = bring_up(run, host, conn, old, params)
+    print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
+          flush=True)
+    log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
+             session, args.interval, " and stops the server" if args.terminate else "")
+    run.batch = conn.batch = True
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        watch_loop(run, host, conn, rec, params)
+        return 0  # the server was shut down: nothing left to watch
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.terminate:
+        run.records = load_records(run.state)
+        return cmd_terminate(run, host)
+    close_tunnel(run, conn, fresh_record(run, host, session) or rec)
+    log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
+    return 0
+
+
 # Command line ################################################################
 
 CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
@@ -1302,6 +1605,13 @@ def build_parser() -> argparse.ArgumentParser:
     act = p.add_mutually_exclusive_group()
     act.add_argument("--terminate", action="store_true", help="stop the server and the tunnel")
     act.add_argument("--status", action="store_true", help="show recorded sessions")
+    act.add_argument("--ensure", action="store_true",
+                     help="for cron: start or repair whatever is missing; silent when all is well")
+    p.add_argument("--watch", action="store_true",
+                   help="stay in the foreground and keep the tunnel healthy; Ctrl-C closes the "
+                   "tunnel (with --terminate: also stops the server)")
+    p.add_argument("--interval", metavar="SECONDS", type=float, default=5.0,
+                   help="with --watch: seconds between health checks (default 5)")
     p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
@@ -1383,7 +1693,7 @@ def resolve_host(args, cfg, records):
     if len(candidates) == 1:
         args.session = candidates[0]["session"]
         return candidates[0]["host"]
-    if args.terminate and not candidates:
+    if args.terminate and not args.watch and not candidates:
         return None
     sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
     why = "several sessions are recorded" if candidates else "nothing is recorded"
@@ -1426,12 +1736,22 @@ def main(argv=None) -> int:
         args.timeout = args.timeout if args.timeout and args.timeout > 0 else DEFAULT_TIMEOUT
         get("manager", args.manager)
         get("tunnel", args.tunnel)
+        if args.watch and (args.status or args.ensure):
+            raise UsageError("--watch cannot be combined with --%s"
+                             % ("status" if args.status else "ensure"))
+        if not 0 < args.interval <= 3600:
+            raise UsageError("invalid --interval %g: must be more than 0 and at most 3600"
+                             % args.interval)
         run = Run(args)
         if args.status:
             return cmd_status(run, args.host)
         host = resolve_host(args, cfg, run.records)
         if host is not None and host.startswith("-"):
             raise UsageError("invalid HOST %r" % host)
+        if args.ensure:
+            return cmd_ensure(run, host)
+        if args.watch:
+            return cmd_watch(run, host)
         if args.terminate:
             if host is None:
                 if not args.quiet:
@@ -1440,7 +1760,10 @@ def main(argv=None) -> int:
             return cmd_terminate(run, host)
         return cmd_start(run, host)
     except Error as e:
-        log.error("error: %s", e)
+        text = str(e)
+        if args.ensure and not args.verbose:  # cron mail: one line says why
+            text = text.splitlines()[0]
+        log.error("error: %s", text)
         return e.code
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -1,0 +1,309 @@
+"""What the --ensure/--watch tests and the fault suite share: URL checks, process
+counts, a TCP relay in front of the remote sshd that a test can cut or stall, and
+a passphrase-protected key for the never-prompts tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import re
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from helpers import find_pids, free_local_port, http_get, pid_alive, proc_cmdline, wait_until
+
+JUPYTER_RE = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
+
+
+def api_status(url: str, timeout: float = 10.0) -> int:
+    """HTTP status of /api/status through the URL's local port with its token (0: no answer)."""
+    parts = urlparse(url)
+    token = parse_qs(parts.query)["token"][0]
+    try:
+        status, _ = http_get(
+            f"http://127.0.0.1:{parts.port}/api/status",
+            timeout=timeout,
+            headers={"Authorization": f"token {token}"},
+        )
+    except OSError:
+        return 0
+    return status
+
+
+def jupyter_pids(remote) -> list[int]:
+    """Live Jupyter servers of the remote user."""
+    return remote.pids(JUPYTER_RE)
+
+
+def masters(config: Path | str) -> list[int]:
+    """Live local ssh master processes started with ssh config file CONFIG."""
+    return [
+        pid
+        for pid in find_pids(re.escape(str(config)), program="ssh")
+        if "-M" in proc_cmdline(pid)
+    ]
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process pid listens on (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                words = line.split()
+                if words[3] == "0A" and words[9] in inodes:
+                    ports.add(int(words[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def forwards(config: Path | str) -> list[int]:
+    """Every local port that ssh masters of CONFIG listen on (one per tunnel)."""
+    return sorted(port for pid in masters(config) for port in listening_ports(pid))
+
+
+def kill_masters(config: Path | str) -> list[int]:
+    """SIGKILL the local ssh masters of CONFIG (the tunnel dies); return their pids."""
+    pids = masters(config)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of proc's stdout, waiting at most timeout seconds ('' if none came)."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+# A link that a test can cut or stall ##########################################
+
+
+class TcpProxy:
+    """Relays 127.0.0.1:port to target; cut() drops every connection and stops
+    listening (the host is gone), stall() stops passing bytes without closing anything
+    (a dead link), restore() undoes either."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_local_port()
+        self.stalled = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        """Pass bytes again; listen again if cut."""
+        self.stalled.clear()
+        if self._listener is None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(16)
+            self._listener = listener
+            threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stall(self) -> None:
+        """Hold every byte from now on (connections stay open, new ones are accepted)."""
+        self.stalled.set()
+
+    def cut(self) -> None:
+        """Drop every connection and stop listening."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.stalled.is_set() and src.fileno() != -1:
+                    time.sleep(0.05)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def proxy_config(nbt, remote, proxy: TcpProxy, alias: str = "nbproxy") -> Path:
+    """An ssh_config (in the test's own directory) whose ALIAS reaches the remote through PROXY."""
+    host_key = " ".join(Path(f"{remote.host_key}.pub").read_text().split()[:2])
+    known = nbt.tmp / "proxy_known_hosts"
+    known.write_text(f"[127.0.0.1]:{proxy.port} {host_key}\n")
+    config = nbt.tmp / "proxy_ssh_config"
+    config.write_text(
+        f"""\
+Host {alias}
+    HostName 127.0.0.1
+    Port {proxy.port}
+    User {remote.user}
+    IdentityFile {remote.identity}
+    IdentitiesOnly yes
+    UserKnownHostsFile {known}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+"""
+    )
+    return config
+
+
+# Prompts ######################################################################
+
+
+@contextlib.contextmanager
+def passphrase_key(nbt, remote):
+    """A passphrase-protected key the remote accepts, and an ssh_config (without
+    BatchMode) whose alias `nbkeyed` offers only that key; yields the config path."""
+    key = nbt.tmp / "id_locked"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "correct horse", "-C", "locked", "-f", str(key)],
+        check=True,
+        capture_output=True,
+    )
+    authorized = remote.home / ".ssh" / "authorized_keys"
+    before = authorized.read_text()
+    authorized.write_text(before + Path(f"{key}.pub").read_text())
+    config = nbt.tmp / "keyed_ssh_config"
+    config.write_text(
+        f"""\
+Host nbkeyed
+    HostName {remote.ip}
+    Port {remote.port}
+    User {remote.user}
+    IdentityFile {key}
+    IdentitiesOnly yes
+    UserKnownHostsFile {remote.known_hosts}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    ConnectTimeout 10
+"""
+    )
+    try:
+        yield config
+    finally:
+        authorized.write_text(before)
+
+
+def run_in_pty(argv: list[str], env: dict[str, str], timeout: float, stop_on: str = "") -> tuple[int | None, str]:
+    """Run argv on a new pseudo-terminal (stdin, stdout, stderr); return (exit code, output).
+
+    Stops early, killing the process, when stop_on appears in the output; the exit
+    code is then None."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    output = b""
+    deadline = time.monotonic() + timeout
+    code = None
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    _, status = os.waitpid(pid, 0)
+                    code, pid = os.waitstatus_to_exitcode(status), 0
+                    break
+                output += chunk
+                if stop_on and stop_on.encode() in output:
+                    break
+    finally:
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return code, output.decode("utf-8", "replace")
+
+
+# Running nbtunnel ############################################################
+
+
+def start(nbt, *args: str) -> dict:
+    """A plain start with --json; its parsed output."""
+    proc = nbt.run(nbt.remote.alias, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def ensure(nbt, *args: str, host: str | None = None) -> subprocess.CompletedProcess:
+    """Run --ensure to completion."""
+    return nbt.run(host or nbt.remote.alias, "--ensure", *args, timeout=180)
+
+
+def watch(nbt, *args: str, host: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start --watch; return the process and the URL it printed."""
+    proc = nbt.popen(host or nbt.remote.alias, "--watch", "--interval", "1", "--timeout", "10", *args)
+    url = read_line(proc, 90).strip()
+    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+    assert api_status(url) == 200
+    return proc, url
+
+
+def wait_watched(proc: subprocess.Popen, fn, timeout: float, message: str) -> None:
+    """wait_until fn() while --watch runs; on failure, show what --watch said."""
+    try:
+        wait_until(fn, timeout, interval=0.5, message=message)
+    except TimeoutError as err:
+        proc.send_signal(signal.SIGINT)
+        out, errors = proc.communicate(timeout=30)
+        raise AssertionError(f"{err}\n--- --watch exit {proc.returncode}, stderr:\n{errors}") from None
+
+
+def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: float = 30) -> tuple[int, str, str]:
+    """Send sig (if any), wait; return (exit code, stdout rest, stderr)."""
+    if sig is not None:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
