@@ -124,7 +124,7 @@ def check_session(name: str) -> str:
 
 def check_port(value, what: str):
     """Return VALUE as a port number (None stays None), else raise UsageError."""
-    if value is None or value == "":
+    if value is None:
         return None
     port = int(str(value), 10) if re.match(r"[0-9]{1,5}\Z", str(value)) else -1
     if not 1 <= port <= 65535:
@@ -143,13 +143,18 @@ def check_host(host: str, what: str = "HOST") -> str:
 
 
 def check_ssh_args(args) -> None:
-    """Reject ssh options that could not be one ssh argument (control characters, -J -x)."""
+    """Reject ssh options that are not one ssh argument (control characters, -J -x) and
+    local files that do not exist (ssh would go on without an -i it cannot read)."""
     for jump in (args.jump or "").split(",") if args.jump else ():
         check_host(jump, "-J")
     for what, value in [("--ssh-config", args.ssh_config), ("-i", args.identity)] + [
             ("-o", o) for o in args.ssh_option or ()]:
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
             raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
+    for what, value in (("--ssh-config", args.ssh_config), ("-i", args.identity)):
+        if value and value != "none" and "%" not in value and not os.path.exists(
+                os.path.expanduser(value)):
+            raise UsageError("%s file %r not found on this machine" % (what, value))
 
 
 def shell_line(words) -> str:
@@ -167,7 +172,7 @@ def split_command(text: str) -> list:
 
 def jupyter_argv(app, jupyter=None) -> list:
     """The remote argv that starts Jupyter, before nbtunnel's own arguments."""
-    if jupyter:
+    if jupyter is not None:
         argv = split_command(jupyter)
         if not argv:
             raise UsageError("--jupyter is empty")
@@ -826,11 +831,21 @@ class RcFile(ShellEnvironment):
     name = "rc"
 
     def steps(self, args):
-        """Source the file in the user's login shell."""
+        """Source the file in the user's login shell, from the remote home directory
+        (so ~/x and relative paths mean the remote's), failing clearly if it is unreadable."""
         if not args.rc:
             return []
-        return [dict(vars={"NBT_RC": args.rc}, sh='. "$NBT_RC"', fish="source $NBT_RC",
-                     csh="source $NBT_RC:q")]
+        rc = args.rc[2:] if args.rc.startswith("~/") else args.rc
+        rc = rc if rc.startswith("/") else "./" + rc  # `. name` would search PATH
+        fail = "nbtunnel: cannot read the --rc file"
+        return [dict(vars={"NBT_RC": rc},
+                     sh='cd && if [ -r "$NBT_RC" ]; then . "$NBT_RC"; else echo "%s" >&2; exit 1; fi'
+                     % fail,
+                     fish='cd; if test -r "$NBT_RC"; source "$NBT_RC"; else; echo "%s" >&2; exit 1; '
+                     'end' % fail,
+                     # tcsh -c carries on after `exit`; exec always ends it
+                     csh='cd\nif ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\necho "%s" > '
+                     '/dev/stderr\nexec /bin/sh -c "exit 1"\nendif' % fail)]
 
 
 class TunnelBackend:
@@ -1147,7 +1162,7 @@ def cmd_start(run: Run, host: str) -> int:
     session = args.session
     mgr = run.manager()
     tunnel = get("tunnel", args.tunnel)
-    app = args.app or (guess_app(args.jupyter) if args.jupyter else DEFAULT_APP)
+    app = args.app or (guess_app(args.jupyter) if args.jupyter is not None else DEFAULT_APP)
     steps = []
     for env in ENVIRONMENTS.values():
         steps += env.steps(args)
@@ -1686,7 +1701,7 @@ def main(argv=None) -> int:
             os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
             "nbtunnel", "config.ini"))
         apply_config(args, cfg, args.host or cfg.defaults().get("host"))
-        args.session = check_session(args.session or DEFAULT_SESSION)
+        args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
         args.local_port = check_port(args.local_port, "--local-port")
         args.remote_port = check_port(args.remote_port, "--remote-port")
         check_ssh_args(args)
