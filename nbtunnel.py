@@ -4,6 +4,8 @@
     nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print the URL
     nbtunnel.py [HOST] --status      one line per recorded session
     nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
+    nbtunnel.py [HOST] --print-service cron|systemd|launchd   a unit that keeps it running
+    nbtunnel.py [HOST] --print-nginx   an nginx server block in front of the tunnel
 
 How it works: every step of one command shares one OpenSSH connection (a private
 ControlMaster socket), so you authenticate at most once per command.  The remote
@@ -839,10 +841,10 @@ class RcFile(ShellEnvironment):
         rc = rc if rc.startswith("/") else "./" + rc  # `. name` would search PATH
         fail = "nbtunnel: cannot read the --rc file"
         return [dict(vars={"NBT_RC": rc},
-                     sh='cd && if [ -r "$NBT_RC" ]; then . "$NBT_RC"; else echo "%s" >&2; exit 1; fi'
-                     % fail,
-                     fish='cd; if test -r "$NBT_RC"; source "$NBT_RC"; else; echo "%s" >&2; exit 1; '
-                     'end' % fail,
+                     sh='cd && if [ -r "$NBT_RC" ]; then . "$NBT_RC"; '
+                     'else echo "%s" >&2; exit 1; fi' % fail,
+                     fish='cd; if test -r "$NBT_RC"; source "$NBT_RC"; '
+                     'else; echo "%s" >&2; exit 1; end' % fail,
                      # tcsh -c carries on after `exit`; exec always ends it
                      csh='cd\nif ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\necho "%s" > '
                      '/dev/stderr\nexec /bin/sh -c "exit 1"\nendif' % fail)]

@@ -244,6 +244,8 @@ def run_cli(*args: str, state: Path, cwd: Path | None = None, env: dict | None =
 
 def test_print_service_carries_every_option_with_absolute_paths(tmp_path):
     (tmp_path / "my_ssh_config").write_text("")
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/id_ed25519").write_text("")
     options = ["--session", "exp1", "--app", "notebook", "--notebook-dir", "~/it's here",
                "--rc", "~/.zshrc", "--local-port", "18888", "--remote-port", "19999",
                "--timeout", "45", "--ssh-config", "my_ssh_config", "-o", "ServerAliveInterval=20",
