@@ -6,6 +6,8 @@
     nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
     nbtunnel.py [HOST] --ensure      for cron: repair what is missing, silent when all is well
     nbtunnel.py [HOST] --watch       stay in the foreground keeping server and tunnel healthy
+    nbtunnel.py [HOST] --print-service cron|systemd|launchd   a unit that keeps it running
+    nbtunnel.py [HOST] --print-nginx   an nginx server block in front of the tunnel
 
 How it works: every step of one command shares one OpenSSH connection (a private
 ControlMaster socket), so you authenticate at most once per command.  The remote
@@ -74,6 +76,8 @@ RESULT_MARK = "NBTUNNEL-RESULT:"
 # The one command line the remote login shell ever sees: constant and quote-free,
 # so it means the same under sh, bash, zsh, tcsh and fish.
 REMOTE_COMMAND = "python3 - || python -"
+# Characters no ssh destination needs; ssh would hand them to a ProxyCommand's %h.
+HOST_BAD = re.compile(r"[\s\x00-\x1f\x7f'\"`$;&|<>(){}\\*?!#]")
 SERVER_ALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"]
 
 # Messages that tests and users rely on.
@@ -128,15 +132,37 @@ def check_session(name: str) -> str:
 
 def check_port(value, what: str):
     """Return VALUE as a port number (None stays None), else raise UsageError."""
-    if value is None or value == "":
+    if value is None:
         return None
-    try:
-        port = int(str(value), 10)
-    except ValueError:
-        port = -1
+    port = int(str(value), 10) if re.match(r"[0-9]{1,5}\Z", str(value)) else -1
     if not 1 <= port <= 65535:
         raise UsageError("invalid %s %r: must be a number from 1 to 65535" % (what, value))
     return port
+
+
+def check_host(host: str, what: str = "HOST") -> str:
+    """Return HOST if ssh can read it only as a destination, else raise UsageError."""
+    if not host or host.startswith("-") or HOST_BAD.search(host):
+        raise UsageError(
+            "invalid %s %r: give an ssh destination (host, user@host, ssh://user@host:port or "
+            "an ssh_config alias) without spaces, quotes or shell characters, not starting "
+            "with '-'" % (what, host))
+    return host
+
+
+def check_ssh_args(args) -> None:
+    """Reject ssh options that are not one ssh argument (control characters, -J -x) and
+    local files that do not exist (ssh would go on without an -i it cannot read)."""
+    for jump in (args.jump or "").split(",") if args.jump else ():
+        check_host(jump, "-J")
+    for what, value in [("--ssh-config", args.ssh_config), ("-i", args.identity)] + [
+            ("-o", o) for o in args.ssh_option or ()]:
+        if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
+            raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
+    for what, value in (("--ssh-config", args.ssh_config), ("-i", args.identity)):
+        if value and value != "none" and "%" not in value and not os.path.exists(
+                os.path.expanduser(value)):
+            raise UsageError("%s file %r not found on this machine" % (what, value))
 
 
 def shell_line(words) -> str:
@@ -144,10 +170,18 @@ def shell_line(words) -> str:
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
+def split_command(text: str) -> list:
+    """Split a --jupyter command line into words, as a POSIX shell would (no expansions)."""
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UsageError("invalid --jupyter %r: %s" % (text, e))
+
+
 def jupyter_argv(app, jupyter=None) -> list:
     """The remote argv that starts Jupyter, before nbtunnel's own arguments."""
-    if jupyter:
-        argv = shlex.split(jupyter)
+    if jupyter is not None:
+        argv = split_command(jupyter)
         if not argv:
             raise UsageError("--jupyter is empty")
         return argv
@@ -156,7 +190,7 @@ def jupyter_argv(app, jupyter=None) -> list:
 
 def guess_app(jupyter) -> str:
     """Which front end a --jupyter command line starts, for the landing page."""
-    words = [os.path.basename(w) for w in shlex.split(jupyter or "")]
+    words = [os.path.basename(w) for w in split_command(jupyter or "")]
     for word in words:
         for app in APPS:
             if word in (app, "jupyter-" + app):
@@ -821,11 +855,21 @@ class RcFile(ShellEnvironment):
     name = "rc"
 
     def steps(self, args):
-        """Source the file in the user's login shell."""
+        """Source the file in the user's login shell, from the remote home directory
+        (so ~/x and relative paths mean the remote's), failing clearly if it is unreadable."""
         if not args.rc:
             return []
-        return [dict(vars={"NBT_RC": args.rc}, sh='. "$NBT_RC"', fish="source $NBT_RC",
-                     csh="source $NBT_RC:q")]
+        rc = args.rc[2:] if args.rc.startswith("~/") else args.rc
+        rc = rc if rc.startswith("/") else "./" + rc  # `. name` would search PATH
+        fail = "nbtunnel: cannot read the --rc file"
+        return [dict(vars={"NBT_RC": rc},
+                     sh='cd && if [ -r "$NBT_RC" ]; then . "$NBT_RC"; '
+                     'else echo "%s" >&2; exit 1; fi' % fail,
+                     fish='cd; if test -r "$NBT_RC"; source "$NBT_RC"; '
+                     'else; echo "%s" >&2; exit 1; end' % fail,
+                     # tcsh -c carries on after `exit`; exec always ends it
+                     csh='cd\nif ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\necho "%s" > '
+                     '/dev/stderr\nexec /bin/sh -c "exit 1"\nendif' % fail)]
 
 
 class TunnelBackend:
@@ -1199,7 +1243,7 @@ class Run:
 def start_params(run: Run) -> dict:
     """What the remote "start" operation is told for this run's options."""
     args = run.args
-    app = args.app or (guess_app(args.jupyter) if args.jupyter else DEFAULT_APP)
+    app = args.app or (guess_app(args.jupyter) if args.jupyter is not None else DEFAULT_APP)
     steps = []
     for env in ENVIRONMENTS.values():
         steps += env.steps(args)
@@ -1582,6 +1626,244 @@ def cmd_watch(run: Run, host: str) -> int:
     return 0
 
 
+# Service files and nginx #####################################################
+#
+# Printed, never installed: the user reads the unit, saves it and enables it.  Each
+# unit runs this same file with the same Python, every option spelled out, so it
+# does not depend on the environment cron, systemd or launchd give it.
+
+SERVICE_INTERVAL = 5  # minutes between two cron runs of --ensure
+RESTART_SECONDS = 30  # systemd and launchd: pause before restarting a --watch that ended
+NGINX_LISTEN = "127.0.0.1:8080"
+MSG_NGINX_NO_PORT = (
+    "no session {session} is recorded for {host}, so its local port is unknown: start it "
+    "first (nbtunnel.py {host} --session {session} --local-port N) or pass --local-port N"
+)
+
+
+def service_name(host: str, session: str) -> str:
+    """A file-name-safe name for the unit of HOST/SESSION."""
+    name = "nbtunnel-%s-%s" % (re.sub(r"[^A-Za-z0-9.]+", "-", host).strip("-.") or "host",
+                               session)
+    return re.sub(r"-{2,}", "-", name)
+
+
+def program_argv() -> list:
+    """This program as an absolute argv: the running Python and this file."""
+    return [os.path.abspath(sys.executable), os.path.abspath(__file__)]
+
+
+def service_argv(args, host: str, action: str, state: str, rec=None, plugins=()) -> list:
+    """The nbtunnel command line a unit runs: ACTION (--ensure or --watch) with every option
+    in effect; the recorded session fills in ssh options, local port, app and manager."""
+    rec = rec or {}
+    argv = [host, action, "--session", args.session, "--state-dir", os.path.abspath(state)]
+    app = args.app or (None if args.jupyter else rec.get("app"))
+    manager = args.manager if args.manager != "tmux" else rec.get("manager", args.manager)
+    for option, value in (("--app", app), ("--jupyter", args.jupyter),
+                          ("--notebook-dir", args.notebook_dir), ("--manager", manager),
+                          ("--rc", args.rc), ("--remote-port", args.remote_port),
+                          ("--local-port", args.local_port or rec.get("local_port")),
+                          ("--tunnel", None if args.tunnel == "ssh" else args.tunnel)):
+        if value is not None:
+            argv += [option, str(value)]
+    if args.timeout != DEFAULT_TIMEOUT:
+        argv += ["--timeout", "%g" % args.timeout]
+    ssh = ssh_options(args)
+    if args.ssh_config:  # a relative path or ~ would mean something else under cron
+        ssh[ssh.index("-F") + 1] = os.path.abspath(os.path.expanduser(args.ssh_config))
+    if args.identity and "%" not in args.identity:
+        ssh[ssh.index("-i") + 1] = os.path.abspath(os.path.expanduser(args.identity))
+    argv += ssh or list(rec.get("ssh_options", []))  # same letters as ssh: -F -o -J -i
+    for path in plugins:
+        argv += ["--plugin", os.path.abspath(path)]
+    return argv
+
+
+def service_env() -> dict:
+    """Environment a unit must set: PATH, when ssh lives outside /usr/bin and /bin."""
+    ssh = shutil.which("ssh")
+    where = os.path.dirname(os.path.abspath(ssh)) if ssh else "/usr/bin"
+    return {} if where in ("/usr/bin", "/bin") else {"PATH": where + ":/usr/bin:/bin"}
+
+
+def cron_word(word: str) -> str:
+    """WORD quoted for a crontab command: sh quoting, and each % outside quotes as \\%."""
+    if "\n" in word or "\r" in word:
+        raise UsageError("%r holds a line break, which a crontab line cannot carry; use "
+                         "--print-service systemd or launchd" % (word,))
+    return "\\%".join(shlex.quote(part) for part in word.split("%"))
+
+
+def cron_entry(argv: list, env: dict, title: str) -> str:
+    """A commented crontab line that runs ARGV every SERVICE_INTERVAL minutes."""
+    words = ["%s=%s" % (k, cron_word(v)) for k, v in sorted(env.items())]
+    words += [cron_word(w) for w in argv]
+    return "\n".join([
+        "# %s: start or repair it every %d minutes; quiet while all is well." % (
+            title, SERVICE_INTERVAL),
+        "# Install with: crontab -e (paste the last line), then check: crontab -l",
+        "# cron has no ssh-agent: ssh needs a key without a passphrase (-i) or SSH_AUTH_SOCK "
+        "set to a running agent's socket.",
+        "*/%d * * * * %s" % (SERVICE_INTERVAL, " ".join(words)), ""])
+
+
+def systemd_word(word: str) -> str:
+    """WORD quoted for a systemd ExecStart= line (C escapes, %% and $$)."""
+    if word and re.match(r"[A-Za-z0-9_@+=:,./-]+\Z", word):
+        return word
+    out = []
+    for c in word:
+        if c in '\\"':
+            out.append("\\" + c)
+        elif c in "%$":
+            out.append(c + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif ord(c) < 32 or ord(c) == 127:
+            out.append("\\x%02x" % ord(c))
+        else:
+            out.append(c)
+    return '"%s"' % "".join(out)
+
+
+def systemd_unit(argv: list, env: dict, title: str, name: str) -> str:
+    """A systemd user service that keeps ARGV (a --watch) running, restarting it."""
+    lines = [
+        "# %s: keep it reachable with nbtunnel --watch, restarted whenever it stops." % title,
+        "# Save as ~/.config/systemd/user/%s.service, then run:" % name,
+        "#   systemctl --user daemon-reload && systemctl --user enable --now %s" % name,
+        "#   loginctl enable-linger \"$USER\"   # keep it running while you are logged out",
+        "# Without a terminal ssh cannot ask for a passphrase: use a key without one, or an",
+        "# ssh-agent and Environment=SSH_AUTH_SOCK=... below.",
+        "[Unit]",
+        "Description=nbtunnel: %s" % title.replace("%", "%%"),
+        "StartLimitIntervalSec=0",
+        "",
+        "[Service]",
+        "Type=simple",
+        "ExecStart=" + " ".join(systemd_word(w) for w in argv),
+    ]
+    lines += ["Environment=" + systemd_word("%s=%s" % kv) for kv in sorted(env.items())]
+    lines += [
+        "Restart=always",
+        "RestartSec=%d" % RESTART_SECONDS,
+        "# Stopping is Ctrl-C for --watch: it closes the tunnel; the remote Jupyter keeps running.",
+        "KillSignal=SIGINT",
+        "TimeoutStopSec=30",
+        "",
+        "[Install]",
+        "WantedBy=default.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def launchd_plist(argv: list, env: dict, title: str, label: str, home: str) -> str:
+    """A launchd agent that keeps ARGV (a --watch) running: RunAtLoad and KeepAlive."""
+    import plistlib
+
+    job = dict(Label=label, ProgramArguments=argv, RunAtLoad=True, KeepAlive=True,
+               WorkingDirectory=home, ThrottleInterval=RESTART_SECONDS, ProcessType="Background",
+               StandardOutPath=os.path.join(home, "Library", "Logs", label + ".log"),
+               StandardErrorPath=os.path.join(home, "Library", "Logs", label + ".log"))
+    if env:
+        job["EnvironmentVariables"] = env
+    try:
+        text = plistlib.dumps(job).decode()
+    except (TypeError, ValueError) as e:  # XML cannot hold most control characters
+        raise UsageError("cannot write a launchd plist for these options: %s" % e)
+    comment = ("<!-- %s.\n     Save as ~/Library/LaunchAgents/%s.plist and run: launchctl load -w "
+               "~/Library/LaunchAgents/%s.plist\n     ssh runs without a terminal: a key with "
+               "a passphrase must be in your ssh-agent. -->\n"
+               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label))
+    head, sep, body = text.partition("<plist")
+    return head + comment + sep + body
+
+
+def nginx_server_block(local_port: int, listen: str, title: str) -> str:
+    """An nginx server block in front of 127.0.0.1:LOCAL_PORT, websockets included."""
+    upgrade = "$nbtunnel_connection_%d" % local_port
+    return "\n".join([
+        "# %s: nginx in front of the tunnel at 127.0.0.1:%d." % (title, local_port),
+        "# Put this inside the http {} block (e.g. /etc/nginx/conf.d/), nginx -t, reload.",
+        "# Host and Origin pass unchanged, so Jupyter's own checks still apply: its token is",
+        "# required, websockets (kernels, terminals, events) from other sites are refused and",
+        "# names other than localhost/127.0.0.1 are refused unless Jupyter lists them in",
+        "# ServerApp.local_hostnames. Keep the tunnel's port fixed (--local-port %d)." % local_port,
+        "map $http_upgrade %s {" % upgrade,
+        "    default upgrade;",
+        "    ''      close;",
+        "}",
+        "server {",
+        "    listen %s;" % listen,
+        "    location / {",
+        "        proxy_pass http://127.0.0.1:%d;" % local_port,
+        "        proxy_http_version 1.1;",
+        "        proxy_set_header Host $http_host;",
+        "        proxy_set_header Upgrade $http_upgrade;",
+        "        proxy_set_header Connection %s;" % upgrade,
+        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "        proxy_set_header X-Forwarded-Proto $scheme;",
+        "        proxy_read_timeout 1d;",
+        "        proxy_send_timeout 1d;",
+        "        proxy_buffering off;",
+        "        client_max_body_size 0;",
+        "    }",
+        "}",
+        ""])
+
+
+def check_listen(value: str) -> str:
+    """Return VALUE if it is a safe nginx listen address ([ADDR:]PORT), else UsageError."""
+    m = re.match(r"(?:([0-9.]+|\[[0-9A-Fa-f:.]+\]|localhost):)?([0-9]+)\Z", value or "")
+    if not m:
+        raise UsageError("invalid --nginx-listen %r: give PORT or ADDRESS:PORT, e.g. %s"
+                         % (value, NGINX_LISTEN))
+    check_port(m.group(2), "--nginx-listen port")
+    return value
+
+
+def cmd_print_service(run: Run, host: str) -> int:
+    """Print a crontab line, systemd unit or launchd plist that keeps HOST/SESSION up."""
+    args, kind = run.args, run.args.print_service
+    rec = find_record(run.records, host, args.session)
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+    plugins = [p for p in plugin_files(args.plugin or ()) if os.path.dirname(p) != here]
+    action = "--ensure" if kind == "cron" else "--watch"
+    argv = program_argv() + service_argv(args, host, action, run.state, rec, plugins)
+    title = "Jupyter on %s (session %s)" % (host, args.session)
+    name = service_name(host, args.session)
+    if kind == "cron":
+        text = cron_entry(argv, service_env(), title)
+    elif kind == "systemd":
+        text = systemd_unit(argv, service_env(), title, name)
+    else:
+        label = "org.nbtunnel." + name[len("nbtunnel-"):]
+        text = launchd_plist(argv, service_env(), title, label, os.path.expanduser("~"))
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_print_nginx(run: Run, host: str) -> int:
+    """Print an nginx server block in front of the recorded tunnel of HOST/SESSION."""
+    args = run.args
+    rec = find_record(run.records, host, args.session)
+    port = args.local_port or (rec or {}).get("local_port")
+    if not port:
+        raise UsageError(MSG_NGINX_NO_PORT.format(host=host, session=args.session))
+    listen = check_listen(args.nginx_listen or NGINX_LISTEN)
+    sys.stdout.write(nginx_server_block(port, listen, "Jupyter on %s (session %s)"
+                                        % (host, args.session)))
+    if rec and not args.quiet:
+        address = listen if ":" in listen else "127.0.0.1:" + listen
+        log.info("once nginx runs, open %s", rec["url"].replace(
+            "127.0.0.1:%d" % rec["local_port"], address, 1))
+    return 0
+
+
 # Command line ################################################################
 
 CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
@@ -1591,7 +1873,7 @@ CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
     "ssh-config": ("ssh_config", str), "ssh-option": ("ssh_option", list),
     "jump": ("jump", str), "identity": ("identity", str), "accept-new": ("accept_new", bool),
     "timeout": ("timeout", float), "tunnel": ("tunnel", str), "plugin": ("plugin", list),
-    "state-dir": ("state_dir", str),
+    "state-dir": ("state_dir", str), "nginx-listen": ("nginx_listen", str),
 }
 
 
@@ -1612,6 +1894,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "tunnel (with --terminate: also stops the server)")
     p.add_argument("--interval", metavar="SECONDS", type=float, default=5.0,
                    help="with --watch: seconds between health checks (default 5)")
+    act.add_argument("--print-service", choices=("cron", "systemd", "launchd"),
+                     help="print a crontab line, systemd unit or launchd plist that keeps "
+                     "the session alive")
+    act.add_argument("--print-nginx", action="store_true",
+                     help="print an nginx server block in front of the tunnel")
     p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
@@ -1639,6 +1926,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--state-dir", metavar="DIR", help="where sessions are recorded")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.add_argument("--open", action="store_true", help="open the URL in the local browser")
+    g.add_argument("--nginx-listen", metavar="[ADDR:]PORT",
+                   help="with --print-nginx: where nginx listens (default %s)" % NGINX_LISTEN)
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="show every ssh command run")
     g.add_argument("--version", action="version", version="nbtunnel " + __version__)
@@ -1727,9 +2016,10 @@ def main(argv=None) -> int:
             os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
             "nbtunnel", "config.ini"))
         apply_config(args, cfg, args.host or cfg.defaults().get("host"))
-        args.session = check_session(args.session or DEFAULT_SESSION)
+        args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
         args.local_port = check_port(args.local_port, "--local-port")
         args.remote_port = check_port(args.remote_port, "--remote-port")
+        check_ssh_args(args)
         args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
         args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "ssh" not in TUNNELS
                                       else "sshtunnel")
@@ -1746,8 +2036,12 @@ def main(argv=None) -> int:
         if args.status:
             return cmd_status(run, args.host)
         host = resolve_host(args, cfg, run.records)
-        if host is not None and host.startswith("-"):
-            raise UsageError("invalid HOST %r" % host)
+        if host is not None:
+            check_host(host)
+        if args.print_service:
+            return cmd_print_service(run, host)
+        if args.print_nginx:
+            return cmd_print_nginx(run, host)
         if args.ensure:
             return cmd_ensure(run, host)
         if args.watch:

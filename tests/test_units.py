@@ -117,3 +117,24 @@ def test_config_file_values_and_command_line_precedence(tmp_path):
     bad.write_text("[DEFAULT]\nno-such-key = 1\n")
     with pytest.raises(nbtunnel.UsageError):
         nbtunnel.apply_config(parser.parse_args([]), nbtunnel.read_config(str(bad)), None)
+
+
+@pytest.mark.parametrize("host", ["h", "user@h.example.org", "ssh://u@h:2222", "10.0.0.1", "fe80::1%eth0",
+                                  "[::1]", "ünï.example", "alias_with.dots-and-dash"])
+def test_good_hosts(host):
+    assert nbtunnel.check_host(host) == host
+
+
+@pytest.mark.parametrize("host", ["", "-oProxyCommand=x", "a b", "a\nb", "$(id)", "`id`", "a;b", "a|b",
+                                  "a&b", "a'b", 'a"b', "a\\b", "a>b", "a\tb", "a*", "a!b", "a#b"])
+def test_bad_hosts(host):
+    with pytest.raises(nbtunnel.UsageError) as e:
+        nbtunnel.check_host(host)
+    assert e.value.code == 2
+
+
+def test_split_command_errors_are_usage_errors():
+    assert nbtunnel.jupyter_argv("lab", "/opt/x y/jupyter 'lab'") == ["/opt/x", "y/jupyter", "lab"]
+    for bad in ("jupyter 'lab", ""):
+        with pytest.raises(nbtunnel.UsageError):
+            nbtunnel.jupyter_argv("lab", bad)
