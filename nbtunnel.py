@@ -221,10 +221,6 @@ try:
     import fcntl
 except ImportError:
     fcntl = None
-try:
-    import urllib.request as urlrequest
-except ImportError:
-    urlrequest = None
 
 MARK = "NBTUNNEL-RESULT:"
 ENV_MARK = "NBTUNNEL-ENV-FOLLOWS"
@@ -365,10 +361,18 @@ def tail(path, n=20):
     return "\n".join(lines[-n:])
 
 
+def urlrequest():
+    # Imported on first use: it costs ~25 ms that status and reattach do not need,
+    # and launch() pulls it in while Jupyter is still starting.
+    import urllib.request
+    return urllib.request
+
+
 def http(port, base_url, path, token, method="GET", timeout=5):
     url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
-    req = urlrequest.Request(url, method=method, headers={"Authorization": "token " + token})
-    opener = urlrequest.build_opener(urlrequest.ProxyHandler({}))
+    ur = urlrequest()
+    req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
+    opener = ur.build_opener(ur.ProxyHandler({}))
     with opener.open(req, timeout=timeout) as resp:
         body = resp.read()
         return resp.status, (json.loads(body.decode()) if body.strip() else None)
@@ -607,6 +611,7 @@ def launch(p, paths, env, argv, cwd):
     if rc != 0:
         remove(paths["spec"])
         raise Fail("launch", "%s could not start the session: %s" % (mgr["name"], (err or out).strip()))
+    urlrequest()  # while Jupyter starts, not after
     dirs = runtime_dirs(env)
     deadline = started + timeout
     pid = None
@@ -626,7 +631,7 @@ def launch(p, paths, env, argv, cwd):
                 if "already in use" in text or "Address in use" in text:
                     return None
                 raise Fail("launch", "Jupyter exited before it was ready", log_tail=text)
-        time.sleep(0.05)
+        time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
     else:
         if pid:
             stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
@@ -643,7 +648,7 @@ def launch(p, paths, env, argv, cwd):
             if http(result["port"], result["base_url"], "api/status", result["token"])[0] == 200:
                 break
         except Exception:
-            time.sleep(0.05)
+            time.sleep(0.01)
     return result
 
 
