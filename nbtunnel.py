@@ -990,8 +990,11 @@ class Connection:
         self.opened_here = True
 
     def run_helper(self, op: str, params: dict, timeout: float) -> dict:
-        """Run the remote helper for OP over the master; return its result."""
-        argv = self.argv("-T", "-o", "ControlMaster=no", self.host, REMOTE_COMMAND)
+        """Run the remote helper for OP over the master (if none runs, ssh connects
+        by itself for this one command); return its result."""
+        argv = self.argv("-T", "-o", "ControlMaster=no",
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         self.host, REMOTE_COMMAND)
         try:
             r = subproc(argv, input=remote_program(op, params), capture_output=True,
                         timeout=timeout)
@@ -1213,20 +1216,20 @@ def cmd_status(run: Run, host) -> int:
     for h, recs in by_host.items():
         conn = run.connection(h, recs[0])
         answers = {}
+        up = False
         try:
-            was_up = conn.alive()
-            conn.open()
+            up = conn.alive()
+            # Over the master when it runs; otherwise over a connection of its own that
+            # ends with the command: one handshake either way, and nothing left running.
             params = dict(run.params(recs[0]["session"]), sessions=[r["session"] for r in recs])
             for a in conn.run_helper("status", params, timeout=args.timeout + 10):
                 answers[a["session"]] = a
-            if not was_up:
-                conn.close()
         except Error as e:
             log.warning("warning: %s", e)
         for rec in recs:
             a = answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
-            row["tunnel"] = "up" if conn.alive() and local_port_open(rec["local_port"]) else "down"
+            row["tunnel"] = "up" if up and local_port_open(rec["local_port"]) else "down"
             if a and a["server"] == "running" and a["port"] != rec["remote_port"]:
                 row["tunnel"] = "down"  # the forward points at an older server
             row["plugin"] = rec.get("manager")
