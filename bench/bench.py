@@ -271,7 +271,7 @@ class Bench:
                 pass
             if time.monotonic() > deadline:
                 raise BenchError("no HTTP 200 from %s within %ss" % (api, timeout))
-            time.sleep(0.01)
+            time.sleep(0.005)
 
     def close_tunnel(self, state: Path) -> None:
         """End the master connection of every session in STATE (the tunnel goes with it)."""
@@ -304,6 +304,23 @@ class Bench:
         url = r.stdout.strip().splitlines()[-1]
         self.wait_api(url)
         return url
+
+    def plain_forward_to_200(self, url: str) -> None:
+        """By hand: `ssh -N -L` to the running server's port, until the first 200 through it."""
+        rec = self.records(self.tmp / "state")[0]
+        port = free_local_port()
+        proc = subprocess.Popen(
+            ["ssh", "-F", str(self.ssh_config), "-o", "ControlMaster=no", "-o",
+             "ControlPath=none", "-o", "ExitOnForwardFailure=yes", "-N", "-L",
+             "127.0.0.1:%d:127.0.0.1:%d" % (port, rec["remote_port"]), ALIAS],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            self.wait_api(parts._replace(netloc="127.0.0.1:%d" % port).geturl())
+        finally:
+            proc.terminate()
+            proc.wait(10)
 
     def handshake(self) -> float:
         """One plain `ssh HOST true` through the delay line."""
@@ -366,7 +383,7 @@ class Bench:
         has_ensure = "--ensure" in self.help_text
         state = self.tmp / "state"
         keys = ("handshake", "jupyter_file", "jupyter_ready", "floor", "cold", "status_up",
-                "ensure", "status_down", "reattach", "terminate")
+                "ensure", "status_down", "reattach", "plain_forward", "terminate")
         samples = {k: [] for k in keys}
         auths = {k: [] for k in keys}
 
@@ -402,8 +419,10 @@ class Bench:
             if "server=running" not in r.stdout or "tunnel=down" not in r.stdout:
                 raise BenchError("--status with the tunnel closed: " + r.stdout)
             add("status_down", sec, n)
-            sec, n, _ = self.timed(self.start_to_200, ALIAS)
+            sec, n, url = self.timed(self.start_to_200, ALIAS)
             add("reattach", sec, n)
+            sec, n, _ = self.timed(self.plain_forward_to_200, url)
+            add("plain_forward", sec, n)
             sec, n, _ = self.timed(self.nbt, ALIAS, "--terminate")
             add("terminate", sec, n)
             if self.remote.pids(r"jupyter"):
@@ -525,6 +544,7 @@ class Bench:
     def run(self) -> dict:
         """Every measurement, in an order that keeps the slow downloads last."""
         t_start = time.perf_counter()
+        load_before = os.getloadavg()
         helps, bare = self.help_time(max(10, self.args.runs))
         master = self.over_master(max(5, self.args.runs))
         life = self.lifecycle()
@@ -539,7 +559,8 @@ class Bench:
                 ssh=subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
                 machine="%s %s, %d cores" % (platform.system(), platform.release(),
                                              os.cpu_count() or 0),
-                remote=self.remote.describe(), nbtunnel=nbtunnel.__version__),
+                remote=self.remote.describe(), nbtunnel=nbtunnel.__version__,
+                loadavg_before=load_before, loadavg_after=os.getloadavg()),
             help=summary(helps), python_bare=summary(bare), over_master=summary(master),
             lifecycle={k: summary(v) for k, v in life["samples"].items()},
             auths={k: v for k, v in life["auths"].items()},
@@ -596,6 +617,7 @@ def table(res: dict) -> str:
             continue
         r = s["median"] / bound
         timing(label, s, "≤ handshake + 2 RTT = %s" % ms(bound), "%.2f ×" % r, verdict(r <= 1.0))
+    timing("plain `ssh -N -L` by hand to first 200 (server running)", life["plain_forward"])
     timing("`--terminate` (server running, tunnel up)", life["terminate"])
     auth_parts = []
     ok = True
@@ -640,9 +662,11 @@ def table(res: dict) -> str:
     m = res["meta"]
     lines.append("")
     lines.append("%d runs each (median, min, max); link: %g ms each way (RTT %g ms) through "
-                 "bench/delayproxy.py; %s; %s; %s; %s; total %.0f s." % (
+                 "bench/delayproxy.py; %s, load average %.2f before, %.2f after; %s; %s; %s; "
+                 "total %.0f s." % (
                      m["runs"], m["delay_each_way_s"] * 1000, m["rtt_s"] * 1000, m["machine"],
-                     m["ssh"], m["python_version"] + " (" + m["python"] + ")", m["date"],
+                     m["loadavg_before"][0], m["loadavg_after"][0], m["ssh"],
+                     m["python_version"] + " (" + m["python"] + ")", m["date"],
                      res["total_seconds"]))
     return "\n".join(lines)
 
