@@ -145,6 +145,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.python = args.python
+        self.nbtunnel = args.nbtunnel
         self.rtt = 2 * args.delay
         self.remote = RemoteHost()
         self.tmp = Path(tempfile.mkdtemp(prefix="nbb"))  # short: control socket paths
@@ -225,7 +226,7 @@ class Bench:
         """Run `python3 nbtunnel.py ARGS` as a user would (no terminal: batch mode)."""
         state = state or self.tmp / "state"
         self.states.add(state)
-        argv = [self.python, str(NBTUNNEL), "--ssh-config", str(self.ssh_config),
+        argv = [self.python, self.nbtunnel, "--ssh-config", str(self.ssh_config),
                 "--state-dir", str(state), *args]
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=timeout, env=self.env)
@@ -371,10 +372,10 @@ class Bench:
             subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            check=True, env=self.env)
             return time.perf_counter() - t0
-        wall([self.python, str(NBTUNNEL), "--help"])  # warm the page cache
+        wall([self.python, self.nbtunnel, "--help"])  # warm the page cache
         helps, bare = [], []
         for _ in range(n):
-            helps.append(wall([self.python, str(NBTUNNEL), "--help"]))
+            helps.append(wall([self.python, self.nbtunnel, "--help"]))
             bare.append(wall([self.python, "-c", "pass"]))
         return helps, bare
 
@@ -515,10 +516,11 @@ class Bench:
                 tunnels[(link, "sshtunnel package")] = "http://127.0.0.1:%d" % port
         samples = {key: [] for key in tunnels}
         first = {key: [] for key in tunnels}
+        order = list(tunnels)
         for i in range(self.args.runs):
             say("throughput run %d/%d" % (i + 1, self.args.runs))
-            for key, base in tunnels.items():
-                d = self.download(base, token, name)
+            for key in order[i % len(order):] + order[:i % len(order)]:  # no fixed order
+                d = self.download(tunnels[key], token, name)
                 if d["bytes"] != size:
                     raise BenchError("%s: got %d bytes, expected %d" % (key, d["bytes"], size))
                 samples[key].append(size / d["seconds"] / (1 << 20))
@@ -559,7 +561,8 @@ class Bench:
                 ssh=subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
                 machine="%s %s, %d cores" % (platform.system(), platform.release(),
                                              os.cpu_count() or 0),
-                remote=self.remote.describe(), nbtunnel=nbtunnel.__version__,
+                remote=self.remote.describe(), nbtunnel=self.nbtunnel,
+                git=git_describe(),
                 loadavg_before=load_before, loadavg_after=os.getloadavg()),
             help=summary(helps), python_bare=summary(bare), over_master=summary(master),
             lifecycle={k: summary(v) for k, v in life["samples"].items()},
@@ -570,6 +573,13 @@ class Bench:
                 first_byte={k: summary(v) for k, v in thr["first_byte"].items()}),
             total_seconds=time.perf_counter() - t_start,
         )
+
+
+def git_describe() -> str:
+    """The commit measured (with '+changes' when the work tree differs)."""
+    r = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty=+changes"],
+                       capture_output=True, text=True)
+    return r.stdout.strip()
 
 
 # Report ######################################################################
@@ -695,6 +705,8 @@ def main(argv=None) -> int:
                    help="size of the downloaded file (default 256; 0 skips throughput)")
     p.add_argument("--python", default="/usr/bin/python3" if os.path.exists("/usr/bin/python3")
                    else shutil.which("python3"), help="interpreter that runs nbtunnel.py")
+    p.add_argument("--nbtunnel", default=str(NBTUNNEL), metavar="FILE",
+                   help="the nbtunnel.py to measure (default: the one in this repository)")
     p.add_argument("--out", default=str(BENCH / "results.json"), help="JSON output file")
     p.add_argument("--readme", action="store_true", help="also put the table into README.md")
     args = p.parse_args(argv)

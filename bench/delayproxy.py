@@ -87,10 +87,23 @@ async def pump(reader, writer, delay: float) -> None:
         await write_side(writer, line)
     finally:
         reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+
+
+CONNECTIONS = set()
 
 
 async def handle(client_r, client_w, target, delay: float) -> None:
     """One client connection: connect to TARGET and run both directions."""
+    CONNECTIONS.add(asyncio.current_task())
+    try:
+        await connect(client_r, client_w, target, delay)
+    finally:
+        CONNECTIONS.discard(asyncio.current_task())
+
+
+async def connect(client_r, client_w, target, delay: float) -> None:
+    """Open the TARGET side, then pass data both ways until both end (or one fails)."""
     try:
         server_r, server_w = await asyncio.open_connection(*target)
     except OSError:
@@ -109,6 +122,7 @@ async def handle(client_r, client_w, target, delay: float) -> None:
     finally:
         for task in (up, down):
             task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
         for w in (client_w, server_w):
             with contextlib.suppress(Exception):
                 w.close()
@@ -131,6 +145,9 @@ async def serve(listen, target, delay: float) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
+        for task in list(CONNECTIONS):
+            task.cancel()
+        await asyncio.gather(*CONNECTIONS, return_exceptions=True)
 
 
 def main(argv=None) -> int:
