@@ -341,7 +341,8 @@ class Bench:
         try:
             out = json.loads(r.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise BenchError("timing Jupyter on the remote failed: %s %s" % (r.stdout, r.stderr))
+            raise BenchError("timing Jupyter on the remote failed: %s %s"
+                             % (r.stdout, r.stderr)) from None
         if out.get("ready") is None:
             log = self.remote.run("tail -20 ~/nbbench-jupyter.log").stdout
             raise BenchError("Jupyter did not start on the remote:\n" + log)
@@ -721,6 +722,7 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in background
     bench = Bench(args)
     try:
         bench.setup()
@@ -728,6 +730,9 @@ def main(argv=None) -> int:
     except BenchError as e:
         say("error: %s" % e)
         return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
     finally:
         bench.teardown()
     text = table(res)
