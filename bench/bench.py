@@ -121,6 +121,32 @@ f.stop()
 """
 
 
+# Runs nbtunnel.py with every process it starts timed (its one choke point, subproc,
+# wrapped), and writes the steps as JSON to the file named by NBBENCH_TRACE.
+TRACE_WRAPPER = r"""
+import json, os, runpy, sys, time
+T0 = time.time()
+path, args = sys.argv[1], sys.argv[2:]
+g = runpy.run_path(path, run_name="nbtunnel_traced")
+T1 = time.time()
+steps = []
+real = g["main"].__globals__["subproc"]
+def subproc(argv, **kw):
+    t = time.time()
+    try:
+        return real(argv, **kw)
+    finally:
+        steps.append(dict(argv=argv, start=t, end=time.time()))
+g["main"].__globals__["subproc"] = subproc
+try:
+    code = g["main"](args)
+finally:
+    with open(os.environ["NBBENCH_TRACE"], "w") as f:
+        json.dump(dict(start=T0, loaded=T1, end=time.time(), steps=steps), f)
+sys.exit(code)
+"""
+
+
 class BenchError(Exception):
     """Something the benchmark needs did not work."""
 
@@ -431,6 +457,44 @@ class Bench:
                 raise BenchError("Jupyter still runs after --terminate")
         return dict(samples=samples, auths=auths, has_ensure=has_ensure)
 
+    def traced(self, *args: str) -> list:
+        """Run nbtunnel ARGS once with its ssh steps timed, to the first 200; the steps."""
+        trace = self.tmp / "trace.json"
+        t0 = time.time()
+        r = subprocess.run(
+            [self.python, "-c", TRACE_WRAPPER, self.nbtunnel, "--ssh-config",
+             str(self.ssh_config), "--state-dir", str(self.tmp / "state"), *args],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180,
+            env=dict(self.env, NBBENCH_TRACE=str(trace)))
+        if r.returncode != 0:
+            raise BenchError("traced nbtunnel %s failed: %s" % (" ".join(args), r.stderr))
+        t_exit = time.time()
+        self.wait_api(r.stdout.strip().splitlines()[-1])
+        t_200 = time.time()
+        data = json.loads(trace.read_text())
+
+        def ms(t):
+            return round((t - t0) * 1000)
+
+        steps = [dict(step="python start-up, imports, options, records", start=0,
+                      end=ms(data["steps"][0]["start"] if data["steps"] else data["end"]))]
+        for st in data["steps"]:
+            steps.append(dict(step=describe_ssh(st["argv"]), start=ms(st["start"]),
+                              end=ms(st["end"])))
+        steps.append(dict(step="exit", start=ms(data["end"]), end=ms(t_exit)))
+        steps.append(dict(step="first HTTP 200 through the printed URL", start=ms(t_exit),
+                          end=ms(t_200)))
+        return steps
+
+    def breakdown(self) -> dict:
+        """One traced cold start and one traced reattach (the server is not running)."""
+        say("traced cold start and reattach")
+        cold = self.traced(ALIAS)
+        self.close_tunnel(self.tmp / "state")
+        reattach = self.traced(ALIAS)
+        self.nbt(ALIAS, "--terminate")
+        return dict(cold=cold, reattach=reattach)
+
     # Throughput ##############################################################
 
     def download(self, url_base: str, token: str, name: str) -> dict:
@@ -551,6 +615,7 @@ class Bench:
         helps, bare = self.help_time(max(10, self.args.runs))
         master = self.over_master(max(5, self.args.runs))
         life = self.lifecycle()
+        trace = self.breakdown()
         thr = self.throughput() if self.args.size_mib > 0 else None
         return dict(
             meta=dict(
@@ -568,12 +633,23 @@ class Bench:
             help=summary(helps), python_bare=summary(bare), over_master=summary(master),
             lifecycle={k: summary(v) for k, v in life["samples"].items()},
             auths={k: v for k, v in life["auths"].items()},
-            has_ensure=life["has_ensure"],
+            has_ensure=life["has_ensure"], breakdown=trace,
             throughput=None if thr is None else dict(
                 thr, mib_per_s={k: summary(v) for k, v in thr["mib_per_s"].items()},
                 first_byte={k: summary(v) for k, v in thr["first_byte"].items()}),
             total_seconds=time.perf_counter() - t_start,
         )
+
+
+def describe_ssh(argv: list) -> str:
+    """What one ssh command run by nbtunnel does, in a few words."""
+    if "-O" in argv:
+        return "ssh -O %s (local, to the master)" % argv[argv.index("-O") + 1]
+    if "-M" in argv:
+        return "ssh -f -N -M: the master connection (the one handshake)"
+    if nbtunnel.REMOTE_COMMAND in argv:
+        return "remote helper over the master (one session)"
+    return " ".join(argv[:1] + [a for a in argv[1:] if a.startswith("-")])
 
 
 def git_describe() -> str:
@@ -670,6 +746,7 @@ def table(res: dict) -> str:
     head = ("figure", "median", "min", "max", "target", "ratio", "holds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += breakdown_table(res)
     m = res["meta"]
     lines.append("")
     lines.append("%d runs each (median, min, max); link: %g ms each way (RTT %g ms) through "
@@ -680,6 +757,31 @@ def table(res: dict) -> str:
                      m["python_version"] + " (" + m["python"] + ")", m["date"],
                      res["total_seconds"]))
     return "\n".join(lines)
+
+
+def breakdown_table(res: dict) -> list:
+    """Where the time of one cold start and one reattach goes, step by step."""
+    trace = res.get("breakdown")
+    if not trace:
+        return []
+    keyed = {}
+    order = []
+    for kind in ("cold", "reattach"):
+        seen = {}
+        for st in trace[kind]:
+            n = seen[st["step"]] = seen.get(st["step"], 0) + 1
+            key = (st["step"], n)
+            if key not in keyed:
+                keyed[key] = {}
+                order.append(key)
+            keyed[key][kind] = "%d–%d (%d)" % (st["start"], st["end"], st["end"] - st["start"])
+    lines = ["", "Where the time goes, one traced run each (ms from invocation: start–end "
+             "(duration)); the helper's start includes Jupyter's own start-up:", "",
+             "| step | cold start | reattach |", "|---|---|---|"]
+    for key in order:
+        lines.append("| %s | %s | %s |" % (key[0], keyed[key].get("cold", ""),
+                                            keyed[key].get("reattach", "")))
+    return lines
 
 
 def update_readme(text: str, command: str) -> None:
