@@ -732,7 +732,7 @@ def table(res: dict) -> str:
                 cells = ("%.1f MiB/s" % s["median"], "%.1f" % s["min"], "%.1f" % s["max"])
                 if kind == "ssh -L":
                     rows.append((label, *cells, "", "", ""))
-                elif kind == "sshtunnel package":
+                elif kind != "nbtunnel":  # paramiko-based: for comparison, no target
                     r = s["median"] / plain["median"]
                     rows.append((label, *cells, "(reference)", "%.2f ×" % r, ""))
                 else:
