@@ -614,9 +614,12 @@ class Bench:
         load_before = os.getloadavg()
         helps, bare = self.help_time(max(10, self.args.runs))
         master = self.over_master(max(5, self.args.runs))
+        t_life = time.perf_counter()
         life = self.lifecycle()
         trace = self.breakdown()
+        t_thr = time.perf_counter()
         thr = self.throughput() if self.args.size_mib > 0 else None
+        t_end = time.perf_counter()
         return dict(
             meta=dict(
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -637,7 +640,9 @@ class Bench:
             throughput=None if thr is None else dict(
                 thr, mib_per_s={k: summary(v) for k, v in thr["mib_per_s"].items()},
                 first_byte={k: summary(v) for k, v in thr["first_byte"].items()}),
-            total_seconds=time.perf_counter() - t_start,
+            total_seconds=t_end - t_start,
+            phase_seconds=dict(before=t_life - t_start, lifecycle=t_thr - t_life,
+                               throughput=t_end - t_thr),
         )
 
 
@@ -751,11 +756,11 @@ def table(res: dict) -> str:
     lines.append("")
     lines.append("%d runs each (median, min, max); link: %g ms each way (RTT %g ms) through "
                  "bench/delayproxy.py; %s, load average %.2f before, %.2f after; %s; %s; %s; "
-                 "total %.0f s." % (
+                 "total %.0f s (downloads %.0f s)." % (
                      m["runs"], m["delay_each_way_s"] * 1000, m["rtt_s"] * 1000, m["machine"],
                      m["loadavg_before"][0], m["loadavg_after"][0], m["ssh"],
                      m["python_version"] + " (" + m["python"] + ")", m["date"],
-                     res["total_seconds"]))
+                     res["total_seconds"], res["phase_seconds"]["throughput"]))
     return "\n".join(lines)
 
 
