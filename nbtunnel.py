@@ -32,11 +32,7 @@ lists; they never run processes themselves.
 
 import argparse
 import base64
-import configparser
 import contextlib
-import hashlib
-import http.client
-import importlib.util
 import json
 import logging
 import os
@@ -44,12 +40,12 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
+
+# configparser, hashlib, http.client, importlib.util, socket, tempfile and urllib are
+# imported where they are used: they are a good part of the start-up time of --help.
 
 try:
     import fcntl
@@ -213,6 +209,8 @@ def make_url(port: int, base_url: str, app: str, token: str) -> str:
 
 def record_name(host: str, session: str) -> str:
     """File name of the local record for HOST and SESSION (any HOST is safe)."""
+    import hashlib
+
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
     digest = hashlib.sha1(host.encode()).hexdigest()[:8]
     return "%s-%s@%s.json" % (safe, digest, session)
@@ -261,10 +259,6 @@ try:
     import fcntl
 except ImportError:
     fcntl = None
-try:
-    import urllib.request as urlrequest
-except ImportError:
-    urlrequest = None
 
 MARK = "NBTUNNEL-RESULT:"
 ENV_MARK = "NBTUNNEL-ENV-FOLLOWS"
@@ -405,10 +399,18 @@ def tail(path, n=20):
     return "\n".join(lines[-n:])
 
 
+def urlrequest():
+    # Imported on first use: it costs ~25 ms that status and reattach do not need,
+    # and launch() pulls it in while Jupyter is still starting.
+    import urllib.request
+    return urllib.request
+
+
 def http(port, base_url, path, token, method="GET", timeout=5):
     url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
-    req = urlrequest.Request(url, method=method, headers={"Authorization": "token " + token})
-    opener = urlrequest.build_opener(urlrequest.ProxyHandler({}))
+    ur = urlrequest()
+    req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
+    opener = ur.build_opener(ur.ProxyHandler({}))
     with opener.open(req, timeout=timeout) as resp:
         body = resp.read()
         return resp.status, (json.loads(body.decode()) if body.strip() else None)
@@ -650,6 +652,7 @@ def launch(p, paths, env, argv, cwd):
     if rc != 0:
         remove(paths["spec"])
         raise Fail("launch", "%s could not start the session: %s" % (mgr["name"], (err or out).strip()))
+    urlrequest()  # while Jupyter starts, not after
     dirs = runtime_dirs(env)
     deadline = started + timeout
     pid = None
@@ -669,7 +672,7 @@ def launch(p, paths, env, argv, cwd):
                 if "already in use" in text or "Address in use" in text:
                     return None
                 raise Fail("launch", "Jupyter exited before it was ready", log_tail=text)
-        time.sleep(0.05)
+        time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
     else:
         if pid:
             stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
@@ -686,7 +689,7 @@ def launch(p, paths, env, argv, cwd):
             if http(result["port"], result["base_url"], "api/status", result["token"])[0] == 200:
                 break
         except Exception:
-            time.sleep(0.05)
+            time.sleep(0.01)
     return result
 
 
@@ -951,6 +954,8 @@ def plugin_files(extra=()) -> list:
 
 def load_plugins(paths) -> list:
     """Import each plugin file; one that fails is reported and skipped."""
+    import importlib.util
+
     loaded = []
     for path in paths:
         name = "nbtunnel_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
@@ -978,6 +983,8 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
 
 def control_dir() -> str:
     """A private directory for control sockets, short enough for a socket path."""
+    import tempfile
+
     base = os.environ.get("NBTUNNEL_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
     path = os.path.join(base, "nbtunnel") if base else ""
     if not path or len(path) > 60:
@@ -993,6 +1000,8 @@ class Connection:
     """One OpenSSH master connection to HOST, shared by every step of a command."""
 
     def __init__(self, host: str, options: list, key: str, timeout: float):
+        import hashlib
+
         self.host, self.options, self.timeout = host, list(options), timeout
         digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
         self.socket = os.path.join(control_dir(), digest)
@@ -1032,6 +1041,8 @@ class Connection:
         argv = self.argv("-f", "-N", "-M", "-o", "ControlPersist=yes",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, self.host)
+        import tempfile
+
         # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
         with tempfile.TemporaryFile() as err:
             try:
@@ -1051,8 +1062,11 @@ class Connection:
         self.opened_here = True
 
     def run_helper(self, op: str, params: dict, timeout: float) -> dict:
-        """Run the remote helper for OP over the master; return its result."""
-        argv = self.argv("-T", "-o", "ControlMaster=no", self.host, REMOTE_COMMAND)
+        """Run the remote helper for OP over the master (if none runs, ssh connects
+        by itself for this one command); return its result."""
+        argv = self.argv("-T", "-o", "ControlMaster=no",
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         self.host, REMOTE_COMMAND)
         try:
             r = subproc(argv, input=remote_program(op, params), capture_output=True,
                         timeout=timeout)
@@ -1152,6 +1166,8 @@ def locked(directory: str, host: str, session: str, timeout=None):
 
 def local_port_open(port: int) -> bool:
     """Does something accept connections on 127.0.0.1:PORT here?"""
+    import socket
+
     with contextlib.closing(socket.socket()) as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -1159,6 +1175,8 @@ def local_port_open(port: int) -> bool:
 
 def free_local_port() -> int:
     """A port free on 127.0.0.1 right now."""
+    import socket
+
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -1168,6 +1186,9 @@ def api_ok(rec: dict, timeout: float = 5.0) -> bool:
     """Does the server of REC answer /api/status with its token through the local port?
 
     This one HTTP request proves the tunnel and the server healthy without any ssh."""
+    import http.client
+    import urllib.request
+
     base = (rec.get("base_url") or "/").strip("/")
     url = "http://127.0.0.1:%d/%sapi/status" % (rec["local_port"], base + "/" if base else "")
     request = urllib.request.Request(url, headers={"Authorization": "token " + rec["token"]})
@@ -1370,20 +1391,20 @@ def cmd_status(run: Run, host) -> int:
     for h, recs in by_host.items():
         conn = run.connection(h, recs[0])
         answers = {}
+        up = False
         try:
-            was_up = conn.alive()
-            conn.open()
+            up = conn.alive()
+            # Over the master when it runs; otherwise over a connection of its own that
+            # ends with the command: one handshake either way, and nothing left running.
             params = dict(run.params(recs[0]["session"]), sessions=[r["session"] for r in recs])
             for a in conn.run_helper("status", params, timeout=args.timeout + 10):
                 answers[a["session"]] = a
-            if not was_up:
-                conn.close()
         except Error as e:
             log.warning("warning: %s", e)
         for rec in recs:
             a = answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
-            row["tunnel"] = "up" if conn.alive() and local_port_open(rec["local_port"]) else "down"
+            row["tunnel"] = "up" if up and local_port_open(rec["local_port"]) else "down"
             if a and a["server"] == "running" and a["port"] != rec["remote_port"]:
                 row["tunnel"] = "down"  # the forward points at an older server
             row["plugin"] = rec.get("manager")
@@ -1936,8 +1957,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_config(path) -> configparser.ConfigParser:
-    """The INI config file (missing is fine, broken is an error)."""
+def read_config(path):
+    """The INI config file as a ConfigParser (missing is fine, broken is an error)."""
+    import configparser
+
     cfg = configparser.ConfigParser(interpolation=None)
     if path and os.path.exists(path):
         try:
