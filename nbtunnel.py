@@ -216,7 +216,7 @@ def classify_ssh_error(host: str, stderr: str) -> str:
 # reused pid; everything else is the standard library.
 
 REMOTE_HELPER = r'''
-import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, time
+import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
 try:
     import fcntl
 except ImportError:
@@ -418,9 +418,18 @@ def login_env(steps, timeout):
     lines.append("echo " + ENV_MARK)
     lines.append({"sh": 'exec "$NBT_PY" -c "$NBT_DUMP"', "fish": "exec $NBT_PY -c $NBT_DUMP",
                   "csh": "exec $NBT_PY:q -c $NBT_DUMP:q"}[family])
-    argv = [shell, "-c", "\n".join(lines)] if family == "csh" else \
-        [shell, "-l", "-c", "\n".join(lines)]
-    code, out, err = run(argv, timeout=timeout, env=env)
+    if family == "csh":
+        # tcsh -c ignores `exit` and runs a foreach body once: csh gets a script
+        # file (private, in the state directory, removed at once) instead.
+        fd, script = tempfile.mkstemp(prefix=".login-", suffix=".csh", dir=state_dir())
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            code, out, err = run([shell, script], timeout=timeout, env=env)
+        finally:
+            remove(script)
+    else:
+        code, out, err = run([shell, "-l", "-c", "\n".join(lines)], timeout=timeout, env=env)
     if ENV_MARK not in out:
         raise Fail("env", "the login shell %s failed before Jupyter could start (exit %s)"
                    % (shell, code), log_tail="\n".join(err.splitlines()[-15:]))
@@ -842,7 +851,9 @@ class ShellEnvironment:
     reads from environment variables named NBT_*: user data never becomes shell
     text.  ``paths`` lists the vars that are remote paths (``~/`` and relative
     paths are taken from the remote home).  A snippet that fails should print
-    why on stderr and ``exit 1``: the start then fails with that message.
+    why on stderr and ``exit 1``: the start then fails with that message.  In
+    csh, never put an NBT_* variable inside backquotes (csh parses what they
+    hold) nor echo one (tcsh silently drops such a line).
     """
 
     kind = "environment"
@@ -874,7 +885,7 @@ class RcFile(ShellEnvironment):
                      fish='if test -r "$NBT_RC"; source "$NBT_RC"; else; echo "%s" >&2; exit 1;'
                      ' end' % fail,
                      csh='if ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\n'
-                     'echo "%s" > /dev/stderr\nexit 1\nendif' % fail.replace("$NBT_RC", "$NBT_RC:q"))]
+                     'echo "%s" > /dev/stderr\nexit 1\nendif' % fail.replace(" $NBT_RC", ""))]
 
 
 class Setup(ShellEnvironment):
@@ -1463,7 +1474,7 @@ CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
     "ssh-config": ("ssh_config", str), "ssh-option": ("ssh_option", list),
     "jump": ("jump", str), "identity": ("identity", str), "accept-new": ("accept_new", bool),
     "timeout": ("timeout", float), "tunnel": ("tunnel", str), "plugin": ("plugin", list),
-    "state-dir": ("state_dir", str),
+    "state-dir": ("state_dir", str), "setup": ("setup", str),
 }
 
 

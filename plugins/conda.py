@@ -13,8 +13,8 @@ activate`).  ENV travels as data in $NBT_CONDA, never as shell text.
 
 import nbtunnel
 
-# Written once in POSIX sh and run by every shell family (as `sh -c "$NBT_CONDA_FIND"`):
-# prints the path of the first conda-like tool found.
+# Written once in POSIX sh and run by every shell family (as `sh -c 'eval "$NBT_CONDA_FIND"'`,
+# a constant line): prints the path of the first conda-like tool found.
 FIND = r"""
 for x in "${CONDA_EXE:-}" "${MAMBA_EXE:-}" conda mamba micromamba \
     "$HOME/miniforge3/bin/conda" "$HOME/miniconda3/bin/conda" "$HOME/anaconda3/bin/conda" \
@@ -26,42 +26,43 @@ for x in "${CONDA_EXE:-}" "${MAMBA_EXE:-}" conda mamba micromamba \
         *) p=$(command -v "$x") && case $p in /*) echo "$p"; exit 0 ;; esac ;;
     esac
 done
+echo "nbtunnel: --conda: no conda, mamba or micromamba found on this host" >&2
 exit 1
 """
 
-NONE = "nbtunnel: --conda: no conda, mamba or micromamba found on this host"
+# csh re-parses what stands inside backquotes, so ENV must not appear there:
+# this sh script, piped to sh by a constant line, prints conda's csh activation
+# code plus a marker of success.
+CSH_ACTIVATE = r"""
+x=$(eval "$NBT_CONDA_FIND") || exit 1
+case ${x##*/} in
+    conda) out=$("$x" shell.csh activate "$NBT_CONDA") && printf '%s\nsetenv NBT_CONDA_OK 1;\n' "$out" ;;
+    *) echo "nbtunnel: --conda under csh/tcsh needs conda itself, not ${x##*/}" >&2 ;;
+esac
+"""
+
 FAIL = "nbtunnel: --conda: cannot activate the environment $NBT_CONDA"
 
-SH = r"""nbt_exe=$(sh -c "$NBT_CONDA_FIND") || { echo "%(none)s" >&2; exit 1; }
+SH = r"""nbt_exe=$(sh -c 'eval "$NBT_CONDA_FIND"') || exit 1
 case ${nbt_exe##*/} in
     conda) eval "$("$nbt_exe" shell.posix hook)" && conda activate "$NBT_CONDA" ;;
     *) eval "$("$nbt_exe" shell hook -s posix)" && "${nbt_exe##*/}" activate "$NBT_CONDA" ;;
-esac || { echo "%(fail)s" >&2; exit 1; }""" % dict(none=NONE, fail=FAIL)
+esac || { echo "%s" >&2; exit 1; }""" % FAIL
 
-FISH = r"""set -l nbt_exe (sh -c "$NBT_CONDA_FIND"); or begin; echo "%(none)s" >&2; exit 1; end
+FISH = r"""set -l nbt_exe (sh -c 'eval "$NBT_CONDA_FIND"'); or exit 1
 set -l nbt_name (string replace -r '.*/' '' -- $nbt_exe)
 if test "$nbt_name" = conda
     $nbt_exe shell.fish hook | source; and conda activate $NBT_CONDA
 else
     $nbt_exe shell hook -s fish | source; and $nbt_name activate $NBT_CONDA
 end
-or begin; echo "%(fail)s" >&2; exit 1; end""" % dict(none=NONE, fail=FAIL)
+or begin; echo "%s" >&2; exit 1; end""" % FAIL
 
-CSH = r"""set nbt_exe = "`sh -c $NBT_CONDA_FIND:q`"
-if ( "$nbt_exe" == "" ) then
-echo "%(none)s" > /dev/stderr
+CSH = r"""eval "`printenv NBT_CONDA_CSH | sh`"
+if ( ! $?NBT_CONDA_OK ) then
+echo "%s" > /dev/stderr
 exit 1
-endif
-if ( "$nbt_exe:t" != "conda" ) then
-echo "nbtunnel: --conda under csh/tcsh needs conda itself, not $nbt_exe:t" > /dev/stderr
-exit 1
-endif
-eval "`$nbt_exe:q shell.csh activate $NBT_CONDA:q`"
-if ( ! $?CONDA_DEFAULT_ENV ) setenv CONDA_DEFAULT_ENV ""
-if ( "$CONDA_DEFAULT_ENV" != "$NBT_CONDA" ) then
-echo "%(fail)s" > /dev/stderr
-exit 1
-endif""" % dict(none=NONE, fail=FAIL.replace("$NBT_CONDA", "$NBT_CONDA:q"))
+endif""" % FAIL.replace(" $NBT_CONDA", "")
 
 
 class Conda(nbtunnel.ShellEnvironment):
@@ -80,7 +81,8 @@ class Conda(nbtunnel.ShellEnvironment):
         """Find the tool, run its shell hook, activate ENV; fail loudly if any of it fails."""
         if not getattr(args, "conda", None):
             return []
-        return [dict(vars={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND},
+        return [dict(vars={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND,
+                           "NBT_CONDA_CSH": CSH_ACTIVATE},
                      sh=SH, fish=FISH, csh=CSH)]
 
 

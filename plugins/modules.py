@@ -30,7 +30,6 @@ INIT_FISH = r"""if not functions -q module
     end
 end""" % " ".join(DIRS)
 
-# csh: no foreach in `csh -c` (it runs the body once), so one line per place.
 INIT_CSH = "\n".join(
     ['if ( $?MODULESHOME ) then',
      'if ( "`alias module`" == "" && -r "$MODULESHOME/init/tcsh" ) source "$MODULESHOME/init/tcsh"',
@@ -66,7 +65,7 @@ class Modules(nbtunnel.ShellEnvironment):
                 sh='module load "$%s" || { echo "%s" >&2; exit 1; }' % (var, fail),
                 fish='module load $%s; or begin; echo "%s" >&2; exit 1; end' % (var, fail),
                 csh='module load $%s:q\nif ( $status != 0 ) then\necho "%s" > /dev/stderr\n'
-                    'exit 1\nendif' % (var, fail.replace("$" + var, "$%s:q" % var))))
+                    'exit 1\nendif' % (var, fail.replace(" $" + var, ""))))
         return steps
 
 

@@ -1,0 +1,201 @@
+"""Shell environment plugins (--rc, --setup, --module, --conda) under every login shell.
+
+The remote user's login shell is switched to bash, zsh, tcsh and fish in turn;
+Jupyter must start from it with every plugin applied, and the kernel must see
+what they set.  Hostile names and paths must stay data.  There is no real conda
+here (only PyPI and Debian are reachable, and neither ships a working conda or
+micromamba): --conda is tested against a small stand-in `conda` that speaks the
+same shell protocol (`conda shell.posix hook`, `shell.fish hook`,
+`shell.<shell> activate ENV`).  --module uses Debian's real environment-modules.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import pytest
+from helpers import local_ssh_pids, run_kernel_code
+
+SHELLS = {
+    "bash": "/bin/bash",
+    "zsh": "/usr/bin/zsh",
+    "tcsh": "/usr/bin/tcsh",
+    "fish": "/usr/bin/fish",
+}
+LOGIN_FILES = {"bash": ".profile", "zsh": ".zprofile", "tcsh": ".login", "fish": ".config/fish/config.fish"}
+HOSTILE = ["$(touch PWNED)", "`touch PWNED`", "a;touch PWNED", "q'u\"o te", "new\nline touch PWNED", "-x $HOME *"]
+
+# A stand-in for conda: the activation protocol of the real one, nothing else.
+FAKE_CONDA = r'''#!/usr/bin/python3
+import os, shlex, sys
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+me = os.path.abspath(__file__)
+args = sys.argv[1:]
+
+def prefix(env):
+    path = env if "/" in env else os.path.join(root, "envs", env)
+    if not os.path.isdir(path):
+        sys.stderr.write("EnvironmentNameNotFound: Could not find conda environment: %s\n" % env)
+        sys.exit(1)
+    return path
+
+def fishq(v):
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+if args[:2] == ["shell.posix", "hook"]:
+    print("export CONDA_EXE=%s" % shlex.quote(me))
+    print('conda() { if [ "$1" = activate ]; then nbt_c=$("$CONDA_EXE" shell.posix activate "$2") || return 1; eval "$nbt_c"; else "$CONDA_EXE" "$@"; fi; }')
+elif args[:2] == ["shell.fish", "hook"]:
+    print("set -gx CONDA_EXE %s" % fishq(me))
+    print('function conda; if test "$argv[1]" = activate; set -l c ($CONDA_EXE shell.fish activate $argv[2]); or return 1; string join \\n $c | source; else; $CONDA_EXE $argv; end; end')
+elif len(args) == 3 and args[0].startswith("shell.") and args[1] == "activate":
+    shell, env = args[0][6:], args[2]
+    p = prefix(env)
+    new = dict(CONDA_PREFIX=p, CONDA_DEFAULT_ENV=env, PATH=os.path.join(p, "bin") + ":" + os.environ["PATH"])
+    for k, v in sorted(new.items()):
+        if shell == "posix":
+            print("export %s=%s" % (k, shlex.quote(v)))
+        elif shell == "fish":
+            print("set -gx %s %s;" % (k, fishq(v)))
+        elif shell == "csh":
+            print("setenv %s '%s';" % (k, v))
+else:
+    sys.stderr.write("fake conda: unsupported %r\n" % (args,))
+    sys.exit(2)
+'''
+
+MODULEFILE = """#%Module1.0
+setenv NBTEST_MODULE loaded
+prepend-path PATH {home}/modbin
+"""
+
+RC = {  # an rc file in each shell's own syntax
+    "bash": "export NBTEST_RC=sourced\n",
+    "zsh": "export NBTEST_RC=sourced\n",
+    "tcsh": "setenv NBTEST_RC sourced\n",
+    "fish": "set -gx NBTEST_RC sourced\n",
+}
+SETUP = {
+    "bash": 'export NBTEST_SETUP="$CONDA_DEFAULT_ENV+$NBTEST_MODULE"',
+    "zsh": 'export NBTEST_SETUP="$CONDA_DEFAULT_ENV+$NBTEST_MODULE"',
+    "tcsh": 'setenv NBTEST_SETUP "${CONDA_DEFAULT_ENV}+${NBTEST_MODULE}"',
+    "fish": 'set -gx NBTEST_SETUP "$CONDA_DEFAULT_ENV+$NBTEST_MODULE"',
+}
+MODULEPATH = {
+    "bash": 'export MODULEPATH="$HOME/modulefiles"\n',
+    "zsh": 'export MODULEPATH="$HOME/modulefiles"\n',
+    "tcsh": 'setenv MODULEPATH "$HOME/modulefiles"\n',
+    "fish": "set -gx MODULEPATH $HOME/modulefiles\n",
+}
+RC_NAME = "rc dir/it's $(touch PWNED) `x`;.rc"
+KERNEL_CODE = (
+    "import os, shutil; print(repr({k: os.environ.get(k) for k in "
+    "('NBTEST_RC', 'NBTEST_MODULE', 'CONDA_DEFAULT_ENV', 'NBTEST_SETUP')}), "
+    "shutil.which('nbt-modtool'), shutil.which('nbt-envtool'), end='')"
+)
+
+
+def put(remote, relative: str, text: str, mode: str = "644") -> None:
+    """Write a file in the remote home as the remote user."""
+    path = str(remote.home / relative)
+    remote.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"', "sh", path, mode],
+               input=text, check=True)
+
+
+@pytest.fixture(scope="module")
+def home(remote):
+    """A modulefile, a fake conda with one environment, and MODULEPATH in every login file."""
+    if not shutil.which("modulecmd") and not (remote.home.exists() and shutil.os.path.exists("/usr/share/modules/init/sh")):
+        pytest.skip("environment-modules is not installed: run bash tests/run")
+    put(remote, "modulefiles/nbtest/1.0", MODULEFILE.format(home=remote.home))
+    put(remote, "modbin/nbt-modtool", "#!/bin/sh\necho mod\n", "755")
+    put(remote, "miniconda3/bin/conda", FAKE_CONDA, "755")
+    put(remote, "miniconda3/envs/nbenv/bin/nbt-envtool", "#!/bin/sh\necho env\n", "755")
+    for shell, text in MODULEPATH.items():
+        put(remote, LOGIN_FILES[shell], remote.run(["cat", str(remote.home / LOGIN_FILES[shell])]).stdout + text)
+    for shell, text in RC.items():
+        put(remote, f"rcs/{shell}/{RC_NAME}", text)
+    return remote
+
+
+def pwned(remote) -> bool:
+    return bool(list(remote.home.rglob("PWNED")))
+
+
+@pytest.mark.parametrize("shell", list(SHELLS))
+def test_every_plugin_under_every_login_shell(nbt, home, shell):
+    remote = home
+    with remote.login_shell(SHELLS[shell]):
+        proc = nbt.run(remote.alias, "--json", "--rc", f"~/rcs/{shell}/{RC_NAME}", "--module", "nbtest/1.0",
+                       "--conda", "nbenv", "--setup", SETUP[shell], "-v")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["environment"] == ["rc", "modules", "conda", "setup"]
+    assert "environment: rc (built-in), modules (" in proc.stderr
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"], KERNEL_CODE)
+    env = {"NBTEST_RC": "sourced", "NBTEST_MODULE": "loaded", "CONDA_DEFAULT_ENV": "nbenv",
+           "NBTEST_SETUP": "nbenv+loaded"}
+    assert out == f"{env!r} {remote.home}/modbin/nbt-modtool {remote.home}/miniconda3/envs/nbenv/bin/nbt-envtool"
+    assert not pwned(remote)
+
+
+@pytest.mark.parametrize("shell", list(SHELLS))
+def test_login_shell_alone_and_failures_are_clear(nbt, home, shell):
+    remote = home
+    with remote.login_shell(SHELLS[shell]):
+        plain = nbt.run(remote.alias, "--json", "--manager", "nohup")
+        assert plain.returncode == 0, plain.stderr
+        assert json.loads(plain.stdout)["environment"] == []
+        assert nbt.run("--terminate").returncode == 0
+        cases = [
+            (["--rc", name], "cannot read the --rc file") for name in HOSTILE
+        ] + [
+            (["--module", name], "module load") for name in HOSTILE[:4]
+        ] + [
+            (["--conda", name], "cannot activate the environment") for name in HOSTILE[:4]
+        ] + [(["--setup", "false"], "the --setup command failed")]
+        for args, message in cases:
+            proc = nbt.run(remote.alias, *args)
+            assert proc.returncode == 1, (args, proc.stderr)
+            assert message in proc.stderr and "login shell" in proc.stderr, (args, proc.stderr)
+            if shell != "tcsh" and args[0] != "--setup":  # csh messages leave the value out
+                assert args[1].splitlines()[0] in proc.stderr, (args, proc.stderr)
+            assert not pwned(remote), args
+    assert not remote.pids(r"jupyter") and remote.tmux_sessions() == []
+    assert not local_ssh_pids(str(nbt.ssh_config))
+
+
+def test_conda_missing_and_path_env(nbt, home):
+    remote = home
+    env_path = str(remote.home / "miniconda3/envs/nbenv")
+    info = json.loads(nbt.run(remote.alias, "--json", "--conda", env_path).stdout)
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
+                          "import os; print(os.environ['CONDA_PREFIX'], end='')")
+    assert out == env_path
+    assert nbt.run("--terminate").returncode == 0
+    remote.run(["mv", str(remote.home / "miniconda3"), str(remote.home / "moved-conda")], check=True)
+    try:
+        proc = nbt.run(remote.alias, "--conda", "nbenv")
+    finally:
+        remote.run(["mv", str(remote.home / "moved-conda"), str(remote.home / "miniconda3")], check=True)
+    assert proc.returncode == 1 and "no conda, mamba or micromamba found" in proc.stderr
+
+
+def test_config_file_keys_for_plugin_options(nbt, home, tmp_path):
+    remote = home
+    config = tmp_path / "config.ini"
+    config.write_text(textwrap.dedent(f"""\
+        [host {remote.alias}]
+        module = nbtest/1.0
+        conda = nbenv
+        setup = export NBTEST_SETUP=fromconfig
+        """))
+    proc = nbt.run(remote.alias, "--json", env={"NBTUNNEL_CONFIG": str(config)})
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["environment"] == ["modules", "conda", "setup"]
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
+                          "import os; print(os.environ['NBTEST_MODULE'], os.environ['NBTEST_SETUP'], end='')")
+    assert out == "loaded fromconfig"
