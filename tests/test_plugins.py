@@ -313,3 +313,71 @@ def test_import_nbtunnel_reaches_the_running_module(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr
     assert "same" in proc.stderr and "copy" not in proc.stderr
+
+
+# The sshtunnel backend ########################################################
+
+
+def read_url(proc) -> str:
+    line = proc.stdout.readline()
+    assert line.startswith("http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return line.strip()
+
+
+@pytest.mark.parametrize("how", ["--tunnel", "no-ssh-binary"])
+def test_sshtunnel_backend_in_the_foreground(nbt, remote, how):
+    import signal
+    import subprocess
+    import sys
+
+    env = {"PATH": "/nonexistent"} if how == "no-ssh-binary" else None
+    args = ["--tunnel", "sshtunnel"] if how == "--tunnel" else []
+    before = remote.auth_count()
+    proc = nbt.popen(remote.alias, *args, env=env)
+    url = read_url(proc)
+    port = urlparse(url).port
+    token = parse_qs(urlparse(url).query)["token"][0]
+    assert api_status(url) == 200
+    assert run_kernel_code(f"http://127.0.0.1:{port}", token, "1+1") == "2"
+    # OpenSSH's master (or paramiko, without ssh) for the helper, and sshtunnel's own login
+    assert remote.auth_count() - before == 2
+    if how == "no-ssh-binary":
+        assert not local_ssh_pids(str(nbt.ssh_config))
+    rows = json.loads(nbt.run("--status", "--json", env=env).stdout)
+    assert rows[0]["tunnel"] == "up" and rows[0]["backend"] == "sshtunnel" and rows[0]["server"] == "running"
+
+    proc.send_signal(signal.SIGINT if how == "--tunnel" else signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    err = proc.stderr.read()
+    assert "press Ctrl-C to close it" in err and "tunnel closed" in err
+    assert "Traceback" not in err
+    wait_until(lambda: not local_port_open(port), 15, message="forward closed")
+    assert jupyter_pids(remote)  # the server keeps running
+    assert not [p for p in nbt.popens if p.poll() is None]
+
+    done = nbt.run("--terminate", env=env)
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not jupyter_pids(remote), 15, message="no jupyter left")
+    assert remote.tmux_sessions() == []
+    wait_until(lambda: not local_ssh_pids(str(nbt.ssh_config)), 15, message="no local ssh left")
+    del sys, subprocess
+
+
+def test_sshtunnel_refuses_unknown_host_key(nbt, remote):
+    proc = nbt.run(remote.unknown_alias, env={"PATH": "/nonexistent"})
+    assert proc.returncode == 1 and "host key" in proc.stderr and remote.ip in proc.stderr
+    assert not jupyter_pids(remote)
+
+
+def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
+    import subprocess
+
+    python = "/usr/bin/python3"
+    if subprocess.run([python, "-c", "import sshtunnel"], capture_output=True).returncode == 0:
+        pytest.skip(f"{python} has sshtunnel installed: no interpreter without it here")
+    before = remote.auth_count()
+    argv = [python] + nbt.argv(remote.alias, "--tunnel", "sshtunnel")[1:]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=nbt.env, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert "pip install sshtunnel" in proc.stderr
+    assert remote.auth_count() == before and not jupyter_pids(remote)
