@@ -381,3 +381,36 @@ def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
     assert proc.returncode == 1
     assert "pip install sshtunnel" in proc.stderr
     assert remote.auth_count() == before and not jupyter_pids(remote)
+
+
+def test_remote_code_of_plugins_parses_as_python_36():
+    import ast
+    import sys
+
+    import nbtunnel
+
+    nbtunnel.load_plugins(nbtunnel.plugin_files())
+    ast.parse(sys.modules["nbtunnel_plugin_screen"].EXACT, feature_version=(3, 6))
+    ast.parse(sys.modules["nbtunnel_plugin_nohup"].PID, feature_version=(3, 6))
+    for name in MANAGERS:
+        desc = nbtunnel.get("manager", name).describe("x")
+        assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}
+        assert desc["detach"] is (name == "nohup")
+
+
+def test_environment_snippets_hold_no_user_data():
+    """Whatever the user passes, the snippets are the same text: the data is in vars only."""
+    import argparse
+
+    import nbtunnel
+
+    nbtunnel.load_plugins(nbtunnel.plugin_files())
+    def steps(value):
+        args = argparse.Namespace(rc=value, setup=value, conda=value, module=[value, value])
+        out, _ = nbtunnel.environment_steps(args)
+        return out
+
+    plain, hostile = steps("x"), steps("$(touch PWNED)`id`;'\"\n")
+    assert [s["vars"] != h["vars"] for s, h in zip(plain, hostile)].count(False) == 1  # modules' init step
+    for s, h in zip(plain, hostile):
+        assert {k: s[k] for k in ("sh", "fish", "csh")} == {k: h[k] for k in ("sh", "fish", "csh")}

@@ -12,8 +12,8 @@ same shell protocol (`conda shell.posix hook`, `shell.fish hook`,
 from __future__ import annotations
 
 import json
-import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 from helpers import local_ssh_pids, run_kernel_code
@@ -107,7 +107,7 @@ def put(remote, relative: str, text: str, mode: str = "644") -> None:
 @pytest.fixture(scope="module")
 def home(remote):
     """A modulefile, a fake conda with one environment, and MODULEPATH in every login file."""
-    if not shutil.which("modulecmd") and not (remote.home.exists() and shutil.os.path.exists("/usr/share/modules/init/sh")):
+    if not Path("/usr/share/modules/init/sh").exists():
         pytest.skip("environment-modules is not installed: run bash tests/run")
     put(remote, "modulefiles/nbtest/1.0", MODULEFILE.format(home=remote.home))
     put(remote, "modbin/nbt-modtool", "#!/bin/sh\necho mod\n", "755")
@@ -199,3 +199,25 @@ def test_config_file_keys_for_plugin_options(nbt, home, tmp_path):
     out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
                           "import os; print(os.environ['NBTEST_MODULE'], os.environ['NBTEST_SETUP'], end='')")
     assert out == "loaded fromconfig"
+
+
+def readme_plugin() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Writing a plugin", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("shell", ["bash", "fish", "tcsh"])
+def test_readme_plugin_works(nbt, remote, tmp_path, shell):
+    code = readme_plugin()
+    assert 12 <= len([line for line in code.splitlines() if line.strip()]) <= 20
+    plugin = tmp_path / "venv.py"
+    plugin.write_text(code)
+    with remote.login_shell(SHELLS[shell]):
+        proc = nbt.run(remote.alias, "--json", "--plugin", str(plugin), "--venv", str(remote.jupyter_venv))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["environment"] == ["venv"]
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
+                          "import os; print(os.environ.get('VIRTUAL_ENV'), end='')")
+    assert out == str(remote.jupyter_venv)
