@@ -414,3 +414,24 @@ def test_environment_snippets_hold_no_user_data():
     assert [s["vars"] != h["vars"] for s, h in zip(plain, hostile)].count(False) == 1  # modules' init step
     for s, h in zip(plain, hostile):
         assert {k: s[k] for k in ("sh", "fish", "csh")} == {k: h[k] for k in ("sh", "fish", "csh")}
+
+
+def test_manager_log_explains_a_launcher_that_never_ran(nbt, remote, tmp_path):
+    """When Jupyter never starts, the error carries what the session itself showed (log())."""
+    plugin = tmp_path / "brokenmgr.py"
+    plugin.write_text(textwrap.dedent('''
+        import nbtunnel
+
+        class Broken(nbtunnel.Tmux):
+            name = "broken"
+
+            def start(self, session, command):
+                return ["tmux", "new-session", "-d", "-s", session, "echo launcher-cannot-run-here; sleep 600"]
+
+        nbtunnel.register(Broken())
+    '''))
+    proc = nbt.run(remote.alias, "--plugin", str(plugin), "--manager", "broken", "--timeout", "5")
+    assert proc.returncode == 1
+    assert "not ready within 5" in proc.stderr and "launcher-cannot-run-here" in proc.stderr
+    assert remote.tmux_sessions() == [] and not remote.pids("sleep 600")
+    assert not local_ssh_pids(str(nbt.ssh_config))

@@ -145,16 +145,21 @@ def test_every_plugin_under_every_login_shell(nbt, home, shell):
 def test_login_shell_alone_and_failures_are_clear(nbt, home, shell):
     remote = home
     with remote.login_shell(SHELLS[shell]):
-        plain = nbt.run(remote.alias, "--json", "--manager", "nohup")
-        assert plain.returncode == 0, plain.stderr
-        assert json.loads(plain.stdout)["environment"] == []
-        assert nbt.run("--terminate").returncode == 0
+        for manager in ("screen", "nohup"):  # tmux runs under every shell in the test above
+            plain = nbt.run(remote.alias, "--json", "--manager", manager)
+            assert plain.returncode == 0, plain.stderr
+            info = json.loads(plain.stdout)
+            assert info["environment"] == [] and info["manager"] == manager
+            out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"], "1+1")
+            assert out == "2"
+            assert nbt.run("--terminate").returncode == 0
+            assert not remote.pids(r"jupyter") and remote.screen_sessions() == []
         cases = [
             (["--rc", name], "cannot read the --rc file") for name in HOSTILE
         ] + [
-            (["--module", name], "module load") for name in HOSTILE[:4]
+            (["--module", name], "module load") for name in HOSTILE
         ] + [
-            (["--conda", name], "cannot activate the environment") for name in HOSTILE[:4]
+            (["--conda", name], "cannot activate the environment") for name in HOSTILE
         ] + [(["--setup", "false"], "the --setup command failed")]
         for args, message in cases:
             proc = nbt.run(remote.alias, *args)
