@@ -39,6 +39,7 @@ def sessions(remote, manager: str) -> list[str]:
     if manager == "tmux":
         return remote.tmux_sessions()
     if manager == "screen":
+        remote.run(["screen", "-wipe"])  # forget sockets of screens killed by earlier tests
         return remote.screen_sessions()
     return [str(p) for p in jupyter_pids(remote)]
 
@@ -54,6 +55,7 @@ def remote_state_files(remote) -> list[str]:
 
 @pytest.mark.parametrize("manager", MANAGERS)
 def test_manager_start_reattach_status_terminate(nbt, remote, manager):
+    remote.run(["rm", "-rf", str(remote.home / ".local/state/nbtunnel")], check=True)  # other tests' files
     # start
     before = remote.auth_count()
     info = start(nbt, "--manager", manager)
@@ -69,7 +71,7 @@ def test_manager_start_reattach_status_terminate(nbt, remote, manager):
         assert sessions(remote, manager) == ["nbtunnel"]
     else:  # its own session (setsid), not a child of the ssh session that started it
         assert session_id(pids[0]) == pids[0]
-        assert remote.tmux_sessions() == [] and remote.screen_sessions() == []
+        assert remote.tmux_sessions() == [] and sessions(remote, "screen") == []
 
     # reattach: same server, same URL, no new login
     before = remote.auth_count()
@@ -161,7 +163,12 @@ def test_foreign_sessions_are_left_alone(nbt, remote, manager):
     assert proc.returncode == 1 and "already exists and was not started by nbtunnel" in proc.stderr
     assert sorted(sessions(remote, manager)) == ["mine", "nbtunnelx"]
     assert not jupyter_pids(remote)
-    remote.kill_user_processes()  # the foreign sessions are the test's own
+    for name in ("mine", "nbtunnelx"):  # the foreign sessions are the test's own
+        if manager == "tmux":
+            remote.run(["tmux", "kill-session", "-t", "=" + name], check=True)
+        else:
+            remote.run(["screen", "-S", name, "-X", "quit"], check=True)
+    wait_until(lambda: sessions(remote, manager) == [], 15, message="foreign sessions gone")
 
 
 def test_verbose_names_the_plugins(nbt, remote):

@@ -153,6 +153,7 @@ def test_login_shell_alone_and_failures_are_clear(nbt, home, shell):
             out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"], "1+1")
             assert out == "2"
             assert nbt.run("--terminate").returncode == 0
+            remote.run(["screen", "-wipe"])  # forget screens killed by earlier tests
             assert not remote.pids(r"jupyter") and remote.screen_sessions() == []
         cases = [
             (["--rc", name], "cannot read the --rc file") for name in HOSTILE
