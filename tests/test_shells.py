@@ -4,9 +4,9 @@ The remote user's login shell is switched to bash, zsh, tcsh and fish in turn;
 Jupyter must start from it with every plugin applied, and the kernel must see
 what they set.  Hostile names and paths must stay data.  There is no real conda
 here (only PyPI and Debian are reachable, and neither ships a working conda or
-micromamba): --conda is tested against a small stand-in `conda` that speaks the
-same shell protocol (`conda shell.posix hook`, `shell.fish hook`,
-`shell.<shell> activate ENV`).  --module uses Debian's real environment-modules.
+micromamba): --conda is tested against small stand-ins for `conda` and
+`micromamba` that speak the same shell protocol (`conda shell.posix hook`,
+`shell.fish hook`, `shell.<shell> activate ENV`; `micromamba shell hook -s SHELL`).  --module uses Debian's real environment-modules.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ SHELLS = {
 LOGIN_FILES = {"bash": ".profile", "zsh": ".zprofile", "tcsh": ".login", "fish": ".config/fish/config.fish"}
 HOSTILE = ["$(touch PWNED)", "`touch PWNED`", "a;touch PWNED", "q'u\"o te", "new\nline touch PWNED", "-x $HOME *"]
 
-# A stand-in for conda: the activation protocol of the real one, nothing else.
-FAKE_CONDA = r'''#!/usr/bin/python3
+# A stand-in for conda and micromamba: the activation protocol of the real ones, nothing else.
+# As conda: `shell.posix hook`, `shell.fish hook`, `shell.<shell> activate ENV`; as micromamba:
+# `shell hook -s posix|fish`, `shell activate -s posix|fish ENV`.  Envs live in ROOT/envs.
+FAKE_CONDA = r"""#!/usr/bin/python3
 import os, shlex, sys
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 me = os.path.abspath(__file__)
+name = os.path.basename(me)
+root = os.environ.get("NBTEST_MAMBA_ROOT", "") if name != "conda" else os.path.dirname(os.path.dirname(me))
 args = sys.argv[1:]
+var = "CONDA_EXE" if name == "conda" else "MAMBA_EXE"
 
 def prefix(env):
     path = env if "/" in env else os.path.join(root, "envs", env)
@@ -44,14 +48,19 @@ def prefix(env):
 def fishq(v):
     return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-if args[:2] == ["shell.posix", "hook"]:
-    print("export CONDA_EXE=%s" % shlex.quote(me))
-    print('conda() { if [ "$1" = activate ]; then nbt_c=$("$CONDA_EXE" shell.posix activate "$2") || return 1; eval "$nbt_c"; else "$CONDA_EXE" "$@"; fi; }')
-elif args[:2] == ["shell.fish", "hook"]:
-    print("set -gx CONDA_EXE %s" % fishq(me))
-    print('function conda; if test "$argv[1]" = activate; set -l c ($CONDA_EXE shell.fish activate $argv[2]); or return 1; string join \\n $c | source; else; $CONDA_EXE $argv; end; end')
-elif len(args) == 3 and args[0].startswith("shell.") and args[1] == "activate":
-    shell, env = args[0][6:], args[2]
+def hook(shell):
+    if shell == "posix":
+        print("export %s=%s" % (var, shlex.quote(me)))
+        print('%s() { if [ "$1" = activate ]; then nbt_c=$("$%s" %s "$2") || return 1; eval "$nbt_c"; '
+              'else "$%s" "$@"; fi; }' % (name, var, "shell.posix activate" if name == "conda"
+                                          else "shell activate -s posix", var))
+    else:
+        print("set -gx %s %s" % (var, fishq(me)))
+        print('function %s; if test "$argv[1]" = activate; set -l c ($%s %s $argv[2]); or return 1; '
+              'string join \\n $c | source; else; $%s $argv; end; end'
+              % (name, var, "shell.fish activate" if name == "conda" else "shell activate -s fish", var))
+
+def activate(shell, env):
     p = prefix(env)
     new = dict(CONDA_PREFIX=p, CONDA_DEFAULT_ENV=env, PATH=os.path.join(p, "bin") + ":" + os.environ["PATH"])
     for k, v in sorted(new.items()):
@@ -61,10 +70,19 @@ elif len(args) == 3 and args[0].startswith("shell.") and args[1] == "activate":
             print("set -gx %s %s;" % (k, fishq(v)))
         elif shell == "csh":
             print("setenv %s '%s';" % (k, v))
+
+if name == "conda" and len(args) == 2 and args[0] in ("shell.posix", "shell.fish") and args[1] == "hook":
+    hook(args[0][6:])
+elif name == "conda" and len(args) == 3 and args[0].startswith("shell.") and args[1] == "activate":
+    activate(args[0][6:], args[2])
+elif name != "conda" and args[:3] in (["shell", "hook", "-s"],) and args[3] in ("posix", "fish"):
+    hook(args[3])
+elif name != "conda" and args[:3] == ["shell", "activate", "-s"] and len(args) == 5:
+    activate(args[3], args[4])
 else:
-    sys.stderr.write("fake conda: unsupported %r\n" % (args,))
+    sys.stderr.write("fake %s: unsupported %r\n" % (name, args))
     sys.exit(2)
-'''
+"""
 
 MODULEFILE = """#%Module1.0
 setenv NBTEST_MODULE loaded
@@ -227,3 +245,32 @@ def test_readme_plugin_works(nbt, remote, tmp_path, shell):
     out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
                           "import os; print(os.environ.get('VIRTUAL_ENV'), end='')")
     assert out == str(remote.jupyter_venv)
+
+
+@pytest.mark.parametrize("shell", list(SHELLS))
+def test_conda_plugin_with_micromamba(nbt, home, shell):
+    """Only micromamba on the host (its stand-in): sh and fish activate, csh says it needs conda."""
+    remote = home
+    put(remote, ".local/bin/micromamba", FAKE_CONDA, "755")
+    put(remote, "micromamba/envs/mbenv/bin/nbt-envtool", "#!/bin/sh\necho env\n", "755")
+    root_line = {"bash": 'export NBTEST_MAMBA_ROOT="$HOME/micromamba"\n',
+                 "zsh": 'export NBTEST_MAMBA_ROOT="$HOME/micromamba"\n',
+                 "tcsh": 'setenv NBTEST_MAMBA_ROOT "$HOME/micromamba"\n',
+                 "fish": "set -gx NBTEST_MAMBA_ROOT $HOME/micromamba\n"}[shell]
+    rc = f"rcs/{shell}/mamba-root"
+    put(remote, rc, root_line)
+    remote.run(["mv", str(remote.home / "miniconda3"), str(remote.home / "moved-conda")], check=True)
+    try:
+        with remote.login_shell(SHELLS[shell]):
+            proc = nbt.run(remote.alias, "--json", "--rc", "~/" + rc, "--conda", "mbenv")
+    finally:
+        remote.run(["mv", str(remote.home / "moved-conda"), str(remote.home / "miniconda3")], check=True)
+        remote.run(["rm", "-f", str(remote.home / ".local/bin/micromamba")], check=True)
+    if shell == "tcsh":
+        assert proc.returncode == 1 and "needs conda itself, not micromamba" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
+                          "import os, shutil; print(os.environ['CONDA_DEFAULT_ENV'], shutil.which('nbt-envtool'), end='')")
+    assert out == f"mbenv {remote.home}/micromamba/envs/mbenv/bin/nbt-envtool"
