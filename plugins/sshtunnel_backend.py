@@ -10,7 +10,8 @@ authenticates on its own (key files or ssh-agent; no passwords or prompts).
 The host alias is honoured: with ``ssh`` present its effective configuration
 comes from ``ssh -G`` (HostName, User, Port, IdentityFile, known_hosts files),
 otherwise from the ssh_config file through paramiko.  Host keys are checked
-against known_hosts; an unknown host is refused.  Without ``ssh``, the remote
+against known_hosts; an unknown host is refused, and so are ProxyJump and
+ProxyCommand (with ``ssh`` present, where it can tell).  Without ``ssh``, the remote
 helper also runs over paramiko (a second authentication).
 """
 
@@ -61,6 +62,10 @@ def settings(host, options):
             key, _, value = line.partition(" ")
             conf.setdefault(key.lower(), []).append(value)
         get = lambda k, d=None: (conf.get(k) or [d])[0]  # noqa: E731
+        for key in ("proxyjump", "proxycommand"):
+            if get(key, "none") != "none":
+                raise nbtunnel.Error("the sshtunnel backend cannot go through %s (%s is set for "
+                                     "%s); use --tunnel ssh" % (key, get(key), host))
         known = " ".join(conf.get("userknownhostsfile", []) + conf.get("globalknownhostsfile", []))
         return dict(hostname=get("hostname", host), user=get("user"), port=int(get("port", 22)),
                     identities=conf.get("identityfile", []), known_hosts=known.split())
@@ -177,7 +182,7 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
     def connection(self, host, options, timeout):
         """Fail early without the package; replace OpenSSH only where there is no ssh."""
         need_sshtunnel()
-        self.options = list(options)
+        settings(host, options)  # refuse what it cannot do before anything starts
         return None if shutil.which("ssh") else ParamikoConnection(host, options, timeout)
 
     def open(self, conn, local_port, remote_port):

@@ -442,3 +442,11 @@ def test_manager_log_explains_a_launcher_that_never_ran(nbt, remote, tmp_path):
     assert "not ready within 5" in proc.stderr and "launcher-cannot-run-here" in proc.stderr
     assert remote.tmux_sessions() == [] and not remote.pids("sleep 600")
     assert not local_ssh_pids(str(nbt.ssh_config))
+
+
+def test_sshtunnel_refuses_a_jump_host_before_connecting(nbt, remote):
+    before = remote.auth_count()
+    proc = nbt.run(remote.alias, "--tunnel", "sshtunnel", "-J", "nobody@192.0.2.1")
+    assert proc.returncode == 1
+    assert "cannot go through proxyjump" in proc.stderr and "--tunnel ssh" in proc.stderr
+    assert remote.auth_count() == before and not jupyter_pids(remote)
