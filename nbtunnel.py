@@ -254,7 +254,7 @@ def classify_ssh_error(host: str, stderr: str) -> str:
 # reused pid; everything else is the standard library.
 
 REMOTE_HELPER = r'''
-import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, time
+import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
 try:
     import fcntl
 except ImportError:
@@ -303,7 +303,7 @@ def files(session):
     d = state_dir()
     return dict((k, os.path.join(d, session + ext)) for k, ext in (
         ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock")))
+        ("lock", ".lock"), ("output", ".out")))
 
 
 def read_json(path):
@@ -449,17 +449,29 @@ def login_env(steps, timeout):
     family = shell_family(shell)
     env = dict(os.environ, NBT_PY=sys.executable, NBT_DUMP=DUMP)
     lines = []
-    if family == "csh":  # csh takes -l only alone; source its login file ourselves
+    if family == "csh":  # csh takes -l only alone; source the login files ourselves
+        lines.append("if ( -r /etc/csh.login ) source /etc/csh.login")
         lines.append("if ( -r ~/.login ) source ~/.login")
     for step in steps:
         env.update(step.get("vars", {}))
+        for key in step.get("paths", ()):  # paths are relative to the home directory
+            env[key] = home_path(env[key])
         lines.append(step[family])
     lines.append("echo " + ENV_MARK)
     lines.append({"sh": 'exec "$NBT_PY" -c "$NBT_DUMP"', "fish": "exec $NBT_PY -c $NBT_DUMP",
                   "csh": "exec $NBT_PY:q -c $NBT_DUMP:q"}[family])
-    argv = [shell, "-c", "\n".join(lines)] if family == "csh" else \
-        [shell, "-l", "-c", "\n".join(lines)]
-    code, out, err = run(argv, timeout=timeout, env=env)
+    if family == "csh":
+        # tcsh -c ignores `exit` and runs a foreach body once: csh gets a script
+        # file (private, in the state directory, removed at once) instead.
+        fd, script = tempfile.mkstemp(prefix=".login-", suffix=".csh", dir=state_dir())
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        try:
+            code, out, err = run([shell, script], timeout=timeout, env=env)
+        finally:
+            remove(script)
+    else:
+        code, out, err = run([shell, "-l", "-c", "\n".join(lines)], timeout=timeout, env=env)
     if ENV_MARK not in out:
         raise Fail("env", "the login shell %s failed before Jupyter could start (exit %s)"
                    % (shell, code), log_tail="\n".join(err.splitlines()[-15:]))
@@ -474,6 +486,14 @@ def login_env(steps, timeout):
     found.pop("TMUX", None)
     found.pop("STY", None)
     return shell, found
+
+
+def home_path(path):
+    """PATH with a leading ~ or ~/ expanded; a relative path is taken from the home directory."""
+    home = os.path.expanduser("~")
+    if path == "~" or path.startswith("~/"):
+        path = home + path[1:]
+    return os.path.join(home, path)
 
 
 def which(program, env):
@@ -563,18 +583,51 @@ def stop_server(info, timeout):
     return "alive"
 
 
-def fill(argv, launch):
-    return [w.replace("@PYTHON@", launch["python"]).replace("@LAUNCH@", launch["code"])
-            for w in argv]
+def helper_python():
+    """This Python, as a word that needs no quoting even inside a shell line."""
+    if all(c.isalnum() or c in "/._-+" for c in sys.executable):
+        return sys.executable
+    return "python3"
 
 
-def run_manager(mgr, what, session, env, launch=None):
+def fill(argv, words):
+    """ARGV with the placeholders @PYTHON@, @LAUNCH@, @PIDFILE@, @OUTPUT@ filled in."""
+    out = []
+    for w in argv:
+        for key, value in words.items():
+            w = w.replace("@%s@" % key.upper(), value)
+        out.append(w)
+    return out
+
+
+def run_manager(mgr, what, session, env, launch=""):
+    """Run the manager's argv for WHAT (start, alive, stop, log); None if it has none."""
     argv = mgr.get(what)
     if not argv:
         return None
-    argv = fill(argv, launch) if launch else list(argv)
-    code, out, err = run(argv, env=env)
-    return code, out, err
+    paths = files(session)
+    argv = fill(argv, dict(python=helper_python(), launch=launch, pidfile=paths["pid"],
+                           output=paths["output"]))
+    if what == "start" and mgr.get("detach"):
+        # A manager without a terminal of its own (nohup): the launcher gets its own
+        # session, stdin from /dev/null and a file for output, and is not waited for.
+        remove(paths["output"])
+        out = os.open(paths["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                             close_fds=True, start_new_session=True)
+        except OSError as e:
+            return 127, "", str(e)
+        finally:
+            os.close(out)
+        return 0, "", ""
+    return run(argv, env=env)
+
+
+def manager_log(mgr, session, env):
+    """The last lines of what the session printed, as its manager shows them."""
+    got = run_manager(mgr, "log", session, env)
+    return "\n".join((got[1] + got[2]).strip().splitlines()[-15:]) if got else ""
 
 
 # Operations -----------------------------------------------------------------
@@ -614,10 +667,7 @@ def op_start(p):
             if not which(sub, env) and not os.path.exists(os.path.join(os.path.dirname(exe), sub)):
                 raise Fail("no-jupyter", "'jupyter %s' is not installed on this host (no %s "
                            "next to %s or on the login PATH)" % (argv[1], sub, exe))
-        cwd = p.get("notebook_dir") or "~"
-        if cwd == "~" or cwd.startswith("~/"):
-            cwd = os.path.expanduser("~") + cwd[1:]
-        cwd = os.path.join(os.path.expanduser("~"), cwd)
+        cwd = home_path(p.get("notebook_dir") or "~")
         if not os.path.isdir(cwd):
             raise Fail("no-dir", "notebook directory %r does not exist on this host" % (cwd,))
         tries = 1 if p.get("remote_port") else 3
@@ -644,11 +694,9 @@ def launch(p, paths, env, argv, cwd):
     write_json(paths["spec"], dict(argv=argv, env=server_env, cwd=cwd, log=paths["log"],
                                    pidfile=paths["pid"]))
     code = ("SPEC = %r\n" % paths["spec"]) + LAUNCHER
-    python = sys.executable if all(c.isalnum() or c in "/._-+" for c in sys.executable) \
-        else "python3"
-    launch_words = dict(python=python, code=base64.b64encode(code.encode()).decode())
     started = time.time()
-    rc, out, err = run_manager(mgr, "start", session, env, launch_words)
+    rc, out, err = run_manager(mgr, "start", session, env,
+                               base64.b64encode(code.encode()).decode())
     if rc != 0:
         remove(paths["spec"])
         raise Fail("launch", "%s could not start the session: %s" % (mgr["name"], (err or out).strip()))
@@ -676,10 +724,12 @@ def launch(p, paths, env, argv, cwd):
     else:
         if pid:
             stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
+            text = tail(paths["log"])
+        else:  # the launcher never ran: what the session itself printed says why
+            text = manager_log(mgr, session, env)
         run_manager(mgr, "stop", session, env)
         remove(paths["spec"])
-        raise Fail("timeout", "Jupyter was not ready within %ss" % timeout,
-                   log_tail=tail(paths["log"]))
+        raise Fail("timeout", "Jupyter was not ready within %ss" % timeout, log_tail=text)
     write_json(paths["state"], dict(session=session, pid=pid, runtime_file=runtime,
                                     log=paths["log"], manager=mgr["name"], app=p.get("app"),
                                     started=started))
@@ -782,12 +832,20 @@ class SessionManager:
 
     ``command`` is the argv of the launcher; its words may contain the
     placeholders ``@PYTHON@`` and ``@LAUNCH@``, which the remote helper fills
-    in with safe text (no quoting needed, also inside a shell line).
+    in with safe text (no quoting needed, also inside a shell line).  Any argv
+    may also use ``@PYTHON@`` and the session's remote files ``@PIDFILE@`` (the
+    pid of Jupyter, written by the launcher) and ``@OUTPUT@`` (what a ``detach``
+    manager's command prints); these two are paths: use them as whole words,
+    never inside a shell line.  With ``detach = True`` the helper runs ``start``
+    in a new session (setsid) with stdin from /dev/null and output to
+    ``@OUTPUT@``, and does not wait for it: for managers that are a plain command
+    (nohup) rather than a program that detaches by itself (tmux, screen).
     """
 
     kind = "manager"
     name = ""
     program = ""  # must be on the remote login PATH
+    detach = False
 
     def start(self, session: str, command: list) -> list:
         """argv that starts COMMAND detached, in a session named SESSION."""
@@ -801,12 +859,17 @@ class SessionManager:
         """argv that ends the session, or None."""
         return None
 
+    def log(self, session: str):
+        """argv that prints what the session itself shows (not Jupyter's log), or None."""
+        return None
+
     def describe(self, session: str) -> dict:
         """What the remote helper needs, as plain data."""
         launcher = ["@PYTHON@", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
                     "@LAUNCH@"]
         return dict(name=self.name, program=self.program, start=self.start(session, launcher),
-                    alive=self.alive(session), stop=self.stop(session))
+                    alive=self.alive(session), stop=self.stop(session), log=self.log(session),
+                    detach=bool(getattr(self, "detach", False)))
 
 
 class Tmux(SessionManager):
@@ -832,17 +895,29 @@ class Tmux(SessionManager):
         """End the session and whatever still runs in it."""
         return ["tmux", "kill-session", "-t", "=" + self.target(session)]
 
+    def log(self, session):
+        """The text of the session's pane."""
+        return ["tmux", "capture-pane", "-p", "-J", "-t", "=" + self.target(session) + ":"]
+
 
 class ShellEnvironment:
     """Prepares the shell Jupyter starts from.  ``steps`` returns shell snippets.
 
-    Each step is a dict with one constant snippet per shell family (``sh``,
-    ``fish``, ``csh``) and ``vars``, the data it reads from environment
-    variables named NBT_*: user data never becomes shell text.
+    Jupyter starts from the user's login shell (bash -l, zsh -l, fish -l, tcsh
+    with ~/.login); the steps of every environment plugin run in it first, in
+    the order of their ``order``.  Each step is a dict with one constant snippet
+    per shell family (``sh``, ``fish``, ``csh``) and ``vars``, the data it
+    reads from environment variables named NBT_*: user data never becomes shell
+    text.  ``paths`` lists the vars that are remote paths (``~/`` and relative
+    paths are taken from the remote home).  A snippet that fails should print
+    why on stderr and ``exit 1``: the start then fails with that message.  In
+    csh, never put an NBT_* variable inside backquotes (csh parses what they
+    hold) nor echo one (tcsh silently drops such a line).
     """
 
     kind = "environment"
     name = ""
+    order = 50
 
     def add_arguments(self, parser) -> None:
         """Add this plugin's command-line options."""
@@ -856,30 +931,65 @@ class RcFile(ShellEnvironment):
     """--rc FILE: source a shell file first (the `source ~/.zshrc` habit)."""
 
     name = "rc"
+    order = 10
 
     def steps(self, args):
-        """Source the file in the user's login shell, from the remote home directory
-        (so ~/x and relative paths mean the remote's), failing clearly if it is unreadable."""
-        if not args.rc:
+        """Source the file in the user's login shell; a missing file is an error."""
+        if not getattr(args, "rc", None):
             return []
-        rc = args.rc[2:] if args.rc.startswith("~/") else args.rc
-        rc = rc if rc.startswith("/") else "./" + rc  # `. name` would search PATH
-        fail = "nbtunnel: cannot read the --rc file"
-        return [dict(vars={"NBT_RC": rc},
-                     sh='cd && if [ -r "$NBT_RC" ]; then . "$NBT_RC"; '
-                     'else echo "%s" >&2; exit 1; fi' % fail,
-                     fish='cd; if test -r "$NBT_RC"; source "$NBT_RC"; '
-                     'else; echo "%s" >&2; exit 1; end' % fail,
-                     # tcsh -c carries on after `exit`; exec always ends it
-                     csh='cd\nif ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\necho "%s" > '
-                     '/dev/stderr\nexec /bin/sh -c "exit 1"\nendif' % fail)]
+        fail = "nbtunnel: cannot read the --rc file $NBT_RC"
+        return [dict(vars={"NBT_RC": args.rc}, paths=["NBT_RC"],
+                     sh='if [ -r "$NBT_RC" ]; then . "$NBT_RC"; else echo "%s" >&2; exit 1; fi'
+                     % fail,
+                     fish='if test -r "$NBT_RC"; source "$NBT_RC"; else; echo "%s" >&2; exit 1;'
+                     ' end' % fail,
+                     csh='if ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\n'
+                     'echo "%s" > /dev/stderr\nexit 1\nendif' % fail.replace(" $NBT_RC", ""))]
+
+
+class Setup(ShellEnvironment):
+    """--setup CMD: run CMD, in the syntax of the remote login shell, last before Jupyter."""
+
+    name = "setup"
+    order = 90
+
+    def add_arguments(self, parser):
+        """--setup is the escape hatch: what no plugin does yet."""
+        parser.add_argument("--setup", metavar="CMD", help="remote shell command to run before "
+                            "Jupyter starts, in the syntax of your login shell (raw: it is code)")
+
+    def steps(self, args):
+        """Evaluate the command; its failure fails the start."""
+        if not getattr(args, "setup", None):
+            return []
+        fail = "nbtunnel: the --setup command failed"
+        return [dict(vars={"NBT_SETUP": args.setup},
+                     sh='eval "$NBT_SETUP" || { echo "%s" >&2; exit 1; }' % fail,
+                     fish='eval $NBT_SETUP; or begin; echo "%s" >&2; exit 1; end' % fail,
+                     csh='eval $NBT_SETUP:q\nif ( $status != 0 ) then\necho "%s" > /dev/stderr'
+                     '\nexit 1\nendif' % fail)]
 
 
 class TunnelBackend:
-    """Makes local PORT reach the remote server.  The built-in one uses the ssh master."""
+    """Makes local PORT reach the remote server.  The built-in one uses the ssh master.
+
+    A backend with ``foreground = True`` holds the forward in this process: after
+    printing the URL nbtunnel calls ``serve(conn)``, which returns when the user
+    presses Ctrl-C (or on SIGTERM), and then ``close``.  ``connection(host,
+    options, timeout)`` may return an object that replaces the OpenSSH
+    ``Connection`` (same methods), or None to use it.
+    """
 
     kind = "tunnel"
     name = ""
+    foreground = False
+
+    def connection(self, host: str, options: list, timeout: float):
+        """A replacement for the OpenSSH Connection, or None."""
+        return None
+
+    def serve(self, conn) -> None:
+        """Keep a foreground forward open until interrupted."""
 
     def open(self, conn, local_port: int, remote_port: int) -> None:
         """Forward 127.0.0.1:LOCAL_PORT here to 127.0.0.1:REMOTE_PORT there."""
@@ -908,20 +1018,42 @@ MANAGERS = {}
 ENVIRONMENTS = {}
 TUNNELS = {}
 REGISTRIES = {"manager": MANAGERS, "environment": ENVIRONMENTS, "tunnel": TUNNELS}
-REQUIRED = {"manager": ("start", "alive", "stop", "describe"),
+REQUIRED = {"manager": ("start", "alive", "stop", "log", "describe"),
             "environment": ("steps", "add_arguments"), "tunnel": ("open", "close")}
+PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
 
 
-def register(plugin) -> None:
-    """Add PLUGIN (an instance of one of the base classes, or duck-typed alike)."""
+def check_plugin(plugin) -> str:
+    """The kind of PLUGIN, after checking it keeps its contract; else raise Error."""
+    if isinstance(plugin, type):
+        raise Error("register an instance, not the class: nbtunnel.register(%s())"
+                    % plugin.__name__)
     kind = getattr(plugin, "kind", None)
     if kind not in REGISTRIES:
         raise Error("plugin %r has no valid kind (manager, environment or tunnel)" % (plugin,))
     missing = [m for m in REQUIRED[kind] if not callable(getattr(plugin, m, None))]
-    if missing or not getattr(plugin, "name", ""):
-        raise Error("%s plugin %r lacks %s" % (kind, plugin, ", ".join(missing) or "a name"))
+    name = getattr(plugin, "name", "")
+    if missing or not isinstance(name, str) or not PLUGIN_NAME_RE.match(name):
+        raise Error("%s plugin %r lacks %s" % (kind, plugin, ", ".join(missing) or
+                                               "a name (letters, digits, . _ -)"))
+    if kind == "manager":  # its description is plain data: argv lists of strings
+        desc = plugin.describe("nbtunnel")
+        for key in ("start", "alive", "stop", "log"):
+            argv = desc.get(key)
+            if (key == "start" or argv is not None) and not (
+                    isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)):
+                raise Error("manager plugin %s: %s() must return an argv list of strings%s, "
+                            "not %r" % (name, key, "" if key == "start" else " or None", argv))
+    return kind
+
+
+def register(plugin) -> None:
+    """Add PLUGIN (an instance of one of the base classes, or duck-typed alike)."""
+    kind = check_plugin(plugin)
     plugin.source = getattr(plugin, "source", None) or getattr(
         sys.modules.get(type(plugin).__module__), "__file__", None) or "built-in"
+    if plugin.source == globals().get("__file__"):
+        plugin.source = "built-in"
     REGISTRIES[kind][plugin.name] = plugin
 
 
@@ -935,6 +1067,7 @@ def get(kind: str, name: str):
 
 register(Tmux())
 register(RcFile())
+register(Setup())
 register(SshForward())
 
 
@@ -1241,13 +1374,16 @@ class Run:
         self.state = state_dir(args)
         self.records = load_records(self.state)
 
-    def connection(self, host: str, rec=None) -> Connection:
+    def connection(self, host: str, rec=None, tunnel=None) -> Connection:
         """The shared connection for HOST, with the options it was recorded with."""
         options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
-        conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
-        conn.batch = conn.batch or self.batch
-        if rec and rec.get("socket") and os.path.exists(rec["socket"]):
-            conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+        tunnel = tunnel or get("tunnel", self.args.tunnel)
+        conn = tunnel.connection(host, options, self.args.timeout)
+        if conn is None:
+            conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
+            if rec and rec.get("socket") and os.path.exists(rec["socket"]):
+                conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+        conn.batch = getattr(conn, "batch", False) or self.batch
         return conn
 
     def manager(self, name=None) -> SessionManager:
@@ -1265,12 +1401,14 @@ def start_params(run: Run) -> dict:
     """What the remote "start" operation is told for this run's options."""
     args = run.args
     app = args.app or (guess_app(args.jupyter) if args.jupyter is not None else DEFAULT_APP)
-    steps = []
-    for env in ENVIRONMENTS.values():
-        steps += env.steps(args)
+    steps, used = environment_steps(args)
+    mgr, tunnel = run.manager(), get("tunnel", args.tunnel)
+    log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", mgr.name,
+              mgr.source, tunnel.name, tunnel.source, ", ".join(
+                  "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
     return dict(run.params(args.session), argv=jupyter_argv(app, args.jupyter) + server_args(),
                 app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
-                env_steps=steps)
+                env_steps=steps, environment=[e.name for e in used])
 
 
 def fresh_record(run: Run, host: str, session: str):
@@ -1308,8 +1446,9 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
             conn.close()  # leave nothing running after a failure
         raise
     app = info.get("app") or params["app"]
-    rec = dict(host=host, session=session, manager=run.manager().name, tunnel=tunnel.name,
-               app=app, local_port=local_port, remote_port=info["port"],
+    mgr = run.manager()
+    rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
+               environment=params.get("environment", []), plugin=mgr.source, app=app, local_port=local_port, remote_port=info["port"],
                token=info["token"], base_url=info["base_url"], pid=info["pid"],
                log=info.get("log"), ssh_options=conn.options, socket=conn.socket,
                started=info.get("started"))
@@ -1333,12 +1472,47 @@ def cmd_start(run: Run, host: str) -> int:
                  "reattached to" if info["reused"] else "started", host, session,
                  rec["manager"], info["port"], rec["local_port"])
     out = dict(public(rec), reused=info["reused"])
-    print(json.dumps(out) if args.json else rec["url"])
+    print(json.dumps(out) if args.json else rec["url"], flush=True)
     if args.open:
         import webbrowser
 
         webbrowser.open(rec["url"])
+    tunnel = get("tunnel", args.tunnel)
+    if tunnel.foreground:
+        serve_foreground(conn, tunnel, rec["local_port"], rec["remote_port"])
     return 0
+
+
+def environment_steps(args):
+    """The shell steps of every environment plugin, in order, and the plugins that gave some."""
+    steps, used = [], []
+    for env in sorted(ENVIRONMENTS.values(), key=lambda e: getattr(e, "order", 50)):
+        got = env.steps(args)
+        if got:
+            steps += got
+            used.append(env)
+    return steps, used
+
+
+def serve_foreground(conn, tunnel, local_port: int, remote_port: int) -> None:
+    """Hold a tunnel that lives in this process until Ctrl-C or SIGTERM, then close it."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    log.info("the tunnel (%s) runs in this process: keep it open, press Ctrl-C to close it "
+             "(the server keeps running)", tunnel.name)
+    try:
+        tunnel.serve(conn)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        tunnel.close(conn, local_port, remote_port)
+        conn.close()
+        log.info("tunnel closed")
 
 
 def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
@@ -1366,7 +1540,7 @@ def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
 def public(rec: dict) -> dict:
     """The fields of a record that --json shows."""
     keys = ("host", "session", "url", "local_port", "remote_port", "token", "manager", "app",
-            "pid", "log", "tunnel")
+            "pid", "log", "tunnel", "plugin", "environment")
     return {k: rec.get(k) for k in keys}
 
 
@@ -1404,10 +1578,18 @@ def cmd_status(run: Run, host) -> int:
         for rec in recs:
             a = answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
-            row["tunnel"] = "up" if up and local_port_open(rec["local_port"]) else "down"
+            backend = TUNNELS.get(rec.get("tunnel", "ssh"))
+            held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
+            row["tunnel"] = "up" if (held_here or up) and local_port_open(
+                rec["local_port"]) else "down"
             if a and a["server"] == "running" and a["port"] != rec["remote_port"]:
                 row["tunnel"] = "down"  # the forward points at an older server
-            row["plugin"] = rec.get("manager")
+            row["plugin"] = rec.get("plugin") or (
+                MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
+            row["backend"] = rec.get("tunnel")
+            row["environment"] = rec.get("environment", [])
+            log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
+                      rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
     if args.json:
         print(json.dumps(rows))
@@ -1895,6 +2077,7 @@ CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
     "jump": ("jump", str), "identity": ("identity", str), "accept-new": ("accept_new", bool),
     "timeout": ("timeout", float), "tunnel": ("tunnel", str), "plugin": ("plugin", list),
     "state-dir": ("state_dir", str), "nginx-listen": ("nginx_listen", str),
+    "setup": ("setup", str),
 }
 
 
@@ -2044,7 +2227,7 @@ def main(argv=None) -> int:
         args.remote_port = check_port(args.remote_port, "--remote-port")
         check_ssh_args(args)
         args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
-        args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "ssh" not in TUNNELS
+        args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
                                       else "sshtunnel")
         args.timeout = args.timeout if args.timeout and args.timeout > 0 else DEFAULT_TIMEOUT
         get("manager", args.manager)

@@ -1,0 +1,89 @@
+"""conda environments: ``--conda ENV`` activates ENV before Jupyter starts.
+
+Works with whichever the remote has: conda (also mamba 1.x installs, which
+include conda), mamba 2.x or micromamba.  It is found through $CONDA_EXE,
+$MAMBA_EXE, the login PATH, or the usual install places (~/miniforge3,
+~/miniconda3, ~/anaconda3, ~/mambaforge, /opt/conda, ~/.local/bin/micromamba,
+~/micromamba/bin/micromamba), since `conda init` often sets up only
+interactive shells.  Activation is the documented one: the tool's shell hook,
+then `conda activate ENV` (`micromamba activate ENV`).  ENV may be a name or a
+path.  Under csh/tcsh only conda itself is supported (`conda shell.csh
+activate`).  ENV travels as data in $NBT_CONDA, never as shell text.
+"""
+
+import nbtunnel
+
+# Written once in POSIX sh and run by every shell family (as `sh -c 'eval "$NBT_CONDA_FIND"'`,
+# a constant line): prints the path of the first conda-like tool found.
+FIND = r"""
+for x in "${CONDA_EXE:-}" "${MAMBA_EXE:-}" conda mamba micromamba \
+    "$HOME/miniforge3/bin/conda" "$HOME/miniconda3/bin/conda" "$HOME/anaconda3/bin/conda" \
+    "$HOME/mambaforge/bin/conda" /opt/conda/bin/conda "$HOME/.local/bin/micromamba" \
+    "$HOME/micromamba/bin/micromamba"; do
+    [ -n "$x" ] || continue
+    case $x in
+        */*) [ -x "$x" ] && { echo "$x"; exit 0; } ;;
+        *) p=$(command -v "$x") && case $p in /*) echo "$p"; exit 0 ;; esac ;;
+    esac
+done
+echo "nbtunnel: --conda: no conda, mamba or micromamba found on this host" >&2
+exit 1
+"""
+
+# csh re-parses what stands inside backquotes, so ENV must not appear there:
+# this sh script, piped to sh by a constant line, prints conda's csh activation
+# code plus a marker of success.
+CSH_ACTIVATE = r"""
+x=$(eval "$NBT_CONDA_FIND") || exit 1
+case ${x##*/} in
+    conda) out=$("$x" shell.csh activate "$NBT_CONDA") && printf '%s\nsetenv NBT_CONDA_OK 1;\n' "$out" ;;
+    *) echo "nbtunnel: --conda under csh/tcsh needs conda itself, not ${x##*/}" >&2 ;;
+esac
+"""
+
+FAIL = "nbtunnel: --conda: cannot activate the environment $NBT_CONDA"
+
+SH = r"""nbt_exe=$(sh -c 'eval "$NBT_CONDA_FIND"') || exit 1
+case ${nbt_exe##*/} in
+    conda) eval "$("$nbt_exe" shell.posix hook)" && conda activate "$NBT_CONDA" ;;
+    *) eval "$("$nbt_exe" shell hook -s posix)" && "${nbt_exe##*/}" activate "$NBT_CONDA" ;;
+esac || { echo "%s" >&2; exit 1; }""" % FAIL
+
+FISH = r"""set -l nbt_exe (sh -c 'eval "$NBT_CONDA_FIND"'); or exit 1
+set -l nbt_name (string replace -r '.*/' '' -- $nbt_exe)
+if test "$nbt_name" = conda
+    $nbt_exe shell.fish hook | source; and conda activate $NBT_CONDA
+else
+    $nbt_exe shell hook -s fish | source; and $nbt_name activate $NBT_CONDA
+end
+or begin; echo "%s" >&2; exit 1; end""" % FAIL
+
+CSH = r"""eval "`printenv NBT_CONDA_CSH | sh`"
+if ( ! $?NBT_CONDA_OK ) then
+echo "%s" > /dev/stderr
+exit 1
+endif""" % FAIL.replace(" $NBT_CONDA", "")
+
+
+class Conda(nbtunnel.ShellEnvironment):
+    """--conda ENV: activate a conda/mamba/micromamba environment."""
+
+    name = "conda"
+    order = 40
+
+    def add_arguments(self, parser):
+        """One option, also accepted as `conda = ENV` in the config file."""
+        parser.add_argument("--conda", metavar="ENV",
+                            help="activate this conda/mamba/micromamba environment (name or path)")
+        nbtunnel.CONFIG_KEYS["conda"] = ("conda", str)
+
+    def steps(self, args):
+        """Find the tool, run its shell hook, activate ENV; fail loudly if any of it fails."""
+        if not getattr(args, "conda", None):
+            return []
+        return [dict(vars={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND,
+                           "NBT_CONDA_CSH": CSH_ACTIVATE},
+                     sh=SH, fish=FISH, csh=CSH)]
+
+
+nbtunnel.register(Conda())
