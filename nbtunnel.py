@@ -809,11 +809,17 @@ def remote_program(op: str, params: dict) -> bytes:
     return (REMOTE_HELPER + "\nmain(%r)\n" % payload).encode()
 
 
-def parse_result(host: str, stdout: str, stderr: str, code: int) -> dict:
-    """The helper's JSON answer, or an Error that says why there is none."""
+def parse_result(host: str, stdout: str, stderr: str, code: int):
+    """The helper's result, or an Error that says why there is none (with the remote log)."""
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            answer = json.loads(line[len(RESULT_MARK):])
+            if answer.get("ok"):
+                return answer["result"]
+            message = "%s: %s" % (host, answer.get("message"))
+            if answer.get("log_tail"):
+                message += "\n--- last lines of the remote log ---\n" + answer["log_tail"]
+            raise Error(message)
     if code == 127 or "command not found" in stderr.lower() or "not found" in stderr:
         raise Error(MSG_NO_PYTHON.format(host=host))
     if "SyntaxError" in stderr:
@@ -1206,13 +1212,7 @@ class Connection:
         except subprocess.TimeoutExpired:
             raise Error("%s did not answer within %gs" % (self.host, timeout))
         out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
-        answer = parse_result(self.host, out, err, r.returncode)
-        if not answer.get("ok"):
-            message = "%s: %s" % (self.host, answer.get("message"))
-            if answer.get("log_tail"):
-                message += "\n--- last lines of the remote log ---\n" + answer["log_tail"]
-            raise Error(message)
-        return answer["result"]
+        return parse_result(self.host, out, err, r.returncode)
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -1457,16 +1457,21 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     return rec, info
 
 
+def attach(run: Run, host: str, params: dict):
+    """Under the lock: connect, start or reattach, forward, record; (connection, record, info)."""
+    with locked(run.state, host, run.args.session):
+        old = fresh_record(run, host, run.args.session)
+        conn = run.connection(host, old)
+        conn.open()
+        rec, info = bring_up(run, host, conn, old, params)
+    return conn, rec, info
+
+
 def cmd_start(run: Run, host: str) -> int:
     """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
     args = run.args
     session = args.session
-    params = start_params(run)
-    with locked(run.state, host, session):
-        old = fresh_record(run, host, session)
-        conn = run.connection(host, old)
-        conn.open()
-        rec, info = bring_up(run, host, conn, old, params)
+    conn, rec, info = attach(run, host, start_params(run))
     if not args.quiet:
         log.info("%s Jupyter on %s (session %s, %s, remote port %d) at local port %d",
                  "reattached to" if info["reused"] else "started", host, session,
@@ -1494,14 +1499,14 @@ def environment_steps(args):
     return steps, used
 
 
+def interrupt(signum, frame):
+    """SIGTERM handler: stop like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def serve_foreground(conn, tunnel, local_port: int, remote_port: int) -> None:
     """Hold a tunnel that lives in this process until Ctrl-C or SIGTERM, then close it."""
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, stop)
+    old = signal.signal(signal.SIGTERM, interrupt)
     log.info("the tunnel (%s) runs in this process: keep it open, press Ctrl-C to close it "
              "(the server keeps running)", tunnel.name)
     try:
@@ -1793,21 +1798,12 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
         failures = 0
 
 
-def interrupt(signum, frame):
-    """SIGTERM handler: stop like Ctrl-C."""
-    raise KeyboardInterrupt
-
-
 def cmd_watch(run: Run, host: str) -> int:
     """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
     args = run.args
     session = args.session
     params = start_params(run)
-    with locked(run.state, host, session):
-        old = fresh_record(run, host, session)
-        conn = run.connection(host, old)
-        conn.open()  # this first connection may prompt on a terminal; reconnections never do
-        rec, info = bring_up(run, host, conn, old, params)
+    conn, rec, info = attach(run, host, params)  # may prompt on a terminal; reconnections never do
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,

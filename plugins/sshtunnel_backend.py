@@ -146,19 +146,16 @@ class ParamikoConnection:
         self.client, self.opened_here = client, True
 
     def run_helper(self, op, params, timeout):
-        """Send the helper on stdin of `python3 - || python -`, as the OpenSSH path does."""
+        """Send the helper on stdin of `python3 - || python -`, as the OpenSSH path does
+        (connecting first for a one-off command such as --status)."""
+        if self.client is None:
+            self.open()
         stdin, stdout, stderr = self.client.exec_command(nbtunnel.REMOTE_COMMAND, timeout=timeout)
         stdin.write(nbtunnel.remote_program(op, params))
         stdin.channel.shutdown_write()
         out = stdout.read().decode("utf-8", "replace")
         err = stderr.read().decode("utf-8", "replace")
-        answer = nbtunnel.parse_result(self.host, out, err, stdout.channel.recv_exit_status())
-        if not answer.get("ok"):
-            message = "%s: %s" % (self.host, answer.get("message"))
-            if answer.get("log_tail"):
-                message += "\n--- last lines of the remote log ---\n" + answer["log_tail"]
-            raise nbtunnel.Error(message)
-        return answer["result"]
+        return nbtunnel.parse_result(self.host, out, err, stdout.channel.recv_exit_status())
 
     def control(self, command, *extra):
         """No master to control."""

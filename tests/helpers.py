@@ -279,3 +279,13 @@ def run_kernel_code(
         http_request(
             "DELETE", f"{base}/api/kernels/{kernel_id}", timeout=10, headers=headers
         )
+
+
+def api_status(url: str) -> int:
+    """HTTP status of /api/status through the URL's local port, with the URL's token."""
+    from urllib.parse import parse_qs, urlparse
+
+    parts = urlparse(url)
+    token = parse_qs(parts.query)["token"][0]
+    status, _ = http_get(f"http://127.0.0.1:{parts.port}/api/status", headers={"Authorization": f"token {token}"})
+    return status

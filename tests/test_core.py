@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import http_get, local_port_open, local_ssh_pids, run_kernel_code, wait_until
+from helpers import api_status, http_get, local_port_open, local_ssh_pids, run_kernel_code, wait_until
 
 HOSTILE_DIRS = [
     "with space",
@@ -34,13 +34,6 @@ def start(nbt, *args: str, check: bool = True):
         return proc, json.loads(proc.stdout)
     return proc, None
 
-
-def api_status(url: str) -> int:
-    """HTTP status of /api/status through the URL's local port, with its token."""
-    parts = urlparse(url)
-    token = parse_qs(parts.query)["token"][0]
-    status, _ = http_get(f"http://127.0.0.1:{parts.port}/api/status", headers={"Authorization": f"token {token}"})
-    return status
 
 
 def jupyter_pids(remote) -> list[int]:

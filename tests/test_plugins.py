@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import http_get, local_port_open, local_ssh_pids, run_kernel_code, wait_until
+from helpers import api_status, local_port_open, local_ssh_pids, run_kernel_code, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 MANAGERS = ["tmux", "screen", "nohup"]
@@ -22,12 +22,6 @@ def start(nbt, *args: str) -> dict:
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
-
-def api_status(url: str) -> int:
-    parts = urlparse(url)
-    token = parse_qs(parts.query)["token"][0]
-    status, _ = http_get(f"http://127.0.0.1:{parts.port}/api/status", headers={"Authorization": f"token {token}"})
-    return status
 
 
 def jupyter_pids(remote) -> list[int]:
@@ -350,7 +344,9 @@ def test_sshtunnel_backend_in_the_foreground(nbt, remote, how):
     assert remote.auth_count() - before == 2
     if how == "no-ssh-binary":
         assert not local_ssh_pids(str(nbt.ssh_config))
-    rows = json.loads(nbt.run("--status", "--json", env=env).stdout)
+    status = nbt.run("--status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
     assert rows[0]["tunnel"] == "up" and rows[0]["backend"] == "sshtunnel" and rows[0]["server"] == "running"
 
     proc.send_signal(signal.SIGINT if how == "--tunnel" else signal.SIGTERM)
