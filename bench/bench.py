@@ -332,6 +332,23 @@ class Bench:
         self.wait_api(url)
         return url
 
+    def start_foreground_to_200(self, alias: str, state: Path, *extra: str) -> str:
+        """nbtunnel with a foreground tunnel (sshtunnel backend, this interpreter, which has
+        the package): its URL once /api/status answers; it runs until the bench ends."""
+        self.states.add(state)
+        proc = subprocess.Popen(
+            [sys.executable, self.nbtunnel, "--ssh-config", str(self.ssh_config),
+             "--state-dir", str(state), alias, *extra],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=self.env)
+        self.procs.append(proc)
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise BenchError("nbtunnel %s gave no URL: %s" % (" ".join(extra),
+                                                              proc.stderr.read()[-2000:]))
+        self.wait_api(url)
+        return url
+
     def plain_forward_to_200(self, url: str) -> None:
         """By hand: `ssh -N -L` to the running server's port, until the first 200 through it."""
         rec = self.records(self.tmp / "state")[0]
@@ -549,14 +566,13 @@ class Bench:
         name = "nbbench-%dM.bin" % self.args.size_mib
         say("writing a %d MiB random file on the remote" % self.args.size_mib)
         self.remote.run("head -c %d /dev/urandom > ~/%s" % (size, name), check=True, timeout=300)
-        probe = self.nbt("--tunnel", "sshtunnel", "--status", state=self.tmp / "probe",
-                         check=False)
-        has_plugin = probe.returncode == 0
         try:
             import sshtunnel  # noqa: F401
             has_package = True
         except ImportError:
             has_package = False
+        # The backend runs in nbtunnel's process: it needs an interpreter with the package.
+        has_plugin = has_package and (REPO / "plugins" / "sshtunnel_backend.py").exists()
         links = [("delay", ALIAS), ("direct", self.remote.alias)]
         tunnels = {}  # (link, kind) -> (url base, token) or None
         main = self.start_to_200(ALIAS)
@@ -572,8 +588,8 @@ class Bench:
             port, _ = self.open_plain_forward(alias, remote_port)
             tunnels[(link, "ssh -L")] = "http://127.0.0.1:%d" % port
             if has_plugin:
-                url = self.start_to_200(alias, self.tmp / ("state-st-" + link),
-                                        "--tunnel", "sshtunnel")
+                url = self.start_foreground_to_200(alias, self.tmp / ("state-st-" + link),
+                                                   "--tunnel", "sshtunnel")
                 tunnels[(link, "nbtunnel --tunnel sshtunnel")] = \
                     "http://" + urllib.parse.urlsplit(url).netloc
             if has_package:

@@ -68,7 +68,8 @@ def settings(host, options):
                                      "%s); use --tunnel ssh" % (key, get(key), host))
         known = " ".join(conf.get("userknownhostsfile", []) + conf.get("globalknownhostsfile", []))
         return dict(hostname=get("hostname", host), user=get("user"), port=int(get("port", 22)),
-                    identities=conf.get("identityfile", []), known_hosts=known.split())
+                    identities=conf.get("identityfile", []), known_hosts=known.split(),
+                    hostkeyalias=get("hostkeyalias"))
     import paramiko
 
     config_file, pairs = option_words(options)
@@ -86,7 +87,8 @@ def settings(host, options):
     known = found.get("userknownhostsfile", "~/.ssh/known_hosts ~/.ssh/known_hosts2")
     return dict(hostname=found.get("hostname", name), user=user or found.get("user"),
                 port=int(port or found.get("port", 22)), identities=found.get("identityfile", []),
-                known_hosts=known.split() + found.get("globalknownhostsfile", "").split())
+                known_hosts=known.split() + found.get("globalknownhostsfile", "").split(),
+                hostkeyalias=found.get("hostkeyalias"))
 
 
 def host_key(conf):
@@ -98,7 +100,8 @@ def host_key(conf):
         path = os.path.expanduser(path)
         if os.path.isfile(path):
             keys.load(path)
-    name = conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"])
+    name = conf.get("hostkeyalias") or (
+        conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"]))
     found = keys.lookup(name)
     if not found:
         raise nbtunnel.Error(nbtunnel.MSG_HOSTKEY.format(host=name))
