@@ -1608,6 +1608,19 @@ def cmd_status(run: Run, host) -> int:
     return 0
 
 
+def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) -> None:
+    """Remove the forward of HOST/SESSION (recorded as REC); end the master too unless
+    another recorded session's tunnel uses it."""
+    others = [r for r in load_records(run.state) if r.get("socket") == conn.socket
+              and (r["host"], r["session"]) != (host, session)]
+    if not others:
+        conn.close()
+    elif rec:
+        with contextlib.suppress(Error):
+            get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
+                                                           rec["remote_port"])
+
+
 def cmd_terminate(run: Run, host: str) -> int:
     """Stop the server gracefully, end its session, close the tunnel, drop the record."""
     args = run.args
@@ -1630,13 +1643,7 @@ def cmd_terminate(run: Run, host: str) -> int:
                 conn.close()
             raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
                                         names=", ".join(result["busy"])), 3)
-        others = [r for r in run.records if r.get("socket") == conn.socket and r is not rec]
-        if not others:
-            conn.close()
-        elif rec:  # other sessions' tunnels share this connection: keep it
-            with contextlib.suppress(Error):
-                get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
-                                                               rec["remote_port"])
+        close_tunnel(run, conn, host, session, rec)
         drop_record(run.state, host, session)
     if args.json:
         print(json.dumps(dict(host=host, session=session, stopped=result["stopped"],
@@ -1714,18 +1721,6 @@ def cmd_ensure(run: Run, host: str) -> int:
     return 0
 
 
-def close_tunnel(run: Run, conn: Connection, rec: dict) -> None:
-    """Remove REC's forward; end the master too unless another recorded session uses it."""
-    others = [r for r in load_records(run.state) if r.get("socket") == conn.socket
-              and (r["host"], r["session"]) != (rec["host"], rec["session"])]
-    if others:
-        with contextlib.suppress(Error):
-            get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
-                                                           rec["remote_port"])
-    else:
-        conn.close()
-
-
 def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     text = str(err)
@@ -1759,7 +1754,7 @@ def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict)
     if state["server"] != "running" and state.get("ended") != "died":
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
-        close_tunnel(run, conn, rec)
+        close_tunnel(run, conn, host, session, rec)
         drop_record(run.state, host, session)
         return None
     new, lines = repair(run, host, conn, rec, params)
@@ -1820,7 +1815,7 @@ def cmd_watch(run: Run, host: str) -> int:
     if args.terminate:
         run.records = load_records(run.state)
         return cmd_terminate(run, host)
-    close_tunnel(run, conn, fresh_record(run, host, session) or rec)
+    close_tunnel(run, conn, host, session, fresh_record(run, host, session) or rec)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
 
