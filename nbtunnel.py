@@ -1154,22 +1154,23 @@ class Connection:
             words += ["-o", "BatchMode=yes"]
         return words + list(extra)
 
-    def alive(self) -> bool:
-        """Is the master running?"""
-        if not os.path.exists(self.socket):
-            return False
-        r = subproc(self.argv("-O", "check", self.host), stdin=subprocess.DEVNULL,
-                    capture_output=True, text=True)
-        return r.returncode == 0
-
-    def master_pid(self):
-        """Pid of the master process, or None."""
+    def check(self):
+        """`ssh -O check`: the finished process when a master answers, else None."""
         if not os.path.exists(self.socket):
             return None
         r = subproc(self.argv("-O", "check", self.host), stdin=subprocess.DEVNULL,
                     capture_output=True, text=True)
-        m = re.search(r"pid=(\d+)", r.stderr)
-        return int(m.group(1)) if r.returncode == 0 and m else None
+        return r if r.returncode == 0 else None
+
+    def alive(self) -> bool:
+        """Is the master running?"""
+        return self.check() is not None
+
+    def master_pid(self):
+        """Pid of the master process, or None."""
+        r = self.check()
+        m = r and re.search(r"pid=(\d+)", r.stderr)
+        return int(m.group(1)) if m else None
 
     def open(self) -> None:
         """Start the master unless one runs; this is the only authentication."""
