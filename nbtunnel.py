@@ -99,18 +99,50 @@ MSG_BUSY = (
 
 
 class Error(Exception):
-    """The one exception that reaches the user: a message and an exit code."""
+    """The one exception that reaches the user: a message, a kind and an exit code.
 
-    def __init__(self, message: str, code: int = 1):
+    ``kind`` says what went wrong in a word that code may test (retry decisions
+    read it, never the message text); ``log_tail`` is the remote log, if any."""
+
+    code = 1
+    kind = "error"
+
+    def __init__(self, message: str, code=None, kind=None, log_tail: str = ""):
         super().__init__(message)
-        self.code = code
+        if code is not None:
+            self.code = code
+        if kind is not None:
+            self.kind = kind
+        self.log_tail = log_tail
+
+    def text(self) -> str:
+        """The message with the remote log appended, as the user sees it."""
+        if not self.log_tail:
+            return str(self)
+        return "%s\n--- last lines of the remote log ---\n%s" % (self, self.log_tail)
 
 
 class UsageError(Error):
     """Bad usage or bad input: exit 2."""
 
+    code = 2
+    kind = "usage"
+
     def __init__(self, message: str):
-        super().__init__(message, 2)
+        super().__init__(message)
+
+
+class SshError(Error):
+    """ssh itself failed; ``kind`` is one of SSH_KINDS."""
+
+
+class RemoteError(Error):
+    """The remote side answered with a failure of a kind it named (see ``Fail`` there)."""
+
+
+# ssh failures that no retry can mend, and those a later try may (a link that is down).
+SSH_REFUSALS = ("hostkey-unknown", "hostkey-changed", "auth", "no-ssh", "no-python")
+SSH_LINK = ("unreachable", "no-answer")
 
 
 # Pure helpers ################################################################
@@ -207,6 +239,119 @@ def make_url(port: int, base_url: str, app: str, token: str) -> str:
     return "http://127.0.0.1:%d%s?token=%s" % (port, path, token)
 
 
+def seconds(text) -> float:
+    """TEXT as a number of seconds above 0 and at most 30 days, else ValueError."""
+    value = float(text)
+    if not 0 < value <= 30 * 86400:  # also refuses nan and inf
+        raise ValueError("must be a number of seconds above 0 and at most 30 days")
+    return value
+
+
+def port(text) -> int:
+    """TEXT as a port number, else UsageError (check_port's message)."""
+    return check_port(text, "port")
+
+
+BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
+            "0": False, "no": False, "false": False, "off": False}
+
+
+class Option:
+    """One option of a session, declared once: the core wires it into the parser, the
+    config file (key = FLAG without dashes), the record and the service units.
+
+    ``type`` converts one value from text (raise ValueError or UsageError to refuse
+    it); ``multiple`` makes it repeatable (one value per line in the config file);
+    ``switch`` makes it a flag without a value; ``start`` says it shapes the server
+    itself, so a reattach with another value warns that the running server keeps its own.
+    """
+
+    def __init__(self, flag: str, help: str, metavar=None, type=str, multiple=False,
+                 short=None, choices=None, switch=False, start=True):
+        if not re.match(r"--[a-z][a-z0-9-]{1,30}\Z", flag):
+            raise Error("invalid option name %r: use --lowercase-words" % (flag,))
+        self.flag, self.key, self.dest = flag, flag[2:], flag[2:].replace("-", "_")
+        self.help, self.metavar, self.type, self.multiple = help, metavar, type, multiple
+        self.short, self.choices, self.switch, self.start = short, choices, switch, start
+
+    def add_to(self, parser) -> None:
+        """Add it to PARSER (an argparse parser or group); values are converted later,
+        by ``convert``, so that the command line and the config file are checked alike."""
+        names = [self.short, self.flag] if self.short else [self.flag]
+        if self.switch:
+            parser.add_argument(*names, dest=self.dest, action="store_true", default=None,
+                                help=self.help)
+        else:
+            metavar = self.metavar or ("{%s}" % ",".join(self.choices) if self.choices else "VALUE")
+            parser.add_argument(*names, dest=self.dest, metavar=metavar,
+                                action="append" if self.multiple else "store", help=self.help)
+
+    def from_config(self, text: str):
+        """The value of config-file TEXT, before ``convert``."""
+        if self.switch:
+            try:
+                return BOOLEANS[text.strip().lower()]
+            except KeyError:
+                raise UsageError("config file: %s must be yes or no, not %r"
+                                 % (self.key, text)) from None
+        if self.multiple:
+            return [line.strip() for line in text.splitlines() if line.strip()]
+        return text.strip()
+
+    def convert(self, value, where: str):
+        """VALUE checked and converted (from WHERE, for the message), else UsageError."""
+        if self.switch:
+            return bool(value)
+        values = list(value) if self.multiple else [value]
+        out = []
+        for one in values:
+            try:
+                one = self.type(one) if isinstance(one, str) else one
+            except (ValueError, UsageError) as e:
+                raise UsageError("invalid %s %r (%s): %s" % (self.flag, one, where, e)) from None
+            if self.choices and one not in self.choices:
+                raise UsageError("invalid %s %r (%s): choose from %s" % (
+                    self.flag, one, where, ", ".join(self.choices)))
+            out.append(one)
+        return out if self.multiple else out[0]
+
+    def words(self, value) -> list:
+        """VALUE as command-line words (for a service unit)."""
+        if self.switch:
+            return [self.flag] if value else []
+        values = value if self.multiple else [value]
+        return [w for one in values for w in (self.flag, "%g" % one if isinstance(one, float)
+                                                else str(one))]
+
+
+# The options that make up a session, in the order --help lists them.  Plugins add
+# their own (see Option); all of them are recorded and given to service units.
+SERVER_OPTIONS = [
+    Option("--app", "Jupyter front end (default lab)", choices=sorted(APPS)),
+    Option("--jupyter", "remote command that starts Jupyter", metavar="CMD"),
+    Option("--notebook-dir", "remote working directory (literal)", metavar="DIR"),
+    Option("--manager", "session manager plugin (default tmux)", metavar="NAME"),
+    Option("--remote-port", "remote port (default: a free one)", metavar="N", type=port),
+]
+TUNNEL_OPTIONS = [
+    Option("--local-port", "local port (default: a free one)", metavar="N", type=port,
+           start=False),
+    Option("--tunnel", "tunnel backend (default ssh)", metavar="NAME", start=False),
+    Option("--ssh-config", "ssh config file (ssh -F)", metavar="FILE", short="-F", start=False),
+    Option("--ssh-option", "ssh option, as ssh -o; repeatable", metavar="OPTION", short="-o",
+           multiple=True, start=False),
+    Option("--jump", "jump host (ssh -J)", metavar="JUMP", short="-J", start=False),
+    Option("--identity", "identity file (ssh -i)", metavar="FILE", short="-i", start=False),
+    Option("--accept-new", "accept an unknown host key once (never the default)", switch=True,
+           start=False),
+    Option("--timeout", "bound on connecting and on server start-up (default %g)"
+           % DEFAULT_TIMEOUT, metavar="SECONDS", type=seconds, start=False),
+]
+# Config keys that are not options of a session: key -> (dest, repeatable).
+RUN_KEYS = {"session": ("session", False), "state-dir": ("state_dir", False),
+            "plugin": ("plugin", True), "nginx-listen": ("nginx_listen", False)}
+
+
 def record_name(host: str, session: str) -> str:
     """File name of the local record for HOST and SESSION (any HOST is safe)."""
     import hashlib
@@ -232,17 +377,17 @@ def ssh_options(args) -> list:
     return words
 
 
-def classify_ssh_error(host: str, stderr: str) -> str:
-    """Turn ssh's stderr into a message a user understands, naming HOST."""
+def classify_ssh_error(host: str, stderr: str) -> SshError:
+    """Turn ssh's stderr into an SshError of a kind, with a message that names HOST."""
     text = stderr.strip()
     last = text.splitlines()[-1] if text else "ssh failed without a message"
     if "IDENTIFICATION HAS CHANGED" in text:
-        return MSG_HOSTKEY_CHANGED.format(host=host)
+        return SshError(MSG_HOSTKEY_CHANGED.format(host=host), kind="hostkey-changed")
     if "Host key verification failed" in text or "No ED25519 host key is known" in text:
-        return MSG_HOSTKEY.format(host=host)
+        return SshError(MSG_HOSTKEY.format(host=host), kind="hostkey-unknown")
     if "Permission denied" in text or "Too many authentication failures" in text:
-        return MSG_AUTH.format(host=host, detail=last)
-    return MSG_UNREACHABLE.format(host=host, detail=last)
+        return SshError(MSG_AUTH.format(host=host, detail=last), kind="auth")
+    return SshError(MSG_UNREACHABLE.format(host=host, detail=last), kind="unreachable")
 
 
 # The remote helper ###########################################################
@@ -810,24 +955,27 @@ def remote_program(op: str, params: dict) -> bytes:
 
 
 def parse_result(host: str, stdout: str, stderr: str, code: int):
-    """The helper's result, or an Error that says why there is none (with the remote log)."""
+    """The helper's result, or the Error that says why there is none (kind kept)."""
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            answer = json.loads(line[len(RESULT_MARK):])
+            try:
+                answer = json.loads(line[len(RESULT_MARK):])
+            except ValueError:
+                break
             if answer.get("ok"):
                 return answer["result"]
-            message = "%s: %s" % (host, answer.get("message"))
-            if answer.get("log_tail"):
-                message += "\n--- last lines of the remote log ---\n" + answer["log_tail"]
-            raise Error(message)
-    if code == 127 or "command not found" in stderr.lower() or "not found" in stderr:
-        raise Error(MSG_NO_PYTHON.format(host=host))
+            raise RemoteError("%s: %s" % (host, answer.get("message")),
+                              kind=answer.get("kind") or "internal",
+                              log_tail=answer.get("log_tail") or "")
+    if code == 255:  # ssh's own failure: its words, not the remote shell's
+        raise classify_ssh_error(host, stderr)
+    if re.search(r"(?i)\bpython3?\b.{0,20}not found|unknown command:? \W?python", stderr):
+        raise SshError(MSG_NO_PYTHON.format(host=host), kind="no-python")
     if "SyntaxError" in stderr:
-        raise Error(MSG_NO_PYTHON.format(host=host) + " (its python3 is too old)")
-    if code == 255:
-        raise Error(classify_ssh_error(host, stderr))
-    raise Error("the nbtunnel helper on %s gave no answer (exit %s): %s"
-                % (host, code, stderr.strip()[-2000:] or "no message"))
+        raise SshError(MSG_NO_PYTHON.format(host=host) + " (its python3 is too old)",
+                       kind="no-python")
+    raise RemoteError("the nbtunnel helper on %s gave no answer (exit %s): %s"
+                      % (host, code, stderr.strip()[-2000:] or "no message"), kind="no-answer")
 
 
 # Plugins #####################################################################
@@ -869,13 +1017,15 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
-    def describe(self, session: str) -> dict:
-        """What the remote helper needs, as plain data."""
-        launcher = ["@PYTHON@", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
-                    "@LAUNCH@"]
-        return dict(name=self.name, program=self.program, start=self.start(session, launcher),
-                    alive=self.alive(session), stop=self.stop(session), log=self.log(session),
-                    detach=bool(getattr(self, "detach", False)))
+
+def describe_manager(manager, session: str) -> dict:
+    """What the remote side needs to know of MANAGER for SESSION, as plain data."""
+    launcher = ["@PYTHON@", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
+                "@LAUNCH@"]
+    return dict(name=manager.name, program=getattr(manager, "program", ""),
+                start=manager.start(session, launcher), alive=manager.alive(session),
+                stop=manager.stop(session), log=manager.log(session),
+                detach=bool(getattr(manager, "detach", False)))
 
 
 class Tmux(SessionManager):
@@ -907,30 +1057,73 @@ class Tmux(SessionManager):
 
 
 class ShellEnvironment:
-    """Prepares the shell Jupyter starts from.  ``steps`` returns shell snippets.
+    """Prepares the shell Jupyter starts from.  ``steps`` returns what to run there.
 
     Jupyter starts from the user's login shell (bash -l, zsh -l, fish -l, tcsh
     with ~/.login); the steps of every environment plugin run in it first, in
-    the order of their ``order``.  Each step is a dict with one constant snippet
-    per shell family (``sh``, ``fish``, ``csh``) and ``vars``, the data it
-    reads from environment variables named NBT_*: user data never becomes shell
-    text.  ``paths`` lists the vars that are remote paths (``~/`` and relative
-    paths are taken from the remote home).  A snippet that fails should print
-    why on stderr and ``exit 1``: the start then fails with that message.  In
-    csh, never put an NBT_* variable inside backquotes (csh parses what they
-    hold) nor echo one (tcsh silently drops such a line).
+    the order of their ``order``, when Jupyter starts (not on a reattach).  A step
+    is a dict with one constant snippet per shell family (``sh``, ``fish``,
+    ``csh``), ``data``: the user's values, which reach the snippet as environment
+    variables named NBT_<PLUGIN NAME>[_<WORD>] (user data never becomes shell
+    text), ``paths``: the data keys that are remote paths (``~/`` and relative
+    paths start at the remote home), and ``fail``: what to say when the snippet's
+    exit status is not 0 (the core adds the test and the ``exit 1``).  In csh, never
+    put an NBT_* variable inside backquotes (csh parses what they hold) nor echo one.
+    In csh the exit status that counts is the last simple command's (``if``/``endif``
+    reset it).  ``options`` lists the plugin's Options; their values are attributes of ARGS.
     """
 
     kind = "environment"
     name = ""
     order = 50
-
-    def add_arguments(self, parser) -> None:
-        """Add this plugin's command-line options."""
+    options = ()
 
     def steps(self, args) -> list:
-        """Snippets to run, in order, before Jupyter starts."""
+        """Steps to run, in order, before Jupyter starts (none when not asked for)."""
         return []
+
+
+FAIL_TEXT = re.compile(r"[A-Za-z0-9 .,:;_/=+@%()-]{1,200}\Z")
+
+
+def data_prefix(plugin) -> str:
+    """The one prefix the data variables of PLUGIN's steps may use."""
+    return "NBT_" + re.sub(r"[^A-Z0-9]", "_", plugin.name.upper())
+
+
+def shell_step(plugin, step: dict) -> dict:
+    """STEP of PLUGIN checked and made ready for the remote login shell: the failure
+    test added to each snippet, its data names checked against the plugin's prefix."""
+    prefix = data_prefix(plugin)
+    data = dict(step.get("data") or {})
+    for key, value in data.items():
+        if not (key == prefix or key.startswith(prefix + "_")) or not re.match(
+                r"[A-Z0-9_]+\Z", key):
+            raise Error("environment plugin %s: data variable %r must be named %s or %s_*"
+                        % (plugin.name, key, prefix, prefix))
+        if not isinstance(value, str):
+            raise Error("environment plugin %s: data %s must be a string" % (plugin.name, key))
+    for key in step.get("paths") or ():
+        if key not in data:
+            raise Error("environment plugin %s: path %s is not in its data" % (plugin.name, key))
+    fail = step.get("fail")
+    if fail is not None and not FAIL_TEXT.match(fail):
+        raise Error("environment plugin %s: fail message %r must be one line of plain words"
+                    % (plugin.name, fail))
+    out = dict(vars=data, paths=list(step.get("paths") or ()))
+    for family in ("sh", "fish", "csh"):
+        snippet = step.get(family)
+        if not isinstance(snippet, str):
+            raise Error("environment plugin %s: a step needs a %s snippet" % (plugin.name, family))
+        if fail is not None:
+            said = "'nbtunnel: %s'" % fail
+            snippet = {
+                "sh": "{ %s\n} || { echo %s >&2; exit 1; }" % (snippet, said),
+                "fish": "begin\n%s\nend; or begin; echo %s >&2; exit 1; end" % (snippet, said),
+                "csh": "%s\nif ( $status != 0 ) then\necho %s > /dev/stderr\nexit 1\nendif"
+                       % (snippet, said)}[family]
+        out[family] = snippet
+    return out
 
 
 class RcFile(ShellEnvironment):
@@ -938,19 +1131,17 @@ class RcFile(ShellEnvironment):
 
     name = "rc"
     order = 10
+    options = [Option("--rc", "remote shell file to source before launching", metavar="FILE")]
 
     def steps(self, args):
         """Source the file in the user's login shell; a missing file is an error."""
-        if not getattr(args, "rc", None):
+        if not args.rc:
             return []
-        fail = "nbtunnel: cannot read the --rc file $NBT_RC"
-        return [dict(vars={"NBT_RC": args.rc}, paths=["NBT_RC"],
-                     sh='if [ -r "$NBT_RC" ]; then . "$NBT_RC"; else echo "%s" >&2; exit 1; fi'
-                     % fail,
-                     fish='if test -r "$NBT_RC"; source "$NBT_RC"; else; echo "%s" >&2; exit 1;'
-                     ' end' % fail,
-                     csh='if ( -r $NBT_RC:q ) then\nsource $NBT_RC:q\nelse\n'
-                     'echo "%s" > /dev/stderr\nexit 1\nendif' % fail.replace(" $NBT_RC", ""))]
+        return [dict(data={"NBT_RC": args.rc}, paths=["NBT_RC"],
+                     fail="cannot read the --rc file, or it failed",
+                     sh='[ -r "$NBT_RC" ] && . "$NBT_RC"',
+                     fish='test -r "$NBT_RC"; and source "$NBT_RC"',
+                     csh="test -r $NBT_RC:q && source $NBT_RC:q")]
 
 
 class Setup(ShellEnvironment):
@@ -958,22 +1149,15 @@ class Setup(ShellEnvironment):
 
     name = "setup"
     order = 90
-
-    def add_arguments(self, parser):
-        """--setup is the escape hatch: what no plugin does yet."""
-        parser.add_argument("--setup", metavar="CMD", help="remote shell command to run before "
-                            "Jupyter starts, in the syntax of your login shell (raw: it is code)")
+    options = [Option("--setup", "remote shell command to run before Jupyter starts, in the "
+                      "syntax of your login shell (raw: it is code)", metavar="CMD")]
 
     def steps(self, args):
         """Evaluate the command; its failure fails the start."""
-        if not getattr(args, "setup", None):
+        if not args.setup:
             return []
-        fail = "nbtunnel: the --setup command failed"
-        return [dict(vars={"NBT_SETUP": args.setup},
-                     sh='eval "$NBT_SETUP" || { echo "%s" >&2; exit 1; }' % fail,
-                     fish='eval $NBT_SETUP; or begin; echo "%s" >&2; exit 1; end' % fail,
-                     csh='eval $NBT_SETUP:q\nif ( $status != 0 ) then\necho "%s" > /dev/stderr'
-                     '\nexit 1\nendif' % fail)]
+        return [dict(data={"NBT_SETUP": args.setup}, fail="the --setup command failed",
+                     sh='eval "$NBT_SETUP"', fish="eval $NBT_SETUP", csh="eval $NBT_SETUP:q")]
 
 
 class TunnelBackend:
@@ -1024,9 +1208,20 @@ MANAGERS = {}
 ENVIRONMENTS = {}
 TUNNELS = {}
 REGISTRIES = {"manager": MANAGERS, "environment": ENVIRONMENTS, "tunnel": TUNNELS}
-REQUIRED = {"manager": ("start", "alive", "stop", "log", "describe"),
-            "environment": ("steps", "add_arguments"), "tunnel": ("open", "close")}
+REQUIRED = {"manager": ("start", "alive", "stop", "log"),
+            "environment": ("steps",), "tunnel": ("open", "close")}
 PLUGIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+
+
+def plugin_options() -> list:
+    """(plugin, Option) for every option the registered plugins declare."""
+    return [(p, o) for registry in REGISTRIES.values() for p in registry.values()
+            for o in getattr(p, "options", ())]
+
+
+def session_options() -> list:
+    """Every Option of a session: the core's, then the plugins'."""
+    return SERVER_OPTIONS + TUNNEL_OPTIONS + [o for _, o in plugin_options()]
 
 
 def check_plugin(plugin) -> str:
@@ -1042,8 +1237,16 @@ def check_plugin(plugin) -> str:
     if missing or not isinstance(name, str) or not PLUGIN_NAME_RE.match(name):
         raise Error("%s plugin %r lacks %s" % (kind, plugin, ", ".join(missing) or
                                                "a name (letters, digits, . _ -)"))
+    flags = {o.flag for o in SERVER_OPTIONS + TUNNEL_OPTIONS} | {"--session", "--plugin"}
+    flags |= {o.flag for p, o in plugin_options() if p.name != name}
+    for option in getattr(plugin, "options", ()):
+        if not isinstance(option, Option):
+            raise Error("%s plugin %s: options must be nbtunnel.Option(...), not %r"
+                        % (kind, name, option))
+        if option.flag in flags:
+            raise Error("%s plugin %s: option %s is already taken" % (kind, name, option.flag))
     if kind == "manager":  # its description is plain data: argv lists of strings
-        desc = plugin.describe("nbtunnel")
+        desc = describe_manager(plugin, "nbtunnel")
         for key in ("start", "alive", "stop", "log"):
             argv = desc.get(key)
             if (key == "start" or argv is not None) and not (
@@ -1191,14 +1394,16 @@ class Connection:
                             timeout=None if not self.batch else self.timeout + 5)
                 code = r.returncode
             except subprocess.TimeoutExpired:
-                raise Error(MSG_UNREACHABLE.format(
-                    host=self.host, detail="no answer within %gs" % self.timeout))
+                raise SshError(MSG_UNREACHABLE.format(
+                    host=self.host, detail="no answer within %gs" % self.timeout),
+                    kind="unreachable") from None
             except FileNotFoundError:
-                raise Error("no ssh program found on this machine; install OpenSSH")
+                raise SshError("no ssh program found on this machine; install OpenSSH",
+                               kind="no-ssh") from None
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
         if code != 0 or not self.alive():
-            raise Error(classify_ssh_error(self.host, text))
+            raise classify_ssh_error(self.host, text)
         self.opened_here = True
 
     def run_helper(self, op: str, params: dict, timeout: float) -> dict:
@@ -1211,7 +1416,8 @@ class Connection:
             r = subproc(argv, input=remote_program(op, params), capture_output=True,
                         timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise Error("%s did not answer within %gs" % (self.host, timeout))
+            raise SshError("%s did not answer within %gs" % (self.host, timeout),
+                           kind="no-answer") from None
         out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
         return parse_result(self.host, out, err, r.returncode)
 
@@ -1369,9 +1575,11 @@ def find_forward(conn, info: dict):
 class Run:
     """Everything one command needs: options, state directory, plugins."""
 
-    def __init__(self, args):
+    def __init__(self, args, cfg=None):
         self.args = args
         self.batch = False  # True: ssh never prompts, even on a terminal (--ensure, --watch)
+        if cfg is not None and not args.state_dir and cfg.defaults().get("state-dir"):
+            args.state_dir = cfg.defaults()["state-dir"].strip()
         self.state = state_dir(args)
         self.records = load_records(self.state)
 
@@ -1393,7 +1601,7 @@ class Run:
 
     def params(self, session: str) -> dict:
         """What every remote operation is told."""
-        managers = {n: m.describe(session) for n, m in MANAGERS.items()}
+        managers = {n: describe_manager(m, session) for n, m in MANAGERS.items()}
         return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
                     managers=managers)
 
@@ -1409,7 +1617,8 @@ def start_params(run: Run) -> dict:
                   "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
     return dict(run.params(args.session), argv=jupyter_argv(app, args.jupyter) + server_args(),
                 app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
-                env_steps=steps, environment=[e.name for e in used])
+                env_steps=steps, environment=[e.name for e in used],
+                options=session_values(args, start_only=True))
 
 
 def fresh_record(run: Run, host: str, session: str):
@@ -1449,13 +1658,42 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     app = info.get("app") or params["app"]
     mgr = run.manager()
     rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
-               environment=params.get("environment", []), plugin=mgr.source, app=app, local_port=local_port, remote_port=info["port"],
-               token=info["token"], base_url=info["base_url"], pid=info["pid"],
-               log=info.get("log"), ssh_options=conn.options, socket=conn.socket,
-               started=info.get("started"))
+               environment=params.get("environment", []), plugin=mgr.source, app=app,
+               local_port=local_port, remote_port=info["port"], token=info["token"],
+               base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
+               ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
+               options=session_values(args))
+    if info["reused"]:
+        warn_options_differ(host, session, server_options(old, info), params["options"])
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
     save_record(run.state, rec)
     return rec, info
+
+
+def server_options(old, info: dict) -> dict:
+    """The start options the running server was started with, as far as anyone knows:
+    what the remote recorded, else the local record."""
+    if isinstance(info.get("options"), dict):
+        return info["options"]
+    if not old or "options" not in old:
+        return None  # started by an nbtunnel that did not record them
+    return {k: v for k, v in old["options"].items()
+            if k in {o.dest for o in session_options() if o.start}}
+
+
+def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
+    """Say so when a reattach asks for other start options than the server runs with."""
+    flags = {o.dest: o.flag for o in session_options()}
+    if was is None:
+        return
+    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if changed:
+        log.warning("warning: the server on %s (session %s) runs with other options than asked "
+                    "(%s); it keeps its own. To restart it with these, run: nbtunnel.py %s "
+                    "--session %s --terminate, then this command again", host, session,
+                    ", ".join("%s %s, asked %s" % (flags.get(k, k), json.dumps(was.get(k)),
+                                                   json.dumps(now.get(k))) for k in changed),
+                    host, session)
 
 
 def attach(run: Run, host: str, params: dict):
@@ -1493,7 +1731,7 @@ def environment_steps(args):
     """The shell steps of every environment plugin, in order, and the plugins that gave some."""
     steps, used = [], []
     for env in sorted(ENVIRONMENTS.values(), key=lambda e: getattr(e, "order", 50)):
-        got = env.steps(args)
+        got = [shell_step(env, step) for step in env.steps(args) or ()]
         if got:
             steps += got
             used.append(env)
@@ -1696,7 +1934,8 @@ def repair(run: Run, host: str, conn: Connection, old, params: dict):
     while not api_ok(rec):
         if time.monotonic() > deadline:
             raise Error(MSG_NOT_ANSWERING.format(host=host, session=rec["session"],
-                                                 port=rec["local_port"], log=rec.get("log")))
+                                                 port=rec["local_port"], log=rec.get("log")),
+                        kind="not-answering")
         time.sleep(0.3)
     return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
 
@@ -1724,16 +1963,11 @@ def cmd_ensure(run: Run, host: str) -> int:
 
 def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
-    text = str(err)
-    refusals = (MSG_AUTH.split("(")[0], MSG_HOSTKEY.split(":")[0],
-                MSG_HOSTKEY_CHANGED.split(" (")[0])
-    if any(text.startswith(m.format(host=conn.host)) for m in refusals):
+    if err.kind in SSH_REFUSALS:
         return False
-    if text.startswith(MSG_UNREACHABLE.split(":")[0].format(host=conn.host)):
-        return True
-    if " runs but does not answer through local port " in text:
-        return True  # the server is there but slow: look again later
-    if " did not answer within " in text:
+    if err.kind in ("unreachable", "not-answering"):
+        return True  # the link is down, or the server is there but slow: look again later
+    if err.kind == "no-answer":
         conn.close()  # a hung link: drop the master so that the next try reconnects
         return True
     return not conn.alive()
@@ -1850,26 +2084,19 @@ def program_argv() -> list:
 
 def service_argv(args, host: str, action: str, state: str, rec=None, plugins=()) -> list:
     """The nbtunnel command line a unit runs: ACTION (--ensure or --watch) with every option
-    in effect; the recorded session fills in ssh options, local port, app and manager."""
+    of the session in effect, and the recorded local port so that the URL stays the same."""
     rec = rec or {}
     argv = [host, action, "--session", args.session, "--state-dir", os.path.abspath(state)]
-    app = args.app or (None if args.jupyter else rec.get("app"))
-    manager = args.manager if args.manager != "tmux" else rec.get("manager", args.manager)
-    for option, value in (("--app", app), ("--jupyter", args.jupyter),
-                          ("--notebook-dir", args.notebook_dir), ("--manager", manager),
-                          ("--rc", args.rc), ("--remote-port", args.remote_port),
-                          ("--local-port", args.local_port or rec.get("local_port")),
-                          ("--tunnel", None if args.tunnel == "ssh" else args.tunnel)):
-        if value is not None:
-            argv += [option, str(value)]
-    if args.timeout != DEFAULT_TIMEOUT:
-        argv += ["--timeout", "%g" % args.timeout]
-    ssh = ssh_options(args)
-    if args.ssh_config:  # a relative path or ~ would mean something else under cron
-        ssh[ssh.index("-F") + 1] = os.path.abspath(os.path.expanduser(args.ssh_config))
-    if args.identity and "%" not in args.identity:
-        ssh[ssh.index("-i") + 1] = os.path.abspath(os.path.expanduser(args.identity))
-    argv += ssh or list(rec.get("ssh_options", []))  # same letters as ssh: -F -o -J -i
+    values = session_values(args)
+    if rec.get("local_port") and not values.get("local_port"):
+        values["local_port"] = rec["local_port"]
+    for path_option in ("ssh_config", "identity"):  # relative or ~ means something else
+        value = values.get(path_option)         # under cron
+        if value and value != "none" and "%" not in value:
+            values[path_option] = os.path.abspath(os.path.expanduser(value))
+    for option in session_options():
+        if values.get(option.dest) is not None:
+            argv += option.words(values[option.dest])
     for path in plugins:
         argv += ["--plugin", os.path.abspath(path)]
     return argv
@@ -2061,23 +2288,11 @@ def cmd_print_nginx(run: Run, host: str) -> int:
 
 # Command line ################################################################
 
-CONFIG_KEYS = {  # config-file key -> (argparse dest, type)
-    "session": ("session", str), "app": ("app", str), "jupyter": ("jupyter", str),
-    "notebook-dir": ("notebook_dir", str), "manager": ("manager", str), "rc": ("rc", str),
-    "local-port": ("local_port", str), "remote-port": ("remote_port", str),
-    "ssh-config": ("ssh_config", str), "ssh-option": ("ssh_option", list),
-    "jump": ("jump", str), "identity": ("identity", str), "accept-new": ("accept_new", bool),
-    "timeout": ("timeout", float), "tunnel": ("tunnel", str), "plugin": ("plugin", list),
-    "state-dir": ("state_dir", str), "nginx-listen": ("nginx_listen", str),
-    "setup": ("setup", str),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(
-        prog="nbtunnel", description="Start or reattach to Jupyter on a host you reach over "
-        "SSH, tunnel it to 127.0.0.1 here, and print the URL.")
+        prog="nbtunnel", allow_abbrev=False, description="Start or reattach to Jupyter on a "
+        "host you reach over SSH, tunnel it to 127.0.0.1 here, and print the URL.")
     p.add_argument("host", nargs="?", metavar="HOST",
                    help="ssh destination: host, user@host, ssh://user@host:port or an alias")
     act = p.add_mutually_exclusive_group()
@@ -2088,7 +2303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true",
                    help="stay in the foreground and keep the tunnel healthy; Ctrl-C closes the "
                    "tunnel (with --terminate: also stops the server)")
-    p.add_argument("--interval", metavar="SECONDS", type=float, default=5.0,
+    p.add_argument("--interval", metavar="SECONDS", default="5",
                    help="with --watch: seconds between health checks (default 5)")
     act.add_argument("--print-service", choices=("cron", "systemd", "launchd"),
                      help="print a crontab line, systemd unit or launchd plist that keeps "
@@ -2098,24 +2313,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
-    g.add_argument("--app", choices=sorted(APPS), help="Jupyter front end (default lab)")
-    g.add_argument("--jupyter", metavar="CMD", help="remote command that starts Jupyter")
-    g.add_argument("--notebook-dir", metavar="DIR", help="remote working directory (literal)")
-    g.add_argument("--manager", metavar="NAME", help="session manager plugin (default tmux)")
-    g.add_argument("--rc", metavar="FILE", help="remote shell file to source before launching")
-    g.add_argument("--remote-port", metavar="N", help="remote port (default: a free one)")
+    for option in SERVER_OPTIONS:
+        option.add_to(g)
     g = p.add_argument_group("the tunnel and ssh")
-    g.add_argument("--local-port", metavar="N", help="local port (default: a free one)")
-    g.add_argument("--tunnel", metavar="NAME", help="tunnel backend (default ssh)")
-    g.add_argument("-F", "--ssh-config", metavar="FILE", help="ssh config file (ssh -F)")
-    g.add_argument("-o", "--ssh-option", metavar="OPTION", action="append",
-                   help="ssh option, as ssh -o; repeatable")
-    g.add_argument("-J", "--jump", metavar="JUMP", help="jump host (ssh -J)")
-    g.add_argument("-i", "--identity", metavar="FILE", help="identity file (ssh -i)")
-    g.add_argument("--accept-new", action="store_true", default=None,
-                   help="accept an unknown host key once (never the default)")
-    g.add_argument("--timeout", metavar="SECONDS", type=float,
-                   help="bound on connecting and on server start-up (default %g)" % DEFAULT_TIMEOUT)
+    for option in TUNNEL_OPTIONS:
+        option.add_to(g)
     g = p.add_argument_group("nbtunnel")
     g.add_argument("--plugin", metavar="FILE", action="append", help="load a plugin file")
     g.add_argument("--config", metavar="FILE", help="config file (INI)")
@@ -2127,45 +2329,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="show every ssh command run")
     g.add_argument("--version", action="version", version="nbtunnel " + __version__)
-    for env in ENVIRONMENTS.values():
-        env.add_arguments(p)
+    groups = {}
+    for plugin, option in plugin_options():
+        if plugin.name not in groups:
+            groups[plugin.name] = p.add_argument_group(
+                "%s %s plugin" % (plugin.name, plugin.kind),
+                (type(plugin).__doc__ or "").strip().splitlines()[0] or None)
+        option.add_to(groups[plugin.name])
     return p
 
 
-def read_config(path):
-    """The INI config file as a ConfigParser (missing is fine, broken is an error)."""
+def config_path(args):
+    """The config file to read and whether it must exist (it must when named by --config)."""
+    if args.config:
+        return args.config, True
+    return os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+        "nbtunnel", "config.ini"), False
+
+
+def read_config(path, required: bool = False):
+    """The INI config file as a ConfigParser (missing is fine unless REQUIRED; broken is
+    an error)."""
     import configparser
 
     cfg = configparser.ConfigParser(interpolation=None)
+    if required and not os.path.isfile(path):
+        raise UsageError("config file %s not found" % path)
     if path and os.path.exists(path):
         try:
             cfg.read(path)
-        except configparser.Error as e:
-            raise UsageError("config file %s: %s" % (path, e))
+        except (configparser.Error, OSError, UnicodeDecodeError) as e:
+            raise UsageError("config file %s: %s" % (path, e)) from None
     return cfg
 
 
+def config_section(cfg, host) -> dict:
+    """The config keys in effect for HOST: its [host HOST] section over [DEFAULT]."""
+    name = "host %s" % host
+    section = dict(cfg[name]) if host and cfg.has_section(name) else dict(cfg.defaults())
+    known = {o.key for o in session_options()} | set(RUN_KEYS) | {"host"}
+    unknown = sorted(set(section) - known)
+    if host and cfg.has_section(name) and cfg[name].get("plugin") != cfg.defaults().get("plugin"):
+        raise UsageError("config file: plugin = ... belongs in [DEFAULT] (plugins are loaded "
+                         "before the host is known)")
+    if unknown:
+        raise UsageError("config file: unknown key %r (known: %s)"
+                         % (unknown[0], ", ".join(sorted(known))))
+    return section
+
+
 def apply_config(args, cfg, host) -> None:
-    """Fill options not given on the command line from [host HOST] or [DEFAULT]."""
-    section = cfg["host " + host] if host and cfg.has_section("host " + host) else cfg.defaults()
-    for key, value in section.items():
-        if key == "host":
-            continue
-        if key not in CONFIG_KEYS:
-            raise UsageError("config file: unknown key %r" % key)
-        dest, kind = CONFIG_KEYS[key]
-        if getattr(args, dest, None) not in (None, []):
-            continue
-        if kind is bool:
-            value = value.strip().lower() in ("1", "yes", "true", "on")
-        elif kind is list:
-            value = value.split()
-        elif kind is float:
-            try:
-                value = float(value)
-            except ValueError:
-                raise UsageError("config file: %s must be a number, not %r" % (key, value))
-        setattr(args, dest, value)
+    """Fill what the command line left open from the config section of HOST."""
+    section = config_section(cfg, host)
+    for key, (dest, multiple) in RUN_KEYS.items():
+        if key in section and getattr(args, dest, None) in (None, []):
+            value = section[key]
+            setattr(args, dest, [v.strip() for v in value.splitlines() if v.strip()]
+                    if multiple else value.strip())
+    for option in session_options():
+        if getattr(args, option.dest, None) is None and option.key in section:
+            setattr(args, option.dest, option.from_config(section[option.key]))
+            args.origin[option.dest] = "config file"
+
+
+def apply_record(args, rec) -> None:
+    """Fill what the command line and config left open from the session's record."""
+    recorded = dict((rec or {}).get("options") or {})
+    if rec and "options" not in rec:  # a record from before options were recorded
+        recorded = {"manager": rec.get("manager")}
+    for option in session_options():
+        if getattr(args, option.dest, None) is None and recorded.get(option.dest) is not None:
+            setattr(args, option.dest, recorded[option.dest])
+            args.origin[option.dest] = "record"
 
 
 def resolve_host(args, cfg, records):
@@ -2173,9 +2409,9 @@ def resolve_host(args, cfg, records):
     if args.host:
         return args.host
     if cfg.defaults().get("host"):
-        return cfg.defaults()["host"]
+        return cfg.defaults()["host"].strip()
     candidates = records
-    if args.session_given:
+    if args.session is not None:
         candidates = [r for r in records if r["session"] == args.session]
     if len(candidates) == 1:
         args.session = candidates[0]["session"]
@@ -2187,6 +2423,50 @@ def resolve_host(args, cfg, records):
     raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
 
 
+def resolve(args, cfg, records):
+    """Decide every setting of this run, once: HOST, then each option from the command
+    line, the config section of that HOST, the session's record, the default.  Returns
+    HOST (None for --status without one, or --terminate with nothing recorded)."""
+    args.origin = {o.dest: "command line" for o in session_options()
+                   if getattr(args, o.dest, None) is not None}
+    host = None if args.status and not args.host else resolve_host(args, cfg, records)
+    if host is not None:
+        check_host(host)
+    apply_config(args, cfg, host)
+    args.session_given = args.session is not None
+    args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
+    if host is not None and not args.status:
+        apply_record(args, find_record(records, host, args.session))
+    for option in session_options():
+        value = getattr(args, option.dest, None)
+        if value is not None:
+            setattr(args, option.dest, option.convert(value, args.origin[option.dest]))
+    check_ssh_args(args)
+    args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
+    args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
+                                  else "sshtunnel")
+    args.timeout = args.timeout or DEFAULT_TIMEOUT
+    get("manager", args.manager)
+    get("tunnel", args.tunnel)
+    try:
+        args.interval = seconds(args.interval)
+        if args.interval > 3600:
+            raise ValueError("at most 3600")
+    except ValueError:
+        raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
+                         % (args.interval,)) from None
+    if args.watch and (args.status or args.ensure):
+        raise UsageError("--watch cannot be combined with --%s"
+                         % ("status" if args.status else "ensure"))
+    return host
+
+
+def session_values(args, start_only: bool = False) -> dict:
+    """The options in effect that were asked for (not defaults), as recorded."""
+    return {o.dest: getattr(args, o.dest) for o in session_options()
+            if o.dest in args.origin and (o.start or not start_only)}
+
+
 def configure_logging(args) -> None:
     """stderr messages: -q errors only, -v every ssh command."""
     handler = logging.StreamHandler(sys.stderr)
@@ -2196,46 +2476,38 @@ def configure_logging(args) -> None:
     log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)
 
 
-def main(argv=None) -> int:
-    """Run nbtunnel with ARGV; return the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+def early_options(argv):
+    """What must be known before the parser can be built: -v/-q, --config, --plugin."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plugin", action="append", default=[])
+    pre.add_argument("--config")
     pre.add_argument("-v", "--verbose", action="store_true")
     pre.add_argument("-q", "--quiet", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    configure_logging(known)
-    load_plugins(plugin_files(known.plugin))
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.session_given = args.session is not None
+    return known
+
+
+def main(argv=None) -> int:
+    """Run nbtunnel with ARGV; return the exit code.  The one place that turns errors
+    into messages and exit codes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = early_options(argv)
+    configure_logging(early)
+    args = None
     try:
-        cfg = read_config(args.config or os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
-            os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
-            "nbtunnel", "config.ini"))
-        apply_config(args, cfg, args.host or cfg.defaults().get("host"))
-        args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
-        args.local_port = check_port(args.local_port, "--local-port")
-        args.remote_port = check_port(args.remote_port, "--remote-port")
-        check_ssh_args(args)
-        args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
-        args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
-                                      else "sshtunnel")
-        args.timeout = args.timeout if args.timeout and args.timeout > 0 else DEFAULT_TIMEOUT
-        get("manager", args.manager)
-        get("tunnel", args.tunnel)
-        if args.watch and (args.status or args.ensure):
-            raise UsageError("--watch cannot be combined with --%s"
-                             % ("status" if args.status else "ensure"))
-        if not 0 < args.interval <= 3600:
-            raise UsageError("invalid --interval %g: must be more than 0 and at most 3600"
-                             % args.interval)
-        run = Run(args)
+        if os.name != "posix" or not hasattr(os, "getuid"):
+            raise Error("nbtunnel runs on Linux and macOS (it needs POSIX and OpenSSH); on "
+                        "Windows, run it inside WSL")
+        cfg = read_config(*config_path(early))
+        # Plugins bring options of their own, so they are loaded before the parser is
+        # built: those of --plugin, else those the config file's [DEFAULT] names.
+        plugins = early.plugin or cfg.defaults().get("plugin", "").splitlines()
+        load_plugins(plugin_files([p.strip() for p in plugins if p.strip()]))
+        args = build_parser().parse_args(argv)
+        run = Run(args, cfg)
+        host = resolve(args, cfg, run.records)
         if args.status:
-            return cmd_status(run, args.host)
-        host = resolve_host(args, cfg, run.records)
-        if host is not None:
-            check_host(host)
+            return cmd_status(run, host)
         if args.print_service:
             return cmd_print_service(run, host)
         if args.print_nginx:
@@ -2252,14 +2524,19 @@ def main(argv=None) -> int:
             return cmd_terminate(run, host)
         return cmd_start(run, host)
     except Error as e:
-        text = str(e)
-        if args.ensure and not args.verbose:  # cron mail: one line says why
+        text = e.text()
+        if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why
             text = text.splitlines()[0]
         log.error("error: %s", text)
         return e.code
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Exception as e:  # a bug, or an OS error nobody foresaw: one line, not a traceback
+        log.debug("traceback:", exc_info=True)
+        log.error("error: %s: %s%s", type(e).__name__, e,
+                  "" if early.verbose else " (run with -v for the traceback)")
+        return 1
 
 
 # A plugin's `import nbtunnel` must find this running module, not load a second copy.

@@ -41,13 +41,11 @@ case ${x##*/} in
 esac
 """
 
-FAIL = "nbtunnel: --conda: cannot activate the environment $NBT_CONDA"
-
-SH = r"""nbt_exe=$(sh -c 'eval "$NBT_CONDA_FIND"') || exit 1
+SH = r"""nbt_exe=$(sh -c 'eval "$NBT_CONDA_FIND"') &&
 case ${nbt_exe##*/} in
     conda) eval "$("$nbt_exe" shell.posix hook)" && conda activate "$NBT_CONDA" ;;
     *) eval "$("$nbt_exe" shell hook -s posix)" && "${nbt_exe##*/}" activate "$NBT_CONDA" ;;
-esac || { echo "%s" >&2; exit 1; }""" % FAIL
+esac"""
 
 FISH = r"""set -l nbt_exe (sh -c 'eval "$NBT_CONDA_FIND"'); or exit 1
 set -l nbt_name (string replace -r '.*/' '' -- $nbt_exe)
@@ -55,14 +53,10 @@ if test "$nbt_name" = conda
     $nbt_exe shell.fish hook | source; and conda activate $NBT_CONDA
 else
     $nbt_exe shell hook -s fish | source; and $nbt_name activate $NBT_CONDA
-end
-or begin; echo "%s" >&2; exit 1; end""" % FAIL
+end"""
 
 CSH = r"""eval "`printenv NBT_CONDA_CSH | sh`"
-if ( ! $?NBT_CONDA_OK ) then
-echo "%s" > /dev/stderr
-exit 1
-endif""" % FAIL.replace(" $NBT_CONDA", "")
+test $?NBT_CONDA_OK = 1"""
 
 
 class Conda(nbtunnel.ShellEnvironment):
@@ -70,20 +64,16 @@ class Conda(nbtunnel.ShellEnvironment):
 
     name = "conda"
     order = 40
-
-    def add_arguments(self, parser):
-        """One option, also accepted as `conda = ENV` in the config file."""
-        parser.add_argument("--conda", metavar="ENV",
-                            help="activate this conda/mamba/micromamba environment (name or path)")
-        nbtunnel.CONFIG_KEYS["conda"] = ("conda", str)
+    options = [nbtunnel.Option("--conda", "activate this conda/mamba/micromamba environment "
+                               "(name or path)", metavar="ENV")]
 
     def steps(self, args):
-        """Find the tool, run its shell hook, activate ENV; fail loudly if any of it fails."""
-        if not getattr(args, "conda", None):
+        """Find the tool, run its shell hook, activate ENV."""
+        if not args.conda:
             return []
-        return [dict(vars={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND,
+        return [dict(data={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND,
                            "NBT_CONDA_CSH": CSH_ACTIVATE},
-                     sh=SH, fish=FISH, csh=CSH)]
+                     fail="--conda: cannot activate the environment", sh=SH, fish=FISH, csh=CSH)]
 
 
 nbtunnel.register(Conda())

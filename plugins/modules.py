@@ -4,7 +4,7 @@ Works with Lmod and with environment-modules (Tcl), in sh-family shells,
 fish and csh/tcsh.  When the login shell has not defined `module` (zsh, fish
 and tcsh login files often do not), the plugin sources the init file for that
 shell from $MODULESHOME or the usual install places first.  Names travel as
-data in $NBT_MODULE_<i>, never as shell text.
+data in $NBT_MODULES_<i>, never as shell text.
 """
 
 import nbtunnel
@@ -36,36 +36,24 @@ INIT_CSH = "\n".join(
      'endif'] +
     ['if ( "`alias module`" == "" && -r %s/init/tcsh ) source %s/init/tcsh' % (d, d) for d in DIRS])
 
-FAIL = "nbtunnel: module load $%s failed"
-
-
 class Modules(nbtunnel.ShellEnvironment):
     """--module NAME: `module load NAME` for each, in order."""
 
     name = "modules"
     order = 30
-
-    def add_arguments(self, parser):
-        """Repeatable; `module = a b` in the config file."""
-        parser.add_argument("--module", metavar="NAME", action="append",
-                            help="run `module load NAME` (Lmod, environment-modules); repeatable")
-        nbtunnel.CONFIG_KEYS["module"] = ("module", list)
+    options = [nbtunnel.Option("--module", "run `module load NAME` (Lmod, environment-modules); "
+                               "repeatable", metavar="NAME", multiple=True)]
 
     def steps(self, args):
         """Define `module` if needed, then load each module; a failed load fails the start."""
-        names = getattr(args, "module", None) or []
-        if not names:
+        if not args.module:
             return []
-        steps = [dict(vars={}, sh=INIT_SH, fish=INIT_FISH, csh=INIT_CSH)]
-        for i, name in enumerate(names):
-            var = "NBT_MODULE_%d" % i
-            fail = FAIL % var
-            steps.append(dict(
-                vars={var: name},
-                sh='module load "$%s" || { echo "%s" >&2; exit 1; }' % (var, fail),
-                fish='module load $%s; or begin; echo "%s" >&2; exit 1; end' % (var, fail),
-                csh='module load $%s:q\nif ( $status != 0 ) then\necho "%s" > /dev/stderr\n'
-                    'exit 1\nendif' % (var, fail.replace(" $" + var, ""))))
+        steps = [dict(sh=INIT_SH, fish=INIT_FISH, csh=INIT_CSH)]
+        for i, name in enumerate(args.module):
+            var = "NBT_MODULES_%d" % i
+            steps.append(dict(data={var: name}, fail="module load failed",
+                              sh='module load "$%s"' % var, fish="module load $%s" % var,
+                              csh="module load $%s:q" % var))
         return steps
 
 

@@ -53,7 +53,7 @@ def option_words(options):
 def settings(host, options):
     """Effective HostName, User, Port, IdentityFile and known_hosts files for HOST."""
     if shutil.which("ssh"):  # ssh -G: exactly what ssh itself would use
-        r = subprocess.run(["ssh", "-G"] + list(options) + [host], stdin=subprocess.DEVNULL,
+        r = nbtunnel.subproc(["ssh", "-G"] + list(options) + [host], stdin=subprocess.DEVNULL,
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise nbtunnel.Error("ssh -G %s failed: %s" % (host, r.stderr.strip()))

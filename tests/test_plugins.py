@@ -113,7 +113,7 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    desc = nbtunnel.get("manager", manager).describe("s.1")
+    desc = nbtunnel.describe_manager(nbtunnel.get("manager", manager), "s.1")
     state = remote.home / ".local/state/nbtunnel"
     fill = {"@PYTHON@": "/usr/bin/python3", "@PIDFILE@": str(state / "s.1.pid"), "@OUTPUT@": str(state / "s.1.out")}
     argv = [fill.get(w, w) for w in desc["log"]]
@@ -396,7 +396,7 @@ def test_remote_code_of_plugins_parses_as_python_36():
     ast.parse(sys.modules["nbtunnel_plugin_screen"].EXACT, feature_version=(3, 6))
     ast.parse(sys.modules["nbtunnel_plugin_nohup"].PID, feature_version=(3, 6))
     for name in MANAGERS:
-        desc = nbtunnel.get("manager", name).describe("x")
+        desc = nbtunnel.describe_manager(nbtunnel.get("manager", name), "x")
         assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}
         assert desc["detach"] is (name == "nohup")
 

@@ -48,7 +48,7 @@ def test_shell_line_round_trips_hostile_words_through_sh():
 
 def test_tmux_start_line_is_safe_in_every_shell():
     """The tmux command line holds only placeholders and constant code: same meaning in any shell."""
-    start = nbtunnel.Tmux().describe("s")["start"]
+    start = nbtunnel.describe_manager(nbtunnel.Tmux(), "s")["start"]
     line = start[-1].replace("@PYTHON@", "/usr/bin/python3").replace("@LAUNCH@", "QUJD+/=")
     assert "\\" not in line and "\n" not in line and "$" not in line and "!" not in line
     assert nbtunnel.REMOTE_COMMAND.count("'") == 0 and '"' not in nbtunnel.REMOTE_COMMAND
@@ -82,11 +82,40 @@ def test_nbtunnel_parses_as_python_38():
 
 
 def test_ssh_errors_are_classified():
-    assert "--accept-new" in nbtunnel.classify_ssh_error("h", "Host key verification failed.\n")
-    assert "CHANGED" in nbtunnel.classify_ssh_error("h", "@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @")
-    assert "ssh-agent" in nbtunnel.classify_ssh_error("h", "u@h: Permission denied (publickey).")
-    msg = nbtunnel.classify_ssh_error("myhost", "ssh: connect to host x port 22: Connection refused")
-    assert msg.startswith("cannot reach myhost") and "Connection refused" in msg
+    def classify(text):
+        err = nbtunnel.classify_ssh_error("myhost", text)
+        return err.kind, str(err)
+
+    kind, msg = classify("Host key verification failed.\n")
+    assert kind == "hostkey-unknown" and "--accept-new" in msg
+    kind, msg = classify("@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @")
+    assert kind == "hostkey-changed" and "CHANGED" in msg
+    kind, msg = classify("u@h: Permission denied (publickey).")
+    assert kind == "auth" and "ssh-agent" in msg
+    kind, msg = classify("ssh: connect to host x port 22: Connection refused")
+    assert kind == "unreachable" and msg.startswith("cannot reach myhost") and "Connection refused" in msg
+
+
+@pytest.mark.parametrize("code,stderr,kind", [
+    (255, "/bin/sh: 1: exec: nc: not found\nkex_exchange_identification: Connection closed", "unreachable"),
+    (127, "bash: line 1: python3: command not found\nbash: line 1: python: command not found", "no-python"),
+    (127, "fish: Unknown command: python3\nfish: Unknown command: python", "no-python"),
+    (1, "python3: Command not found.\npython: Command not found.", "no-python"),
+    (255, "u@h: Permission denied (publickey).", "auth"),
+    (1, "something else entirely", "no-answer"),
+])
+def test_helper_failures_keep_their_kind(code, stderr, kind):
+    """A ProxyCommand's `nc: not found` is the link failing, not a missing python."""
+    with pytest.raises(nbtunnel.Error) as e:
+        nbtunnel.parse_result("myhost", "", stderr, code)
+    assert e.value.kind == kind and "myhost" in str(e.value)
+
+
+def test_remote_failure_kind_survives_the_wire():
+    line = nbtunnel.RESULT_MARK + '{"ok": false, "kind": "no-dir", "message": "no such dir", "log_tail": "x"}'
+    with pytest.raises(nbtunnel.RemoteError) as e:
+        nbtunnel.parse_result("h", "banner\n" + line + "\n", "", 0)
+    assert e.value.kind == "no-dir" and e.value.log_tail == "x" and "remote log" in e.value.text()
 
 
 def test_copied_alone_the_file_works(tmp_path):
@@ -106,17 +135,116 @@ def test_pip_install_gives_a_command(tmp_path):
     assert proc.returncode == 0 and nbtunnel.__version__ in proc.stdout
 
 
-def test_config_file_values_and_command_line_precedence(tmp_path):
-    cfg = tmp_path / "c.ini"
-    cfg.write_text("[DEFAULT]\nhost = h1\ntimeout = 7\n\n[host h1]\nnotebook-dir = ~/work\nsession = s1\n")
-    parser = nbtunnel.build_parser()
-    args = parser.parse_args(["--session", "cli"])
-    nbtunnel.apply_config(args, nbtunnel.read_config(str(cfg)), "h1")
-    assert args.session == "cli" and args.notebook_dir == "~/work" and args.timeout == 7.0
-    bad = tmp_path / "bad.ini"
-    bad.write_text("[DEFAULT]\nno-such-key = 1\n")
+def resolved(argv, cfg_text="", records=()):
+    """The settings of a run of ARGV with config CFG_TEXT and RECORDS: (host, args)."""
+    import configparser
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read_string(cfg_text)
+    args = nbtunnel.build_parser().parse_args(argv)
+    return nbtunnel.resolve(args, cfg, list(records)), args
+
+
+def test_config_file_values_and_command_line_precedence():
+    text = "[DEFAULT]\nhost = h1\ntimeout = 7\n\n[host h1]\nnotebook-dir = ~/work\nsession = s1\n"
+    host, args = resolved(["--session", "cli"], text)
+    assert host == "h1" and args.session == "cli" and args.notebook_dir == "~/work" and args.timeout == 7.0
     with pytest.raises(nbtunnel.UsageError):
-        nbtunnel.apply_config(parser.parse_args([]), nbtunnel.read_config(str(bad)), None)
+        resolved([], "[DEFAULT]\nno-such-key = 1\n")
+
+
+def test_host_section_applies_when_host_comes_from_the_only_record():
+    """`[host h1] notebook-dir` holds for a bare run that takes h1 from the only record."""
+    rec = dict(host="h1", session="nbtunnel", options={})
+    host, args = resolved([], "[host h1]\nnotebook-dir = ~/cfgdir\n", [rec])
+    assert host == "h1" and args.notebook_dir == "~/cfgdir"
+
+
+def test_record_fills_what_command_line_and_config_leave_open():
+    rec = dict(host="h1", session="nbtunnel", options={"notebook_dir": "/data/nb", "app": "server"})
+    host, args = resolved(["h1", "--ensure"], "", [rec])
+    assert args.notebook_dir == "/data/nb" and args.app == "server"
+    host, args = resolved(["h1", "--ensure", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
+    assert args.app == "lab" and args.notebook_dir == "/cfg"  # command line, then config, then record
+
+
+@pytest.mark.parametrize("argv,text,words", [
+    (["h", "--timeout", "inf"], "", "--timeout"),
+    (["h", "--timeout", "nan"], "", "--timeout"),
+    (["h", "--timeout", "-5"], "", "--timeout"),
+    (["h", "--timeout", "0"], "", "--timeout"),
+    (["h"], "[DEFAULT]\ntimeout = inf\n", "--timeout"),
+    (["h"], "[DEFAULT]\napp = evil\n", "--app"),
+    (["h"], "[DEFAULT]\nremote-port = 99999\n", "--remote-port"),
+    (["h"], "[DEFAULT]\naccept-new = maybe\n", "accept-new"),
+    (["h", "--interval", "inf"], "", "--interval"),
+])
+def test_bad_values_are_usage_errors_wherever_they_come_from(argv, text, words):
+    with pytest.raises(nbtunnel.UsageError) as e:
+        resolved(argv, text)
+    assert words in str(e.value)
+
+
+def test_config_ssh_option_is_one_per_line():
+    host, args = resolved(["h"], "[DEFAULT]\nssh-option = ServerAliveInterval 20\n    Compression yes\n")
+    assert args.ssh_option == ["ServerAliveInterval 20", "Compression yes"]
+    assert nbtunnel.ssh_options(args) == ["-o", "ServerAliveInterval 20", "-o", "Compression yes"]
+
+
+def test_option_abbreviations_are_off():
+    with pytest.raises(SystemExit):
+        nbtunnel.build_parser().parse_args(["h", "--time", "5"])
+
+
+def test_missing_config_file_given_by_option_is_an_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "nbtunnel.py"), "h", "--config", str(tmp_path / "no.ini")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "no.ini not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unexpected_errors_are_one_line_without_traceback(tmp_path):
+    """A state dir that cannot be created: a message, no traceback (and -v gives it)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    argv = [sys.executable, str(REPO / "nbtunnel.py"), "h", "--state-dir", str(blocker / "sub")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+def test_windows_is_refused_clearly():
+    """Not POSIX (there, os has no getuid): a clear message, no traceback."""
+    code = ("import os, sys, runpy; del os.getuid; sys.argv = ['nbtunnel', 'h'];"
+            "runpy.run_path(%r, run_name='__main__')" % str(REPO / "nbtunnel.py"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "WSL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plugin_option_from_config_is_converted_and_checked():
+    class Ports(nbtunnel.ShellEnvironment):
+        name = "portsx"
+        options = [nbtunnel.Option("--portsx", "a port", type=nbtunnel.port)]
+
+    plugin = Ports()
+    nbtunnel.register(plugin)
+    try:
+        host, args = resolved(["h"], "[DEFAULT]\nportsx = 8080\n")
+        assert args.portsx == 8080
+        with pytest.raises(nbtunnel.UsageError):
+            resolved(["h"], "[DEFAULT]\nportsx = 80x\n")
+    finally:
+        del nbtunnel.ENVIRONMENTS["portsx"]
+
+
+def test_environment_data_of_two_plugins_cannot_collide():
+    class Thief(nbtunnel.ShellEnvironment):
+        name = "thief"
+
+    with pytest.raises(nbtunnel.Error) as e:
+        nbtunnel.shell_step(Thief(), dict(data={"NBT_CONDA": "x"}, sh=":", fish=":", csh=":"))
+    assert "NBT_THIEF" in str(e.value)
+    step = nbtunnel.shell_step(Thief(), dict(data={"NBT_THIEF_A": "$(id)"}, fail="it failed",
+                                             sh="true", fish="true", csh="true"))
+    assert step["vars"] == {"NBT_THIEF_A": "$(id)"} and "nbtunnel: it failed" in step["sh"]
 
 
 @pytest.mark.parametrize("host", ["h", "user@h.example.org", "ssh://u@h:2222", "10.0.0.1", "fe80::1%eth0",
