@@ -2334,7 +2334,7 @@ def build_parser() -> argparse.ArgumentParser:
         if plugin.name not in groups:
             groups[plugin.name] = p.add_argument_group(
                 "%s %s plugin" % (plugin.name, plugin.kind),
-                (type(plugin).__doc__ or "").strip().splitlines()[0] or None)
+                ((type(plugin).__doc__ or "").strip().splitlines() or [None])[0])
         option.add_to(groups[plugin.name])
     return p
 
