@@ -1599,11 +1599,11 @@ class Run:
         """The session manager plugin chosen for this run."""
         return get("manager", name or self.args.manager)
 
-    def params(self, session: str) -> dict:
-        """What every remote operation is told."""
+    def params(self, session: str, **extra) -> dict:
+        """What a remote operation on SESSION is told: this one place builds it."""
         managers = {n: describe_manager(m, session) for n, m in MANAGERS.items()}
         return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
-                    managers=managers)
+                    managers=managers, **extra)
 
 
 def start_params(run: Run) -> dict:
@@ -1615,10 +1615,10 @@ def start_params(run: Run) -> dict:
     log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", mgr.name,
               mgr.source, tunnel.name, tunnel.source, ", ".join(
                   "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
-    return dict(run.params(args.session), argv=jupyter_argv(app, args.jupyter) + server_args(),
-                app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
-                env_steps=steps, environment=[e.name for e in used],
-                options=session_values(args, start_only=True))
+    return run.params(args.session, argv=jupyter_argv(app, args.jupyter) + server_args(),
+                      app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
+                      env_steps=steps, environment=[e.name for e in used],
+                      options=session_values(args, start_only=True))
 
 
 def fresh_record(run: Run, host: str, session: str):
@@ -1814,7 +1814,7 @@ def cmd_status(run: Run, host) -> int:
             up = conn.alive()
             # Over the master when it runs; otherwise over a connection of its own that
             # ends with the command: one handshake either way, and nothing left running.
-            params = dict(run.params(recs[0]["session"]), sessions=[r["session"] for r in recs])
+            params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs])
             for a in conn.run_helper("status", params, timeout=args.timeout + 10):
                 answers[a["session"]] = a
         except Error as e:
@@ -1869,9 +1869,7 @@ def cmd_terminate(run: Run, host: str) -> int:
         conn = run.connection(host, rec)
         conn.open()
         try:
-            params = dict(run.params(session), force=args.force)
-            if rec and rec.get("manager") in MANAGERS:
-                params["manager"] = params["managers"][rec["manager"]]
+            params = run.params(session, force=args.force)
             result = conn.run_helper("stop", params, timeout=args.timeout * 2 + 30)
         except BaseException:
             if conn.opened_here:
@@ -1984,7 +1982,7 @@ def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict)
         log.warning("the connection to %s is down; reconnecting", host)
     tunnel_was_up = conn.alive() and local_port_open(rec["local_port"])
     conn.open()
-    state = conn.run_helper("status", dict(run.params(session), sessions=[session]),
+    state = conn.run_helper("status", run.params(session, sessions=[session]),
                             timeout=min(args.timeout, 15))[0]
     if state["server"] != "running" and state.get("ended") != "died":
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,

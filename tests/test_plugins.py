@@ -201,13 +201,12 @@ import nbtunnel
 class Greeting(nbtunnel.ShellEnvironment):
     name = "greeting"
 
-    def add_arguments(self, parser):
-        parser.add_argument("--greeting")
+    options = [nbtunnel.Option("--greeting", "what GREETING says")]
 
     def steps(self, args):
         if not args.greeting:
             return []
-        return [dict(vars={"NBT_GREETING": args.greeting},
+        return [dict(data={"NBT_GREETING": args.greeting},
                      sh='export GREETING="$NBT_GREETING"', fish="set -gx GREETING $NBT_GREETING",
                      csh="setenv GREETING $NBT_GREETING:q")]
 
@@ -267,7 +266,7 @@ def test_broken_plugins_warn_and_the_rest_work(nbt, remote, tmp_path):
     assert "boom from plugin" in proc.stderr and "SyntaxError" in proc.stderr
     assert "register an instance, not the class" in proc.stderr
     assert "start() must return an argv list" in proc.stderr
-    assert "has no valid kind" in proc.stderr and "lacks alive, stop, log, describe" in proc.stderr
+    assert "has no valid kind" in proc.stderr and "lacks alive, stop, log" in proc.stderr
 
     # the good plugin, found next to the broken ones, serves a real session
     run = nbt.run(remote.alias, "--json", "--manager", "privtmux", env=env)

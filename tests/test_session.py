@@ -1,0 +1,81 @@
+"""One session, resolved once: what a start asked for is what every later step uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import run_kernel_code, wait_until
+from unattended import api_status, ensure, jupyter_pids, start
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import nbtunnel  # noqa: E402
+
+
+def server_cwd(info: dict) -> str:
+    """The working directory of the kernel of the server INFO, through the tunnel."""
+    return run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
+                           "import os; print(os.getcwd(), end='')")
+
+
+def test_ensure_restarts_a_dead_server_with_its_notebook_dir(nbt, remote):
+    work = remote.home / "nbdir with space"
+    remote.run(["mkdir", "-p", str(work)], check=True)
+    info = start(nbt, "--notebook-dir", "nbdir with space")
+    assert server_cwd(info) == str(work)
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    proc = ensure(nbt)  # no options at all: the record says where it ran
+    assert proc.returncode == 0, proc.stderr
+    assert "restarted Jupyter" in proc.stdout
+    again = nbt.status()[0]
+    assert api_status(again["url"]) == 200 and again["token"] == info["token"]
+    assert server_cwd(again) == str(work)
+
+
+def test_reattach_with_other_server_options_says_so(nbt, remote):
+    remote.run(["mkdir", "-p", str(remote.home / "other")], check=True)
+    info = start(nbt)
+    proc = nbt.run(remote.alias, "--json", "--notebook-dir", "other", "--setup", "true")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["reused"] is True and again["url"] == info["url"]
+    assert "runs with other options than asked" in proc.stderr
+    assert "--notebook-dir" in proc.stderr and "--setup" in proc.stderr and "--terminate" in proc.stderr
+    same = nbt.run(remote.alias, "--json")  # asking nothing new: nothing to say
+    assert same.returncode == 0 and "other options" not in same.stderr, same.stderr
+
+
+def test_host_section_of_the_host_from_the_only_record(nbt, remote, tmp_path):
+    """`[host H] notebook-dir` applies to a bare run that finds H in the only record."""
+    remote.run(["mkdir", "-p", str(remote.home / "fromcfg")], check=True)
+    info = start(nbt)
+    nbt.config_file.write_text(f"[host {remote.alias}]\nnotebook-dir = fromcfg\n")
+    proc = nbt.run("--json")  # HOST from the record; the section of that HOST applies
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["reused"] is True
+    assert "--notebook-dir" in proc.stderr and "fromcfg" in proc.stderr
+    assert nbt.run("--terminate").returncode == 0
+    proc = nbt.run(remote.alias, "--json")
+    assert server_cwd(json.loads(proc.stdout)) == str(remote.home / "fromcfg")
+    assert info["host"] == remote.alias
+
+
+@pytest.mark.parametrize("kind", ["cron", "systemd"])
+def test_print_service_keeps_every_option(nbt, remote, tmp_path, kind):
+    plugin = tmp_path / "greet.py"
+    plugin.write_text("import nbtunnel\n\nclass G(nbtunnel.ShellEnvironment):\n    name = 'greet'\n"
+                      "    options = [nbtunnel.Option('--greet', 'greeting')]\n\nnbtunnel.register(G())\n")
+    proc = nbt.run(remote.alias, "--print-service", kind, "--plugin", str(plugin), "--greet", "hi there",
+                   "--conda", "my env", "--module", "gcc/12", "--module", "cuda", "--setup", "echo 'x'",
+                   "--notebook-dir", "nb", "-o", "ServerAliveInterval=20", "--timeout", "45")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for word in ("--greet", "hi there", "--conda", "my env", "--module", "gcc/12", "cuda", "--setup",
+                 "--notebook-dir", "ServerAliveInterval=20", "--timeout", "45", str(plugin)):
+        assert word in text, (word, text)
