@@ -49,7 +49,7 @@ import time
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks, one run at a time is up to the user
+except ImportError:  # not POSIX: main() refuses to run, with a message that says why
     fcntl = None
 
 __version__ = "0.1.0"
@@ -1490,7 +1490,7 @@ def locked(directory: str, host: str, session: str, timeout=None):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + (timeout or 0)
-        while fcntl:
+        while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
                 break
@@ -2493,7 +2493,7 @@ def main(argv=None) -> int:
     configure_logging(early)
     args = None
     try:
-        if os.name != "posix" or not hasattr(os, "getuid"):
+        if os.name != "posix" or not hasattr(os, "getuid") or fcntl is None:
             raise Error("nbtunnel runs on Linux and macOS (it needs POSIX and OpenSSH); on "
                         "Windows, run it inside WSL")
         cfg = read_config(*config_path(early))

@@ -1,7 +1,7 @@
 """The sshtunnel backend: ``--tunnel sshtunnel`` makes the forward in this process.
 
 For machines where OpenSSH's client cannot hold the forward (no ``ssh`` binary,
-e.g. some Windows set-ups, or ControlMaster is unavailable): the ``sshtunnel``
+or ControlMaster is unavailable): the ``sshtunnel``
 package (paramiko) opens the forward itself, so nbtunnel stays in the
 foreground until Ctrl-C (or SIGTERM) and then closes it; the server keeps
 running.  It is chosen by ``--tunnel sshtunnel``, and by default when no ``ssh``
