@@ -187,7 +187,9 @@ def check_ssh_args(args) -> None:
             ("-o", o) for o in args.ssh_option or ()]:
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
             raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
-    for what, value in (("--ssh-config", args.ssh_config), ("-i", args.identity)):
+    origin = getattr(args, "origin", {})
+    for what, dest in (("--ssh-config", "ssh_config"), ("-i", "identity")):
+        value = None if origin.get(dest) == "record" else getattr(args, dest)  # checked then
         if value and value != "none" and "%" not in value and not os.path.exists(
                 os.path.expanduser(value)):
             raise UsageError("%s file %r not found on this machine" % (what, value))
@@ -310,7 +312,7 @@ class Option:
             except (ValueError, UsageError) as e:
                 raise UsageError("invalid %s %r (%s): %s" % (self.flag, one, where, e)) from None
             if self.choices and one not in self.choices:
-                raise UsageError("invalid %s %r (%s): choose from %s" % (
+                raise UsageError("invalid choice for %s: %r (%s); choose from %s" % (
                     self.flag, one, where, ", ".join(self.choices)))
             out.append(one)
         return out if self.multiple else out[0]
@@ -320,8 +322,8 @@ class Option:
         if self.switch:
             return [self.flag] if value else []
         values = value if self.multiple else [value]
-        return [w for one in values for w in (self.flag, "%g" % one if isinstance(one, float)
-                                                else str(one))]
+        return [w for one in values for w in (self.short or self.flag, "%g" % one
+                                                if isinstance(one, float) else str(one))]
 
 
 # The options that make up a session, in the order --help lists them.  Plugins add
@@ -375,6 +377,19 @@ def ssh_options(args) -> list:
     if args.accept_new:
         words += ["-o", "StrictHostKeyChecking=accept-new"]
     return words
+
+
+def ssh_values(words) -> dict:
+    """The option values that ssh argv WORDS (as ssh_options makes them) stand for."""
+    values, flags = {}, {"-F": "ssh_config", "-J": "jump", "-i": "identity"}
+    for flag, word in zip(words[::2], words[1::2]):
+        if flag == "-o" and word == "StrictHostKeyChecking=accept-new":
+            values["accept_new"] = True
+        elif flag == "-o":
+            values.setdefault("ssh_option", []).append(word)
+        elif flag in flags:
+            values[flags[flag]] = word
+    return values
 
 
 def classify_ssh_error(host: str, stderr: str) -> SshError:
@@ -1106,24 +1121,39 @@ def shell_step(plugin, step: dict) -> dict:
     for key in step.get("paths") or ():
         if key not in data:
             raise Error("environment plugin %s: path %s is not in its data" % (plugin.name, key))
-    fail = step.get("fail")
+    fail, show = step.get("fail"), step.get("show")
     if fail is not None and not FAIL_TEXT.match(fail):
         raise Error("environment plugin %s: fail message %r must be one line of plain words"
                     % (plugin.name, fail))
+    if show is not None and (fail is None or show not in data):
+        raise Error("environment plugin %s: show must name one of its data, with a fail message"
+                    % plugin.name)
     out = dict(vars=data, paths=list(step.get("paths") or ()))
     for family in ("sh", "fish", "csh"):
         snippet = step.get(family)
         if not isinstance(snippet, str):
             raise Error("environment plugin %s: a step needs a %s snippet" % (plugin.name, family))
         if fail is not None:
-            said = "'nbtunnel: %s'" % fail
-            snippet = {
-                "sh": "{ %s\n} || { echo %s >&2; exit 1; }" % (snippet, said),
-                "fish": "begin\n%s\nend; or begin; echo %s >&2; exit 1; end" % (snippet, said),
-                "csh": "%s\nif ( $status != 0 ) then\necho %s > /dev/stderr\nexit 1\nendif"
-                       % (snippet, said)}[family]
-        out[family] = snippet
+            out[family] = failure_test(family, snippet, "nbtunnel: " + fail, show)
+        else:
+            out[family] = snippet
     return out
+
+
+def failure_test(family: str, snippet: str, message: str, show=None) -> str:
+    """SNIPPET followed, in the syntax of FAMILY, by: if it failed, print MESSAGE (and the
+    value of the data variable SHOW) on stderr and exit 1.  MESSAGE is plain words."""
+    said = "'%s'" % message
+    if family == "sh":
+        say = "printf '%%s: %%s\\n' %s \"$%s\"" % (said, show) if show else "echo " + said
+        return "{ %s\n} || { %s >&2; exit 1; }" % (snippet, say)
+    if family == "fish":
+        say = "printf '%%s: %%s\\n' %s \"$%s\"" % (said, show) if show else "echo " + said
+        return "begin\n%s\nend; or begin; %s >&2; exit 1; end" % (snippet, say)
+    # csh: echo of an NBT_* variable is dropped by tcsh, printenv is not
+    say = ("printf '%%s: ' %s >> /dev/stderr; printenv %s >> /dev/stderr" % (said, show)
+           if show else "echo %s >> /dev/stderr" % said)
+    return "%s\nif ( $status != 0 ) then\n%s\nexit 1\nendif" % (snippet, say)
 
 
 class RcFile(ShellEnvironment):
@@ -1138,7 +1168,7 @@ class RcFile(ShellEnvironment):
         if not args.rc:
             return []
         return [dict(data={"NBT_RC": args.rc}, paths=["NBT_RC"],
-                     fail="cannot read the --rc file, or it failed",
+                     fail="cannot read the --rc file, or it failed", show="NBT_RC",
                      sh='[ -r "$NBT_RC" ] && . "$NBT_RC"',
                      fish='test -r "$NBT_RC"; and source "$NBT_RC"',
                      csh="test -r $NBT_RC:q && source $NBT_RC:q")]
@@ -2395,7 +2425,8 @@ def apply_record(args, rec) -> None:
     """Fill what the command line and config left open from the session's record."""
     recorded = dict((rec or {}).get("options") or {})
     if rec and "options" not in rec:  # a record from before options were recorded
-        recorded = {"manager": rec.get("manager")}
+        recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
+                        app=rec.get("app"))
     for option in session_options():
         if getattr(args, option.dest, None) is None and recorded.get(option.dest) is not None:
             setattr(args, option.dest, recorded[option.dest])

@@ -73,7 +73,8 @@ class Conda(nbtunnel.ShellEnvironment):
             return []
         return [dict(data={"NBT_CONDA": args.conda, "NBT_CONDA_FIND": FIND,
                            "NBT_CONDA_CSH": CSH_ACTIVATE},
-                     fail="--conda: cannot activate the environment", sh=SH, fish=FISH, csh=CSH)]
+                     fail="--conda: cannot activate the environment", show="NBT_CONDA",
+                     sh=SH, fish=FISH, csh=CSH)]
 
 
 nbtunnel.register(Conda())

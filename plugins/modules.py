@@ -51,7 +51,7 @@ class Modules(nbtunnel.ShellEnvironment):
         steps = [dict(sh=INIT_SH, fish=INIT_FISH, csh=INIT_CSH)]
         for i, name in enumerate(args.module):
             var = "NBT_MODULES_%d" % i
-            steps.append(dict(data={var: name}, fail="module load failed",
+            steps.append(dict(data={var: name}, fail="module load failed", show=var,
                               sh='module load "$%s"' % var, fish="module load $%s" % var,
                               csh="module load $%s:q" % var))
         return steps

@@ -79,3 +79,18 @@ def test_print_service_keeps_every_option(nbt, remote, tmp_path, kind):
     for word in ("--greet", "hi there", "--conda", "my env", "--module", "gcc/12", "cuda", "--setup",
                  "--notebook-dir", "ServerAliveInterval=20", "--timeout", "45", str(plugin)):
         assert word in text, (word, text)
+
+
+def test_a_failing_proxy_command_is_not_a_missing_python(nbt, remote):
+    """`nc: not found` from a ProxyCommand is the link failing, named as such."""
+    proc = nbt.run(remote.alias, "-o", "ProxyCommand=/nonexistent/nc %h %p", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot reach {remote.alias}" in proc.stderr and "python" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("state_dir", ["/tmp/" + "x" * 5000, "/proc/nbtunnel-cannot-be-here"])
+def test_unusable_state_dirs_are_one_clean_error(nbt, remote, state_dir):
+    proc = nbt.run(remote.alias, "--state-dir", state_dir, timeout=60)
+    assert proc.returncode in (1, 2) and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr) < 2000  # one message, not a dump
