@@ -286,6 +286,7 @@ R_LAUNCH_BOOT = ('import base64,json,sys;p=base64.b64decode(sys.argv[1]).decode(
 # judges or stops the session by the pid in @PIDFILE@ itself.
 R_PIDFILE_ALIVE = "@PIDFILE-ALIVE@"
 R_PIDFILE_STOP = "@PIDFILE-STOP@"
+R_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # records, pid files and locks: never a symlink
 
 
 class RemoteFail(Exception):
@@ -335,22 +336,42 @@ def r_files(session):
         ("lock", ".lock"), ("output", ".out"))}
 
 
-def r_read_json(path):
-    """The JSON in PATH, or None when it is missing or damaged."""
+def r_read_json(path, owned=False):
+    """The JSON in PATH, or None when it is missing, damaged or a symbolic link (or, with
+    OWNED, not this user's file)."""
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | R_NOFOLLOW)
+    except (OSError, TypeError):
+        return None
+    try:
+        with os.fdopen(fd) as f:
+            if owned and os.fstat(f.fileno()).st_uid != os.getuid():
+                return None
             return json.load(f)
     except (OSError, ValueError):
         return None
 
 
+def r_write_private(path, text):
+    """Write TEXT to PATH through a private temporary file in the same directory, renamed
+    over PATH: readers see the old or the new file, and a symlink at PATH is replaced, not
+    followed."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.rename(tmp, path)
+    except BaseException:
+        r_remove(tmp)
+        raise
+
+
 def r_write_json(path, data):
-    """Write DATA to PATH atomically, readable by this user only."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.rename(tmp, path)
+    """Write DATA to PATH as JSON, privately and atomically."""
+    r_write_private(path, json.dumps(data))
 
 
 def r_remove(*paths):
@@ -405,14 +426,14 @@ class RemoteLock:
 # Processes ------------------------------------------------------------------
 
 def r_pid_alive(pid):
-    """True while PID is a live process (a zombie is dead)."""
+    """True while PID is a live process that this user may signal (a zombie is dead, and so
+    is another user's process: EPERM never counts as ours)."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-    except OSError as e:
-        if e.errno != errno.EPERM:  # EPERM: exists, but not ours
-            return False
+    except OSError:
+        return False
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
@@ -433,6 +454,35 @@ def r_pid_is_jupyter(pid):
     except OSError:  # no /proc: ask ps
         args = r_run(["ps", "-p", str(pid), "-o", "args="], timeout=10)[1]
         return "jupyter" in args
+
+
+def r_pid_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None
+    without /proc.  With the pid, it names one process: a reused pid has another."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def r_pid_is_ours(pid, start):
+    """True while PID is the live process of this user that started at START (as
+    r_pid_start said when it was recorded)."""
+    if not r_pid_alive(pid):
+        return False
+    try:
+        uid = os.stat("/proc/%d" % pid).st_uid
+    except OSError:
+        # No /proc (BSD, macOS): signal 0 reached it, so it is this user's (or this user is
+        # root), and ps must show a Jupyter command line.  The start time is not compared
+        # there: a reused pid of ours that runs another Jupyter is taken for it.
+        return r_pid_is_jupyter(pid)
+    if uid != os.getuid():
+        return False
+    if start is None:  # recorded by an older nbtunnel: the command line must name Jupyter
+        return r_pid_is_jupyter(pid)
+    return r_pid_start(pid) == start
 
 
 def r_wait_dead(pid, timeout):
@@ -600,8 +650,8 @@ def r_find_runtime_file(pid, dirs, newer_than=0):
                     continue  # left by an earlier server whose pid was reused
             except OSError:
                 continue
-            info = r_read_json(path)
-            if info and info.get("port") and info.get("pid", pid) == pid:
+            info = r_read_json(path, owned=True)
+            if info and info.get("port") and info.get("pid") == pid:
                 return path, info
     return None, None
 
@@ -611,11 +661,12 @@ def r_server(session):
     st = r_read_json(r_files(session)["state"])
     if not st:
         return None, "nothing is recorded for session %s" % session
-    if not r_pid_is_jupyter(st.get("pid")):
+    if not r_pid_is_ours(st.get("pid"), st.get("pid_start")):
         return None, "its process (pid %s) has ended" % st.get("pid")
-    info = r_read_json(st.get("runtime_file", "")) or {}
-    if not info.get("port"):
-        return None, "its runtime file %s is gone or names no port" % st.get("runtime_file")
+    info = r_read_json(st.get("runtime_file") or "", owned=True) or {}
+    if not info.get("port") or info.get("pid") != st["pid"]:
+        return None, ("its runtime file %s is gone, not its own or names no port"
+                      % st.get("runtime_file"))
     return dict(session=session, pid=st["pid"], port=info["port"], token=info.get("token", ""),
                 base_url=info.get("base_url", "/"), log=st.get("log"),
                 manager=st.get("manager"), app=st.get("app"), root_dir=info.get(
@@ -657,8 +708,10 @@ def r_stop_server(info, timeout):
     return "alive"
 
 
-def r_kill(pid):
-    """End PID (signals only: no token is sent anywhere)."""
+def r_kill(pid, start):
+    """End PID if it is still ours (signals only: no token is sent anywhere)."""
+    if not r_pid_is_ours(pid, start):
+        return None
     return r_stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
 
 
@@ -682,24 +735,26 @@ def r_fill(argv, words):
 
 
 def r_read_pidfile(path):
-    """The pid in the pid file PATH, or None."""
+    """(pid, start) from the pid file PATH (start None if it was not known), or (None, None)."""
     try:
-        with open(path) as f:
-            return int(f.read().split()[0])
+        fd = os.open(path, os.O_RDONLY | R_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            words = f.read().split()
+        return int(words[0]), (int(words[1]) if len(words) > 1 else None)
     except (OSError, ValueError, IndexError):
-        return None
+        return None, None
 
 
 def r_pidfile_alive(path):
-    """A pid-file manager's session is alive while the pid in PATH is still that Jupyter."""
-    return r_pid_is_jupyter(r_read_pidfile(path))
+    """A pid-file manager's session is alive while the pid in PATH is still that process."""
+    return r_pid_is_ours(*r_read_pidfile(path))
 
 
 def r_pidfile_stop(path):
     """End the session of a pid-file manager: SIGTERM, then SIGKILL, to its process group
     (the launcher led a session of its own); True when it has ended."""
-    pid = r_read_pidfile(path)
-    if not r_pid_is_jupyter(pid):
+    pid, start = r_read_pidfile(path)
+    if not r_pid_is_ours(pid, start):
         return True
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
@@ -710,9 +765,9 @@ def r_pidfile_stop(path):
             except OSError:
                 pass
         deadline = time.time() + wait
-        while time.time() < deadline and r_pid_is_jupyter(pid):
+        while time.time() < deadline and r_pid_is_ours(pid, start):
             time.sleep(0.1)
-        if not r_pid_is_jupyter(pid):
+        if not r_pid_is_ours(pid, start):
             return True
     return False
 
@@ -775,9 +830,9 @@ def r_launch(path, spec):
 
 
 def r_write_pidfile(path, pid):
-    """Record PID in the pid file PATH."""
-    with open(path, "w") as f:
-        f.write("%d\n" % pid)
+    """Record PID and its start time in the pid file PATH."""
+    start = r_pid_start(pid)
+    r_write_private(path, "%d %s\n" % (pid, "" if start is None else start))
 
 
 # Operations -----------------------------------------------------------------
@@ -797,8 +852,8 @@ def r_op_start(p):
                 raise RemoteFail("no-manager", "%s is not installed on this host (not on the "
                                  "login PATH); install it or choose another --manager" % program)
         st = r_read_json(paths["state"])
-        if st and r_pid_alive(st.get("pid")):  # ours, but unusable (no runtime file)
-            r_kill(st["pid"])
+        if st:  # ours, but unusable (no runtime file, or not holding its port): end it
+            r_kill(st.get("pid"), st.get("pid_start"))
         alive = r_run_manager(mgr, "alive", session, env)
         if alive and alive[0] == 0:
             if not st:
@@ -857,41 +912,41 @@ def r_start_server(p, paths, env, argv, cwd):
                          % (mgr["name"], (err or out).strip()))
     r_urllib()  # while Jupyter starts, not after
     deadline = started + timeout
-    pid, runtime = r_wait_runtime_file(p, paths, env, started, deadline)
+    pid, start, runtime = r_wait_runtime_file(p, paths, env, started, deadline)
     if pid is None:
         return None
-    r_write_json(paths["state"], dict(session=session, pid=pid, runtime_file=runtime,
-                                      log=paths["log"], manager=mgr["name"], app=p.get("app"),
-                                      started=started))
+    r_write_json(paths["state"], dict(session=session, pid=pid, pid_start=start,
+                                      runtime_file=runtime, log=paths["log"],
+                                      manager=mgr["name"], app=p.get("app"), started=started))
     try:
         return r_wait_ready(session, pid, deadline, paths["log"])
     except RemoteFail:
-        r_kill(pid)
+        r_kill(pid, start)
         r_run_manager(mgr, "stop", session, env)
         raise
 
 
 def r_wait_runtime_file(p, paths, env, started, deadline):
-    """(pid, runtime file) of the Jupyter just launched once it wrote that file; (None, None)
-    when it exited because its port was taken; RemoteFail when it failed otherwise."""
+    """(pid, its start time, runtime file) of the Jupyter just launched once it wrote that
+    file; (None, None, None) when it exited because its port was taken; RemoteFail when it failed otherwise."""
     dirs = r_runtime_dirs(env)
-    pid = None
+    pid = start = None
     while time.time() < deadline:
         if pid is None:
-            pid = r_read_pidfile(paths["pid"])
+            pid, start = r_read_pidfile(paths["pid"])
         if pid is not None:
             runtime = r_find_runtime_file(pid, dirs, started - 2)[0]
             if runtime:
-                return pid, runtime
+                return pid, start, runtime
             if not r_pid_alive(pid):
                 text = r_tail(paths["log"])
                 if "already in use" in text or "Address in use" in text:
-                    return None, None
+                    return None, None, None
                 raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
         time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
     mgr = p["manager"]
     if pid:
-        r_kill(pid)
+        r_kill(pid, start)
         text = r_tail(paths["log"])
     else:  # the launcher never ran: what the session itself printed says why
         text = r_manager_log(mgr, p["session"], env)

@@ -100,9 +100,9 @@ def start_fake(procs, runtime: Path, status: int = 200) -> subprocess.Popen:
 def record(session: str, pid: int, runtime_file: str | None = None) -> None:
     """Write the remote state of SESSION as r_start_server does after a launch."""
     paths = nbtunnel.r_files(session)
-    nbtunnel.r_write_json(paths["state"], dict(session=session, pid=pid, runtime_file=runtime_file,
-                                               log=paths["log"], manager="tmux", app="lab",
-                                               started=time.time()))
+    nbtunnel.r_write_json(paths["state"], dict(
+        session=session, pid=pid, pid_start=nbtunnel.r_pid_start(pid), runtime_file=runtime_file,
+        log=paths["log"], manager="tmux", app="lab", started=time.time()))
 
 
 def requests_seen(runtime: Path) -> list[str]:
@@ -213,7 +213,7 @@ def test_launcher_bootstrap_becomes_the_command(home, procs, tmp_path):
         log = Path(paths["log"])
         wait_until(lambda: "in " in log.read_text(), 20, message="launched")  # noqa: B023
         assert log.read_text() == f"in {work} as x y\n"
-        assert nbtunnel.r_read_pidfile(paths["pid"]) == p.pid
+        assert nbtunnel.r_read_pidfile(paths["pid"]) == (p.pid, nbtunnel.r_pid_start(p.pid))
         assert not os.path.exists(paths["spec"])
         assert Path(f"/proc/{p.pid}/cmdline").read_bytes().startswith(b"sleep\0")
         p.kill()
@@ -404,7 +404,7 @@ def test_stop_server_uses_the_api_then_signals(home, procs):
     assert nbtunnel.r_stop_server(info, 10) == "api"
     assert "POST /api/shutdown token tok" in requests_seen(runtime)
     sleeper = spawn(procs, ["sleep", "60"])
-    assert nbtunnel.r_kill(sleeper.pid) == "sigterm"
+    assert nbtunnel.r_kill(sleeper.pid, nbtunnel.r_pid_start(sleeper.pid)) == "sigterm"
 
 
 # Pid-file managers ############################################################
@@ -427,11 +427,18 @@ def test_pidfile_manager_alive_and_stop_whole_group(home, procs):
     assert not nbtunnel.r_pidfile_alive(pidfile)
     wait_until(lambda: not pid_alive(child), 15, message="the child of the group ended too")
     assert nbtunnel.r_run_manager(desc, "alive", "n", None) == (1, "", "")
-    # A pid file naming a process that is not Jupyter is not alive, and stop leaves it be.
+    # A pid file whose pid was reused by another process (it started at another time) is
+    # not alive, and stop leaves that process be; nor does a process of another user count.
     sleeper = spawn(procs, ["sleep", "60"])
-    nbtunnel.r_write_pidfile(pidfile, sleeper.pid)
+    Path(pidfile).write_text("%d %d\n" % (sleeper.pid, nbtunnel.r_pid_start(sleeper.pid) - 1))
     assert not nbtunnel.r_pidfile_alive(pidfile) and nbtunnel.r_pidfile_stop(pidfile)
     assert pid_alive(sleeper.pid)
+    nbtunnel.r_write_pidfile(pidfile, sleeper.pid)
+    assert nbtunnel.r_pidfile_alive(pidfile)
+    other = spawn(procs, ["sleep", "60"], user=65534, group=65534)
+    nbtunnel.r_write_pidfile(pidfile, other.pid)
+    assert not nbtunnel.r_pidfile_alive(pidfile) and nbtunnel.r_pidfile_stop(pidfile)
+    assert pid_alive(other.pid)
 
 
 def test_pidfile_manager_class_and_nohup():
@@ -486,3 +493,66 @@ def test_start_api_terminate_with_python_36_on_the_remote(nbt, remote, remote_py
     assert nbt.run("--terminate").returncode == 0
     wait_until(lambda: not remote.pids(r"jupyter-lab|jupyter lab"), 20, message="jupyter ended")
     assert nbt.status() == [] and remote.tmux_sessions() == []
+
+
+# Trust nothing not proven ####################################################
+
+
+@pytest.fixture
+def other_uid_process(procs):
+    """A real process of another user (nobody), the way a co-user's process looks."""
+    p = spawn(procs, ["sleep", "60"], user=65534, group=65534)
+    assert Path(f"/proc/{p.pid}").stat().st_uid == 65534
+    return p
+
+
+def test_another_users_process_is_never_ours(home, procs, other_uid_process, sh_user):
+    pid = other_uid_process.pid
+    assert not nbtunnel.r_pid_is_ours(pid, nbtunnel.r_pid_start(pid))  # we are root: uid decides
+    # As an unprivileged user, signal 0 to it fails with EPERM: that is not alive-and-ours.
+    r = run_as(sh_user, "import sys;print(nbtunnel.r_pid_alive(int(sys.argv[1])),"
+                        "nbtunnel.r_pid_is_ours(int(sys.argv[1]),None))", str(pid))
+    assert r.stdout.split() == ["False", "False"], r.stderr
+    # Recorded as a session's server (a reused pid), it is not reattached to.
+    runtime = home / "rt"
+    runtime.mkdir()
+    (runtime / f"jpserver-{pid}.json").write_text(json.dumps(dict(port=1, pid=pid, token="t")))
+    record("s", pid, str(runtime / f"jpserver-{pid}.json"))
+    info, why = nbtunnel.r_server("s")
+    assert info is None and "has ended" in why
+    assert nbtunnel.r_kill(pid, nbtunnel.r_pid_start(pid)) is None and pid_alive(pid)
+
+
+def test_a_reused_pid_has_another_start_time(home, procs):
+    runtime = home / ".local/share/jupyter/runtime"
+    p = start_fake(procs, runtime, 200)
+    path = str(runtime / f"jpserver-{p.pid}.json")
+    record("s", p.pid, path)
+    assert nbtunnel.r_probe("s")["pid"] == p.pid
+    state = nbtunnel.r_files("s")["state"]
+    st = nbtunnel.r_read_json(state)
+    nbtunnel.r_write_json(state, dict(st, pid_start=st["pid_start"] - 100))  # an older process
+    assert nbtunnel.r_probe("s") is None
+    assert nbtunnel.r_kill(p.pid, st["pid_start"] - 100) is None and pid_alive(p.pid)
+    assert requests_seen(runtime) == []
+
+
+def test_runtime_file_must_be_ours_and_name_the_pid(home, procs):
+    runtime = home / ".local/share/jupyter/runtime"
+    p = start_fake(procs, runtime, 200)
+    path = runtime / f"jpserver-{p.pid}.json"
+    record("s", p.pid, str(path))
+    assert nbtunnel.r_probe("s")
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(good, pid=p.pid + 1)))  # names another pid
+    assert nbtunnel.r_probe("s") is None
+    path.write_text(json.dumps(good))
+    os.chown(path, 65534, 65534)  # planted by another user
+    assert nbtunnel.r_probe("s") is None
+    os.chown(path, 0, 0)
+    planted = home / "planted.json"
+    planted.write_text(json.dumps(good))
+    path.unlink()
+    path.symlink_to(planted)  # a symlink is not followed
+    assert nbtunnel.r_probe("s") is None
+    assert requests_seen(runtime) == []
