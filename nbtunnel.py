@@ -674,8 +674,52 @@ def r_server(session):
 
 
 def r_probe(session):
-    """Info about the live server of SESSION, or None."""
-    return r_server(session)[0]
+    """Info about the live server of SESSION, proven to hold its port, or None."""
+    info = r_server(session)[0]
+    if info and not r_port_held_by(info["port"], info["pid"]):
+        return None  # something else listens there: it must never be sent the token
+    return info
+
+
+def r_listen_inodes(port):
+    """Inodes of the sockets listening on TCP PORT (IPv4 and IPv6) in this network
+    namespace, or None without /proc/net/tcp."""
+    found, tables = set(), 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rpartition(":")[2], 16) == port:
+                found.add(fields[9])
+    return found if tables else None
+
+
+def r_port_held_by(port, pid):
+    """True when a socket listening on PORT is one of PID's open files: only then may a
+    request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
+    proven and is taken as true: there only the pid checks protect the token."""
+    inodes = r_listen_inodes(port)
+    if inodes is None:
+        return True
+    fds = "/proc/%d/fd" % pid
+    try:
+        names = os.listdir(fds) if inodes else []
+    except OSError:
+        return False
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def r_busy_kernels(info):
@@ -964,13 +1008,16 @@ def r_wait_ready(session, pid, deadline, log):
         if info is None:
             raise RemoteFail("launch", "Jupyter (pid %d) went away before it answered: %s"
                              % (pid, why), log_tail=r_tail(log))
-        try:
-            status = r_http(info["port"], info["base_url"], "api/status", info["token"])[0]
-            if status == 200:
-                return info
-            last = "HTTP status %s" % status
-        except (OSError, ValueError) as e:  # refused while it starts listening, HTTP errors
-            last = "%s: %s" % (type(e).__name__, e)
+        if not r_port_held_by(info["port"], pid):  # not listening yet, or someone else is
+            last = "port %d is not held by it" % info["port"]
+        else:
+            try:
+                status = r_http(info["port"], info["base_url"], "api/status", info["token"])[0]
+                if status == 200:
+                    return info
+                last = "HTTP status %s" % status
+            except (OSError, ValueError) as e:  # refused while it starts, HTTP errors
+                last = "%s: %s" % (type(e).__name__, e)
         if time.time() >= deadline:
             raise RemoteFail("timeout", "Jupyter (pid %d, port %d) did not answer within the "
                              "timeout (last try: %s)" % (pid, info["port"], last),

@@ -556,3 +556,29 @@ def test_runtime_file_must_be_ours_and_name_the_pid(home, procs):
     path.symlink_to(planted)  # a symlink is not followed
     assert nbtunnel.r_probe("s") is None
     assert requests_seen(runtime) == []
+
+
+def test_token_goes_only_to_the_port_the_server_holds(home, procs):
+    """The recorded port is held by someone else (a squatter): no request carries the token."""
+    runtime = home / ".local/share/jupyter/runtime"
+    server = start_fake(procs, runtime, 200)
+    squat_dir = home / "squatter"
+    squatter = start_fake(procs, squat_dir, 200)
+    path = runtime / f"jpserver-{server.pid}.json"
+    good = json.loads(path.read_text())
+    assert nbtunnel.r_port_held_by(good["port"], server.pid)
+    squat_port = json.loads((squat_dir / f"jpserver-{squatter.pid}.json").read_text())["port"]
+    assert not nbtunnel.r_port_held_by(squat_port, server.pid)
+    path.write_text(json.dumps(dict(good, port=squat_port)))
+    record("s", server.pid, str(path))
+    assert nbtunnel.r_probe("s") is None
+    assert nbtunnel.r_op_status(dict(sessions=["s"]))[0]["server"] == "stopped"
+    with pytest.raises(nbtunnel.RemoteFail) as e:
+        nbtunnel.r_wait_ready("s", server.pid, time.time() + 1, "/nonexistent")
+    assert e.value.kind == "timeout" and "not held by it" in str(e.value)
+    mgr = dict(name="tmux", alive=None, stop=None)
+    assert nbtunnel.r_op_stop(dict(session="s", timeout=2, manager=mgr, managers={}))["stopped"] is False
+    assert requests_seen(squat_dir) == [] and requests_seen(runtime) == []
+    path.write_text(json.dumps(good))  # the real port again: proven, and the server is used
+    record("s", server.pid, str(path))
+    assert nbtunnel.r_probe("s")["port"] == good["port"]
