@@ -261,7 +261,6 @@ def classify_ssh_error(host: str, stderr: str) -> str:
 # zombie or a reused pid; everything else is the standard library.
 
 if True:  # sent alone to the remote host, the section imports what it uses itself
-    import errno
     import json
     import os
     import shutil
@@ -320,12 +319,37 @@ def r_own_source():
 # Files ----------------------------------------------------------------------
 
 def r_state_dir():
-    """The private directory of nbtunnel's remote files (made on first use)."""
+    """The private directory of nbtunnel's remote files, made 0700 on first use.  One that
+    is a symlink, not this user's or writable by others is refused, never repaired: what
+    another user could plant there (records, pid files) is not to be trusted."""
+    import stat
+
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     path = os.path.join(base, "nbtunnel")
-    if not os.path.isdir(path):
-        os.makedirs(path, 0o700)
-    return path
+    try:
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RemoteFail("state-dir", "cannot create the remote state directory %s: %s"
+                         % (path, e))
+    st = os.lstat(path)
+    move = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
+    if stat.S_ISLNK(st.st_mode):
+        problem, fix = "is a symbolic link", move
+    elif not stat.S_ISDIR(st.st_mode):
+        problem, fix = "is not a directory", move
+    elif st.st_uid != os.getuid():
+        problem, fix = "belongs to another user (uid %d)" % st.st_uid, move
+    elif st.st_mode & 0o022:
+        problem = "can be written by group or others (mode %03o)" % (st.st_mode & 0o777)
+        fix = "check what is in it, then chmod 700 %s" % path
+    else:
+        return path
+    raise RemoteFail("unsafe-state", "the remote state directory %s %s; nbtunnel keeps its "
+                     "records there and trusts only a private directory of yours: %s"
+                     % (path, problem, fix))
 
 
 def r_files(session):
@@ -386,7 +410,7 @@ def r_remove(*paths):
 def r_tail(path, n=20):
     """The last N lines of the text file PATH ("" when unreadable)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | R_NOFOLLOW), "rb") as f:
             f.seek(0, 2)
             f.seek(max(0, f.tell() - 16384))
             lines = f.read().decode("utf-8", "replace").splitlines()
@@ -406,7 +430,11 @@ class RemoteLock:
             import fcntl
         except ImportError:  # not POSIX: no advisory locks, one run at a time is up to the user
             fcntl = None
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | R_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise RemoteFail("unsafe-state", "cannot open the lock file %s (%s): if it is a "
+                             "symbolic link, remove it" % (self.path, e))
         deadline = time.time() + self.timeout
         while fcntl is not None:
             try:
@@ -833,7 +861,8 @@ def r_run_manager(mgr, what, session, env, launch=""):
         # A manager without a terminal of its own (nohup): the launcher gets its own
         # session, stdin from /dev/null and a file for output, and is not waited for.
         r_remove(paths["output"])
-        out = os.open(paths["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        out = os.open(paths["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW,
+                      0o600)
         try:
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                              close_fds=True, start_new_session=True)
@@ -859,7 +888,7 @@ def r_launch(path, spec):
     r_write_pidfile(spec["pidfile"], os.getpid())
     sys.stdout.write("nbtunnel: Jupyter runs in this session; its log is %s\n" % spec["log"])
     sys.stdout.flush()
-    fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW, 0o600)
     # stdin stays the terminal: tmux and screen end a pane whose terminal nobody holds
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -972,7 +1001,8 @@ def r_start_server(p, paths, env, argv, cwd):
 
 def r_wait_runtime_file(p, paths, env, started, deadline):
     """(pid, its start time, runtime file) of the Jupyter just launched once it wrote that
-    file; (None, None, None) when it exited because its port was taken; RemoteFail when it failed otherwise."""
+    file; (None, None, None) when it exited because its port was taken; RemoteFail when it
+    failed otherwise."""
     dirs = r_runtime_dirs(env)
     pid = start = None
     while time.time() < deadline:

@@ -577,8 +577,69 @@ def test_token_goes_only_to_the_port_the_server_holds(home, procs):
         nbtunnel.r_wait_ready("s", server.pid, time.time() + 1, "/nonexistent")
     assert e.value.kind == "timeout" and "not held by it" in str(e.value)
     mgr = dict(name="tmux", alive=None, stop=None)
-    assert nbtunnel.r_op_stop(dict(session="s", timeout=2, manager=mgr, managers={}))["stopped"] is False
+    stopped = nbtunnel.r_op_stop(dict(session="s", timeout=2, manager=mgr, managers={}))
+    assert stopped["stopped"] is False
     assert requests_seen(squat_dir) == [] and requests_seen(runtime) == []
     path.write_text(json.dumps(good))  # the real port again: proven, and the server is used
     record("s", server.pid, str(path))
     assert nbtunnel.r_probe("s")["port"] == good["port"]
+
+
+def state_path(home: Path) -> Path:
+    return home / ".local" / "state" / "nbtunnel"
+
+
+def test_state_dir_is_made_private(home):
+    assert nbtunnel.r_state_dir() == str(state_path(home))
+    assert state_path(home).stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("plant", ["symlink", "group-writable", "other-writable", "not-ours",
+                                   "file"])
+def test_unsafe_state_dir_is_refused_never_repaired(home, plant):
+    path = state_path(home)
+    path.parent.mkdir(parents=True)
+    elsewhere = home / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    if plant == "symlink":
+        path.symlink_to(elsewhere)
+    elif plant == "file":
+        path.write_text("")
+    else:
+        path.mkdir()
+        os.chmod(path, {"group-writable": 0o770, "other-writable": 0o703, "not-ours": 0o700}[plant])
+        if plant == "not-ours":
+            os.chown(path, 65534, 65534)
+    before = os.lstat(path)
+    with pytest.raises(nbtunnel.RemoteFail) as e:
+        nbtunnel.r_files("s")
+    assert e.value.kind == "unsafe-state" and str(path) in str(e.value)
+    assert ("chmod 700" if "writable" in plant else "mv ") in str(e.value)
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)  # never chmod-ed
+    assert os.listdir(elsewhere) == []
+    # As the remote gets it: a result line with that kind, no traceback.
+    program = nbtunnel.remote_program("status", {"sessions": ["s"]})
+    r = run_sliced(["python3", "-I", "-"], home, program)
+    line = next(x for x in r.stdout.decode().splitlines() if x.startswith(nbtunnel.RESULT_MARK))
+    answer = json.loads(line[len(nbtunnel.RESULT_MARK):])
+    assert (answer["ok"], answer["kind"]) == (False, "unsafe-state") and not r.stderr
+
+
+def test_planted_symlinks_in_the_state_dir_are_not_followed(home):
+    paths = nbtunnel.r_files("s")
+    secret = home / "secret.json"
+    secret.write_text(json.dumps(dict(pid=1, runtime_file="/etc/passwd")))
+    for role in ("state", "pid", "lock", "log"):
+        Path(paths[role]).symlink_to(secret)
+    assert nbtunnel.r_read_json(paths["state"]) is None
+    assert nbtunnel.r_read_pidfile(paths["pid"]) == (None, None)
+    assert nbtunnel.r_tail(paths["log"]) == ""
+    with pytest.raises(nbtunnel.RemoteFail) as e:
+        with nbtunnel.RemoteLock(paths["lock"], 1):
+            pass
+    assert e.value.kind == "unsafe-state"
+    nbtunnel.r_write_json(paths["state"], {"a": 1})  # replaces the link, leaves its target be
+    assert not os.path.islink(paths["state"]) and nbtunnel.r_read_json(paths["state"]) == {"a": 1}
+    assert json.loads(secret.read_text())["pid"] == 1
+    assert os.stat(paths["state"]).st_mode & 0o777 == 0o600
