@@ -405,84 +405,161 @@ def classify_ssh_error(host: str, stderr: str) -> SshError:
     return SshError(MSG_UNREACHABLE.format(host=host, detail=last), kind="unreachable")
 
 
-# The remote helper ###########################################################
+# Remote side: begin ##########################################################
 #
-# Plain Python sent on ssh's stdin and run by the remote python3.  It must run on
-# the oldest Pythons found on HPC login nodes (3.6: no walrus, no f-string "=").
-# Assumptions about the remote: a POSIX system with a login shell in /etc/passwd;
-# Linux /proc is used when present to tell a live Jupyter from a zombie or a
-# reused pid; everything else is the standard library.
+# Everything from this banner to "Remote side: end" runs on the remote host.
+# remote_program() slices it out of this file's own source, compresses it and
+# sends it on ssh's stdin with the parameters of one operation and a call of
+# r_main(); nothing is uploaded.  The launcher that the session manager starts
+# (r_launch) is this same code again, handed over in the session's private spec
+# file.  So the code here keeps its own rules: Python 3.6 grammar, standard
+# library only, no name from outside the section; its functions are named r_*,
+# its constants R_* and its classes Remote*, apart from the local side's names.
+#
+# Assumptions about the remote: a POSIX system with a login shell in
+# /etc/passwd; Linux /proc is used when present to tell a live Jupyter from a
+# zombie or a reused pid; everything else is the standard library.
 
-REMOTE_HELPER = r'''
-import base64, errno, json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
+if True:  # sent alone to the remote host, the section imports what it uses itself
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
 
-MARK = "NBTUNNEL-RESULT:"
-ENV_MARK = "NBTUNNEL-ENV-FOLLOWS"
-DUMP = "import os,json,sys;sys.stdout.write(json.dumps(dict(os.environ)))"
-LAUNCHER = """
-import json, os, sys
-spec = json.load(open(SPEC))
-os.remove(SPEC)
-with open(spec["pidfile"], "w") as f:
-    f.write(str(os.getpid()))
-sys.stdout.write("nbtunnel: Jupyter runs in this session; its log is %s\\n" % spec["log"])
-sys.stdout.flush()
-fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 384)
-# stdin stays the terminal: tmux and screen end a pane whose terminal nobody holds
-os.dup2(fd, 1)
-os.dup2(fd, 2)
-try:
-    os.chdir(spec["cwd"])
-    os.execve(spec["argv"][0], spec["argv"], spec["env"])
-except OSError as e:
-    os.write(2, ("nbtunnel: cannot start %s: %s\\n" % (spec["argv"][0], e)).encode())
-    os._exit(127)
-"""
-BOOT = "import base64,sys;exec(base64.b64decode(sys.argv[1]))"
+R_BEGIN = "# Remote side: begin "
+R_END = "# Remote side: end "
+R_RESULT_MARK = "NBTUNNEL-RESULT:"  # what parse_result() looks for
+R_ENV_MARK = "NBTUNNEL-ENV-FOLLOWS"
+R_DUMP_ENV = "import os,json,sys;sys.stdout.write(json.dumps(dict(os.environ)))"
+# What the session manager runs (as @PYTHON@ -c R_LAUNCH_BOOT @LAUNCH@): @LAUNCH@ is
+# the base64 of the spec file's path, whose JSON holds this section's source and
+# what r_launch() needs.  Constant and free of $ \ ! and newlines, so any shell
+# that a tmux or screen line goes through reads it the same.
+R_LAUNCH_BOOT = ('import base64,json,sys;p=base64.b64decode(sys.argv[1]).decode();'
+                 's=json.load(open(p));exec(compile(s["source"],"nbtunnel.py","exec"));'
+                 'r_launch(p,s)')
+# A pid-file manager's alive() and stop() (see PidFileManager): the remote side
+# judges or stops the session by the pid in @PIDFILE@ itself.
+R_PIDFILE_ALIVE = "@PIDFILE-ALIVE@"
+R_PIDFILE_STOP = "@PIDFILE-STOP@"
+R_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # records, pid files and locks: never a symlink
 
 
-class Fail(Exception):
+class RemoteFail(Exception):
+    """A failure with a kind that the local side reports (and may act on)."""
+
     def __init__(self, kind, message, **extra):
         Exception.__init__(self, message)
         self.kind, self.extra = kind, extra
 
 
-def state_dir():
+def r_slice(text):
+    """The remote section of TEXT (this file's source), with the blank lines before it
+    kept, so that line numbers in remote tracebacks are this file's own."""
+    lines = text.splitlines(True)
+    begin = [i for i, line in enumerate(lines) if line.startswith(R_BEGIN)]
+    end = [i for i, line in enumerate(lines) if line.startswith(R_END)]
+    if len(begin) != 1 or len(end) != 1 or end[0] < begin[0]:
+        raise ValueError("the remote section markers are missing or repeated")
+    return "\n" * begin[0] + "".join(lines[begin[0]:end[0]])
+
+
+def r_own_source():
+    """The source of this section: as sent (remote) or read from this file (local)."""
+    sent = globals().get("R_SOURCE")
+    if sent:
+        return sent
+    with open(__file__) as f:
+        return r_slice(f.read())
+
+
+# Files ----------------------------------------------------------------------
+
+def r_state_dir():
+    """The private directory of nbtunnel's remote files, made 0700 on first use.  One that
+    is a symlink, not this user's or writable by others is refused, never repaired: what
+    another user could plant there (records, pid files) is not to be trusted."""
+    import stat
+
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     path = os.path.join(base, "nbtunnel")
-    if not os.path.isdir(path):
-        os.makedirs(path, 0o700)
-    return path
-
-
-def files(session):
-    d = state_dir()
-    return dict((k, os.path.join(d, session + ext)) for k, ext in (
-        ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock"), ("output", ".out")))
-
-
-def read_json(path):
     try:
-        with open(path) as f:
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RemoteFail("state-dir", "cannot create the remote state directory %s: %s"
+                         % (path, e))
+    st = os.lstat(path)
+    move = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
+    if stat.S_ISLNK(st.st_mode):
+        problem, fix = "is a symbolic link", move
+    elif not stat.S_ISDIR(st.st_mode):
+        problem, fix = "is not a directory", move
+    elif st.st_uid != os.getuid():
+        problem, fix = "belongs to another user (uid %d)" % st.st_uid, move
+    elif st.st_mode & 0o022:
+        problem = "can be written by group or others (mode %03o)" % (st.st_mode & 0o777)
+        fix = "check what is in it, then chmod 700 %s" % path
+    else:
+        return path
+    raise RemoteFail("unsafe-state", "the remote state directory %s %s; nbtunnel keeps its "
+                     "records there and trusts only a private directory of yours: %s"
+                     % (path, problem, fix))
+
+
+def r_files(session):
+    """The remote files of SESSION, by role."""
+    d = r_state_dir()
+    return {k: os.path.join(d, session + ext) for k, ext in (
+        ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
+        ("lock", ".lock"), ("output", ".out"))}
+
+
+def r_read_json(path, owned=False):
+    """The JSON in PATH, or None when it is missing, damaged or a symbolic link (or, with
+    OWNED, not this user's file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | R_NOFOLLOW)
+    except (OSError, TypeError):
+        return None
+    try:
+        with os.fdopen(fd) as f:
+            if owned and os.fstat(f.fileno()).st_uid != os.getuid():
+                return None
             return json.load(f)
     except (OSError, ValueError):
         return None
 
 
-def write_json(path, data):
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.rename(tmp, path)
+def r_write_private(path, text):
+    """Write TEXT to PATH through a private temporary file in the same directory, renamed
+    over PATH: readers see the old or the new file, and a symlink at PATH is replaced, not
+    followed."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.rename(tmp, path)
+    except BaseException:
+        r_remove(tmp)
+        raise
 
 
-def remove(*paths):
+def r_write_json(path, data):
+    """Write DATA to PATH as JSON, privately and atomically."""
+    r_write_private(path, json.dumps(data))
+
+
+def r_remove(*paths):
+    """Remove PATHS, those that exist."""
     for path in paths:
         try:
             os.remove(path)
@@ -490,12 +567,34 @@ def remove(*paths):
             pass
 
 
-class Lock(object):
+def r_tail(path, n=20):
+    """The last N lines of the text file PATH ("" when unreadable)."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | R_NOFOLLOW), "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+class RemoteLock:
+    """An exclusive lock on one session's lock file, given up after TIMEOUT seconds."""
+
     def __init__(self, path, timeout):
         self.path, self.timeout, self.fd = path, timeout, None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks, one run at a time is up to the user
+            fcntl = None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | R_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise RemoteFail("unsafe-state", "cannot open the lock file %s (%s): if it is a "
+                             "symbolic link, remove it" % (self.path, e))
         deadline = time.time() + self.timeout
         while fcntl is not None:
             try:
@@ -503,7 +602,8 @@ class Lock(object):
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise Fail("locked", "another nbtunnel is busy with this session")
+                    os.close(self.fd)
+                    raise RemoteFail("locked", "another nbtunnel is busy with this session")
                 time.sleep(0.1)
         return self
 
@@ -511,35 +611,82 @@ class Lock(object):
         os.close(self.fd)
 
 
-def pid_alive(pid):
+# Processes ------------------------------------------------------------------
+
+def r_pid_alive(pid):
+    """True while PID is a live process that this user may signal (a zombie is dead, and so
+    is another user's process: EPERM never counts as ours)."""
     if not pid:
         return False
     try:
         os.kill(pid, 0)
-    except OSError as e:
-        if e.errno != errno.EPERM:  # EPERM: exists, but not ours
-            return False
+    except OSError:
+        return False
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
                 if line.startswith("State:"):
                     return "Z" not in line.split()[1]
-    except (IOError, OSError):
+    except OSError:
         pass
     return True
 
 
-def pid_is_jupyter(pid):
-    if not pid_alive(pid):
+def r_pid_is_jupyter(pid):
+    """True while PID is alive and its command line names Jupyter."""
+    if not r_pid_alive(pid):
         return False
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             return b"jupyter" in f.read()
-    except (IOError, OSError):
-        return True  # no /proc here: a live pid is the best we can tell
+    except OSError:  # no /proc: ask ps
+        args = r_run(["ps", "-p", str(pid), "-o", "args="], timeout=10)[1]
+        return "jupyter" in args
 
 
-def free_port():
+def r_pid_start(pid):
+    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None
+    without /proc.  With the pid, it names one process: a reused pid has another."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[19])
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
+def r_pid_is_ours(pid, start):
+    """True while PID is the live process of this user that started at START (as
+    r_pid_start said when it was recorded)."""
+    if not r_pid_alive(pid):
+        return False
+    try:
+        uid = os.stat("/proc/%d" % pid).st_uid
+    except OSError:
+        # No /proc (BSD, macOS): signal 0 reached it, so it is this user's (or this user is
+        # root), and ps must show a Jupyter command line.  The start time is not compared
+        # there: a reused pid of ours that runs another Jupyter is taken for it.
+        return r_pid_is_jupyter(pid)
+    if uid != os.getuid():
+        return False
+    if start is None:  # recorded by an older nbtunnel: the command line must name Jupyter
+        return r_pid_is_jupyter(pid)
+    return r_pid_start(pid) == start
+
+
+def r_wait_dead(pid, timeout):
+    """Wait up to TIMEOUT seconds for PID to end; True when it did."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not r_pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    return not r_pid_alive(pid)
+
+
+def r_free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
     s = socket.socket()
     try:
         s.bind(("127.0.0.1", 0))
@@ -548,35 +695,8 @@ def free_port():
         s.close()
 
 
-def tail(path, n=20):
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - 16384))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except (IOError, OSError):
-        return ""
-    return "\n".join(lines[-n:])
-
-
-def urlrequest():
-    # Imported on first use: it costs ~25 ms that status and reattach do not need,
-    # and launch() pulls it in while Jupyter is still starting.
-    import urllib.request
-    return urllib.request
-
-
-def http(port, base_url, path, token, method="GET", timeout=5):
-    url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
-    ur = urlrequest()
-    req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
-    opener = ur.build_opener(ur.ProxyHandler({}))
-    with opener.open(req, timeout=timeout) as resp:
-        body = resp.read()
-        return resp.status, (json.loads(body.decode()) if body.strip() else None)
-
-
-def run(argv, timeout=30, env=None):
+def r_run(argv, timeout=30, env=None):
+    """Run ARGV with stdin from /dev/null: (exit status, stdout, stderr); 127 if it cannot start."""
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env)
@@ -590,9 +710,34 @@ def run(argv, timeout=30, env=None):
     return p.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
+def r_urllib():
+    """urllib.request, imported on first use: it costs ~25 ms that status and reattach do
+    not need, and a start pulls it in while Jupyter is still starting."""
+    import urllib.request
+    return urllib.request
+
+
+def r_http(port, base_url, path, token, method="GET", timeout=5):
+    """(status, JSON body or None) of one request to the server on PORT, with its TOKEN;
+    OSError (HTTP errors included) or ValueError (a body that is not JSON) if it fails."""
+    import http.client
+
+    url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
+    ur = r_urllib()
+    req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
+    opener = ur.build_opener(ur.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            body = resp.read()
+            return resp.status, (json.loads(body.decode()) if body.strip() else None)
+    except http.client.HTTPException as e:  # a broken answer: as good as none
+        raise OSError("%s: %s" % (type(e).__name__, e))
+
+
 # Login environment ----------------------------------------------------------
 
-def shell_family(shell):
+def r_shell_family(shell):
+    """sh, fish or csh: which snippet of an environment step SHELL runs."""
     name = os.path.basename(shell)
     if name == "fish":
         return "fish"
@@ -601,13 +746,23 @@ def shell_family(shell):
     return "sh"
 
 
-def login_env(steps, timeout):
-    """The environment a login shell of this user has, after STEPS ran in it."""
+def r_home_path(path):
+    """PATH with a leading ~ or ~/ expanded; a relative path is taken from the home directory."""
+    home = os.path.expanduser("~")
+    if path == "~" or path.startswith("~/"):
+        path = home + path[1:]
+    return os.path.join(home, path)
+
+
+def r_login_env(steps, timeout):
+    """(shell, environment) of a login shell of this user, after STEPS ran in it."""
+    import pwd
+
     shell = pwd.getpwuid(os.getuid()).pw_shell or os.environ.get("SHELL") or "/bin/sh"
     if not os.access(shell, os.X_OK):
         shell = "/bin/sh"
-    family = shell_family(shell)
-    env = dict(os.environ, NBT_PY=sys.executable, NBT_DUMP=DUMP)
+    family = r_shell_family(shell)
+    env = dict(os.environ, NBT_PY=sys.executable, NBT_DUMP=R_DUMP_ENV)
     lines = []
     if family == "csh":  # csh takes -l only alone; source the login files ourselves
         lines.append("if ( -r /etc/csh.login ) source /etc/csh.login")
@@ -615,31 +770,33 @@ def login_env(steps, timeout):
     for step in steps:
         env.update(step.get("vars", {}))
         for key in step.get("paths", ()):  # paths are relative to the home directory
-            env[key] = home_path(env[key])
+            env[key] = r_home_path(env[key])
         lines.append(step[family])
-    lines.append("echo " + ENV_MARK)
+    lines.append("echo " + R_ENV_MARK)
     lines.append({"sh": 'exec "$NBT_PY" -c "$NBT_DUMP"', "fish": "exec $NBT_PY -c $NBT_DUMP",
                   "csh": "exec $NBT_PY:q -c $NBT_DUMP:q"}[family])
     if family == "csh":
         # tcsh -c ignores `exit` and runs a foreach body once: csh gets a script
         # file (private, in the state directory, removed at once) instead.
-        fd, script = tempfile.mkstemp(prefix=".login-", suffix=".csh", dir=state_dir())
+        import tempfile
+
+        fd, script = tempfile.mkstemp(prefix=".login-", suffix=".csh", dir=r_state_dir())
         with os.fdopen(fd, "w") as f:
             f.write("\n".join(lines) + "\n")
         try:
-            code, out, err = run([shell, script], timeout=timeout, env=env)
+            code, out, err = r_run([shell, script], timeout=timeout, env=env)
         finally:
-            remove(script)
+            r_remove(script)
     else:
-        code, out, err = run([shell, "-l", "-c", "\n".join(lines)], timeout=timeout, env=env)
-    if ENV_MARK not in out:
-        raise Fail("env", "the login shell %s failed before Jupyter could start (exit %s)"
-                   % (shell, code), log_tail="\n".join(err.splitlines()[-15:]))
+        code, out, err = r_run([shell, "-l", "-c", "\n".join(lines)], timeout=timeout, env=env)
+    if R_ENV_MARK not in out:
+        raise RemoteFail("env", "the login shell %s failed before Jupyter could start (exit %s)"
+                         % (shell, code), log_tail="\n".join(err.splitlines()[-15:]))
     try:
-        found = json.loads(out.rsplit(ENV_MARK, 1)[1].strip())
+        found = json.loads(out.rsplit(R_ENV_MARK, 1)[1].strip())
     except ValueError:
-        raise Fail("env", "could not read the environment of the login shell %s" % shell,
-                   log_tail="\n".join(err.splitlines()[-15:]))
+        raise RemoteFail("env", "could not read the environment of the login shell %s" % shell,
+                         log_tail="\n".join(err.splitlines()[-15:]))
     for key in list(found):
         if key.startswith("NBT_"):
             del found[key]
@@ -648,21 +805,15 @@ def login_env(steps, timeout):
     return shell, found
 
 
-def home_path(path):
-    """PATH with a leading ~ or ~/ expanded; a relative path is taken from the home directory."""
-    home = os.path.expanduser("~")
-    if path == "~" or path.startswith("~/"):
-        path = home + path[1:]
-    return os.path.join(home, path)
-
-
-def which(program, env):
+def r_which(program, env):
+    """The path of PROGRAM on the PATH of ENV, or None."""
     return shutil.which(program, path=env.get("PATH", os.defpath))
 
 
 # Jupyter servers ------------------------------------------------------------
 
-def runtime_dirs(env):
+def r_runtime_dirs(env):
+    """Where Jupyter servers started with ENV write their runtime files, most likely first."""
     home = os.path.expanduser("~")
     dirs = []
     if env.get("JUPYTER_RUNTIME_DIR"):
@@ -677,7 +828,8 @@ def runtime_dirs(env):
     return dirs
 
 
-def find_runtime_file(pid, dirs, newer_than=0):
+def r_find_runtime_file(pid, dirs, newer_than=0):
+    """(path, info) of the runtime file of the server PID in DIRS, or (None, None)."""
     for d in dirs:
         for prefix in ("jpserver-", "nbserver-"):
             path = os.path.join(d, "%s%d.json" % (prefix, pid))
@@ -686,71 +838,126 @@ def find_runtime_file(pid, dirs, newer_than=0):
                     continue  # left by an earlier server whose pid was reused
             except OSError:
                 continue
-            info = read_json(path)
-            if info and info.get("port") and info.get("pid", pid) == pid:
+            info = r_read_json(path, owned=True)
+            if info and info.get("port") and info.get("pid") == pid:
                 return path, info
     return None, None
 
 
-def probe(session):
-    """Info about the live server of SESSION, or None."""
-    st = read_json(files(session)["state"])
-    if not st or not pid_is_jupyter(st.get("pid")):
-        return None
-    info = read_json(st.get("runtime_file", "")) or {}
-    if not info.get("port"):
-        return None
+def r_server(session):
+    """(info, None) about the live server of SESSION, else (None, why there is none)."""
+    st = r_read_json(r_files(session)["state"])
+    if not st:
+        return None, "nothing is recorded for session %s" % session
+    if not r_pid_is_ours(st.get("pid"), st.get("pid_start")):
+        return None, "its process (pid %s) has ended" % st.get("pid")
+    info = r_read_json(st.get("runtime_file") or "", owned=True) or {}
+    if not info.get("port") or info.get("pid") != st["pid"]:
+        return None, ("its runtime file %s is gone, not its own or names no port"
+                      % st.get("runtime_file"))
     return dict(session=session, pid=st["pid"], port=info["port"], token=info.get("token", ""),
                 base_url=info.get("base_url", "/"), log=st.get("log"),
                 manager=st.get("manager"), app=st.get("app"), root_dir=info.get(
-                    "root_dir", info.get("notebook_dir")), started=st.get("started"))
+                    "root_dir", info.get("notebook_dir")), started=st.get("started"),
+                options=st.get("options")), None
 
 
-def busy_kernels(info):
+def r_probe(session):
+    """Info about the live server of SESSION, proven to hold its port, or None."""
+    info = r_server(session)[0]
+    if info and not r_port_held_by(info["port"], info["pid"]):
+        return None  # something else listens there: it must never be sent the token
+    return info
+
+
+def r_listen_inodes(port):
+    """Inodes of the sockets listening on TCP PORT (IPv4 and IPv6) in this network
+    namespace, or None without /proc/net/tcp."""
+    found, tables = set(), 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and \
+                    int(fields[1].rpartition(":")[2], 16) == port:
+                found.add(fields[9])
+    return found if tables else None
+
+
+def r_port_held_by(port, pid):
+    """True when a socket listening on PORT is one of PID's open files: only then may a
+    request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
+    proven and is taken as true: there only the pid checks protect the token."""
+    inodes = r_listen_inodes(port)
+    if inodes is None:
+        return True
+    fds = "/proc/%d/fd" % pid
     try:
-        code, kernels = http(info["port"], info["base_url"], "api/kernels", info["token"])
-    except Exception:
+        names = os.listdir(fds) if inodes else []
+    except OSError:
+        return False
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+def r_busy_kernels(info):
+    """The kernels of the server INFO that are busy, as NAME:ID ([] when it does not say)."""
+    try:
+        kernels = r_http(info["port"], info["base_url"], "api/kernels", info["token"])[1]
+    except (OSError, ValueError):
         return []
     return [k.get("name", "?") + ":" + k.get("id", "?")[:8] for k in kernels or ()
             if k.get("execution_state") == "busy"]
 
 
-def wait_dead(pid, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    return not pid_alive(pid)
-
-
-def stop_server(info, timeout):
-    """Shut the server down through its own API, then by signals if it must."""
+def r_stop_server(info, timeout):
+    """Shut the server down through its own API, then by signals if it must; say how."""
     pid = info["pid"]
-    try:
-        http(info["port"], info["base_url"], "api/shutdown", info["token"], method="POST")
-    except Exception:
-        pass
-    if wait_dead(pid, timeout):
+    if info.get("port"):
+        try:
+            r_http(info["port"], info["base_url"], "api/shutdown", info["token"], method="POST")
+        except (OSError, ValueError) as e:  # signals follow
+            info["shutdown_error"] = str(e)
+    if r_wait_dead(pid, timeout):
         return "api"
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.kill(pid, sig)
         except OSError:
             pass
-        if wait_dead(pid, wait):
-            return sig == signal.SIGTERM and "sigterm" or "sigkill"
+        if r_wait_dead(pid, wait):
+            return "sigterm" if sig == signal.SIGTERM else "sigkill"
     return "alive"
 
 
-def helper_python():
+def r_kill(pid, start):
+    """End PID if it is still ours (signals only: no token is sent anywhere)."""
+    if not r_pid_is_ours(pid, start):
+        return None
+    return r_stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
+
+
+# Session managers -----------------------------------------------------------
+
+def r_python_word():
     """This Python, as a word that needs no quoting even inside a shell line."""
     if all(c.isalnum() or c in "/._-+" for c in sys.executable):
         return sys.executable
     return "python3"
 
 
-def fill(argv, words):
+def r_fill(argv, words):
     """ARGV with the placeholders @PYTHON@, @LAUNCH@, @PIDFILE@, @OUTPUT@ filled in."""
     out = []
     for w in argv:
@@ -760,19 +967,63 @@ def fill(argv, words):
     return out
 
 
-def run_manager(mgr, what, session, env, launch=""):
-    """Run the manager's argv for WHAT (start, alive, stop, log); None if it has none."""
+def r_read_pidfile(path):
+    """(pid, start) from the pid file PATH (start None if it was not known), or (None, None)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | R_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            words = f.read().split()
+        return int(words[0]), (int(words[1]) if len(words) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def r_pidfile_alive(path):
+    """A pid-file manager's session is alive while the pid in PATH is still that process."""
+    return r_pid_is_ours(*r_read_pidfile(path))
+
+
+def r_pidfile_stop(path):
+    """End the session of a pid-file manager: SIGTERM, then SIGKILL, to its process group
+    (the launcher led a session of its own); True when it has ended."""
+    pid, start = r_read_pidfile(path)
+    if not r_pid_is_ours(pid, start):
+        return True
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while time.time() < deadline and r_pid_is_ours(pid, start):
+            time.sleep(0.1)
+        if not r_pid_is_ours(pid, start):
+            return True
+    return False
+
+
+def r_run_manager(mgr, what, session, env, launch=""):
+    """Run the manager's argv for WHAT (start, alive, stop, log): (status, out, err), or
+    None when it has none."""
     argv = mgr.get(what)
     if not argv:
         return None
-    paths = files(session)
-    argv = fill(argv, dict(python=helper_python(), launch=launch, pidfile=paths["pid"],
-                           output=paths["output"]))
+    paths = r_files(session)
+    if argv == [R_PIDFILE_ALIVE]:
+        return (0 if r_pidfile_alive(paths["pid"]) else 1), "", ""
+    if argv == [R_PIDFILE_STOP]:
+        return (0 if r_pidfile_stop(paths["pid"]) else 1), "", ""
+    argv = r_fill(argv, dict(python=r_python_word(), launch=launch, pidfile=paths["pid"],
+                             output=paths["output"]))
     if what == "start" and mgr.get("detach"):
         # A manager without a terminal of its own (nohup): the launcher gets its own
         # session, stdin from /dev/null and a file for output, and is not waited for.
-        remove(paths["output"])
-        out = os.open(paths["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        r_remove(paths["output"])
+        out = os.open(paths["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW,
+                      0o600)
         try:
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
                              close_fds=True, start_new_session=True)
@@ -781,192 +1032,290 @@ def run_manager(mgr, what, session, env, launch=""):
         finally:
             os.close(out)
         return 0, "", ""
-    return run(argv, env=env)
+    return r_run(argv, env=env)
 
 
-def manager_log(mgr, session, env):
+def r_manager_log(mgr, session, env):
     """The last lines of what the session printed, as its manager shows them."""
-    got = run_manager(mgr, "log", session, env)
+    got = r_run_manager(mgr, "log", session, env)
     return "\n".join((got[1] + got[2]).strip().splitlines()[-15:]) if got else ""
+
+
+def r_launch(path, spec):
+    """The launcher, run by the session manager: record this pid, then become Jupyter.
+
+    PATH is the spec file (removed at once), SPEC its content: argv, env, cwd, log, pidfile."""
+    os.remove(path)
+    r_write_pidfile(spec["pidfile"], os.getpid())
+    sys.stdout.write("nbtunnel: Jupyter runs in this session; its log is %s\n" % spec["log"])
+    sys.stdout.flush()
+    fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW, 0o600)
+    # stdin stays the terminal: tmux and screen end a pane whose terminal nobody holds
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if fd > 2:
+        os.close(fd)
+    try:
+        os.chdir(spec["cwd"])
+        os.execve(spec["argv"][0], spec["argv"], spec["env"])
+    except OSError as e:
+        os.write(2, ("nbtunnel: cannot start %s: %s\n" % (spec["argv"][0], e)).encode())
+        os._exit(127)
+
+
+def r_write_pidfile(path, pid):
+    """Record PID and its start time in the pid file PATH."""
+    start = r_pid_start(pid)
+    r_write_private(path, "%d %s\n" % (pid, "" if start is None else start))
 
 
 # Operations -----------------------------------------------------------------
 
-def op_start(p):
+def r_op_start(p):
+    """Reattach to the live server of the session, or start one; its info."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
-    paths = files(session)
-    with Lock(paths["lock"], timeout):
-        info = probe(session)
+    paths = r_files(session)
+    with RemoteLock(paths["lock"], timeout):
+        info = r_probe(session)
         if info:
             info["reused"] = True
             return info
-        shell, env = login_env(p["env_steps"], timeout)
+        shell, env = r_login_env(p["env_steps"], timeout)
         for program in [mgr["program"]] if mgr.get("program") else []:
-            if not which(program, env):
-                raise Fail("no-manager", "%s is not installed on this host (not on the login "
-                           "PATH); install it or choose another --manager" % program)
-        st = read_json(paths["state"])
-        if st and pid_alive(st.get("pid")):  # ours, but unusable (no runtime file)
-            stop_server(dict(pid=st["pid"], port=0, base_url="/", token=""), 0)
-        alive = run_manager(mgr, "alive", session, env)
+            if not r_which(program, env):
+                raise RemoteFail("no-manager", "%s is not installed on this host (not on the "
+                                 "login PATH); install it or choose another --manager" % program)
+        st = r_read_json(paths["state"])
+        if st:  # ours, but unusable (no runtime file, or not holding its port): end it
+            r_kill(st.get("pid"), st.get("pid_start"))
+        alive = r_run_manager(mgr, "alive", session, env)
         if alive and alive[0] == 0:
             if not st:
-                raise Fail("session-exists", "a %s session named %s already exists and was not "
-                           "started by nbtunnel; choose another --session"
-                           % (mgr["name"], session))
-            run_manager(mgr, "stop", session, env)  # ours, whose server is gone
+                raise RemoteFail("session-exists", "a %s session named %s already exists and "
+                                 "was not started by nbtunnel; choose another --session"
+                                 % (mgr["name"], session))
+            r_run_manager(mgr, "stop", session, env)  # ours, whose server is gone
         argv = list(p["argv"])
-        exe = which(argv[0], env) if "/" not in argv[0] else argv[0]
+        exe = r_which(argv[0], env) if "/" not in argv[0] else argv[0]
         if not exe or not os.access(exe, os.X_OK):
-            raise Fail("no-jupyter", "%s not found on this host in the login environment of %s "
-                       "(PATH=%s); install Jupyter or pass --jupyter /path/to/jupyter"
-                       % (argv[0], shell, env.get("PATH", "")))
+            raise RemoteFail("no-jupyter", "%s not found on this host in the login environment "
+                             "of %s (PATH=%s); install Jupyter or pass --jupyter "
+                             "/path/to/jupyter" % (argv[0], shell, env.get("PATH", "")))
         argv[0] = exe
         if os.path.basename(exe) == "jupyter" and len(argv) > 1 and not argv[1].startswith("-"):
             sub = "jupyter-" + argv[1]
-            if not which(sub, env) and not os.path.exists(os.path.join(os.path.dirname(exe), sub)):
-                raise Fail("no-jupyter", "'jupyter %s' is not installed on this host (no %s "
-                           "next to %s or on the login PATH)" % (argv[1], sub, exe))
-        cwd = home_path(p.get("notebook_dir") or "~")
+            if not r_which(sub, env) and not os.path.exists(
+                    os.path.join(os.path.dirname(exe), sub)):
+                raise RemoteFail("no-jupyter", "'jupyter %s' is not installed on this host (no "
+                                 "%s next to %s or on the login PATH)" % (argv[1], sub, exe))
+        cwd = r_home_path(p.get("notebook_dir") or "~")
         if not os.path.isdir(cwd):
-            raise Fail("no-dir", "notebook directory %r does not exist on this host" % (cwd,))
-        tries = 1 if p.get("remote_port") else 3
-        for attempt in range(tries):
-            port = p.get("remote_port") or free_port()
-            info = launch(p, paths, env, argv + ["--port=%d" % port], cwd)
+            raise RemoteFail("no-dir", "notebook directory %r does not exist on this host"
+                             % (cwd,))
+        for _ in range(1 if p.get("remote_port") else 3):
+            port = p.get("remote_port") or r_free_port()
+            info = r_start_server(p, paths, env, argv + ["--port=%d" % port], cwd)
             if info:
                 info["reused"] = False
                 return info
         if p.get("remote_port"):
-            raise Fail("port", "remote port %d is already in use on this host; choose another "
-                       "--remote-port or leave it out" % p["remote_port"])
-        raise Fail("launch", "the remote port was taken each time Jupyter started",
-                   log_tail=tail(paths["log"]))
+            raise RemoteFail("port", "remote port %d is already in use on this host; choose "
+                             "another --remote-port or leave it out" % p["remote_port"])
+        raise RemoteFail("launch", "the remote port was taken each time Jupyter started",
+                         log_tail=r_tail(paths["log"]))
 
 
-def launch(p, paths, env, argv, cwd):
-    """Start Jupyter through the manager and wait until it answers; None if the port was taken."""
+def r_start_server(p, paths, env, argv, cwd):
+    """Start Jupyter through the manager and wait until it answers: its info, or None when
+    its port was taken; RemoteFail for anything else."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
-    remove(paths["pid"], paths["log"])
+    r_remove(paths["pid"], paths["log"])
     # A restarted server keeps its token, so bookmarked URLs keep working.  It goes to
     # Jupyter alone (not to tmux, whose other windows would inherit it).
     server_env = dict(env, JUPYTER_TOKEN=p["token"]) if p.get("token") else env
-    write_json(paths["spec"], dict(argv=argv, env=server_env, cwd=cwd, log=paths["log"],
-                                   pidfile=paths["pid"]))
-    code = ("SPEC = %r\n" % paths["spec"]) + LAUNCHER
+    r_write_json(paths["spec"], dict(argv=argv, env=server_env, cwd=cwd, log=paths["log"],
+                                     pidfile=paths["pid"], source=r_own_source()))
+    import base64
+
     started = time.time()
-    rc, out, err = run_manager(mgr, "start", session, env,
-                               base64.b64encode(code.encode()).decode())
+    rc, out, err = r_run_manager(mgr, "start", session, env,
+                                 base64.b64encode(paths["spec"].encode()).decode())
     if rc != 0:
-        remove(paths["spec"])
-        raise Fail("launch", "%s could not start the session: %s" % (mgr["name"], (err or out).strip()))
-    urlrequest()  # while Jupyter starts, not after
-    dirs = runtime_dirs(env)
+        r_remove(paths["spec"])
+        raise RemoteFail("launch", "%s could not start the session: %s"
+                         % (mgr["name"], (err or out).strip()))
+    r_urllib()  # while Jupyter starts, not after
     deadline = started + timeout
-    pid = None
+    pid, start, runtime = r_wait_runtime_file(p, paths, env, started, deadline)
+    if pid is None:
+        return None
+    r_write_json(paths["state"], dict(session=session, pid=pid, pid_start=start,
+                                      runtime_file=runtime, log=paths["log"],
+                                      manager=mgr["name"], app=p.get("app"), started=started,
+                                      options=p.get("options")))
+    try:
+        return r_wait_ready(session, pid, deadline, paths["log"])
+    except RemoteFail:
+        r_kill(pid, start)
+        r_run_manager(mgr, "stop", session, env)
+        raise
+
+
+def r_wait_runtime_file(p, paths, env, started, deadline):
+    """(pid, its start time, runtime file) of the Jupyter just launched once it wrote that
+    file; (None, None, None) when it exited because its port was taken; RemoteFail when it
+    failed otherwise."""
+    dirs = r_runtime_dirs(env)
+    pid = start = None
     while time.time() < deadline:
         if pid is None:
-            try:
-                with open(paths["pid"]) as f:
-                    pid = int(f.read().strip() or 0) or None
-            except (IOError, OSError, ValueError):
-                pid = None
+            pid, start = r_read_pidfile(paths["pid"])
         if pid is not None:
-            runtime, info = find_runtime_file(pid, dirs, started - 2)
-            if info:
-                break
-            if not pid_alive(pid):
-                text = tail(paths["log"])
+            runtime = r_find_runtime_file(pid, dirs, started - 2)[0]
+            if runtime:
+                return pid, start, runtime
+            if not r_pid_alive(pid):
+                text = r_tail(paths["log"])
                 if "already in use" in text or "Address in use" in text:
-                    return None
-                raise Fail("launch", "Jupyter exited before it was ready", log_tail=text)
+                    return None, None, None
+                raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
         time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
-    else:
-        if pid:
-            stop_server(dict(pid=pid, port=0, base_url="/", token=""), 0)
-            text = tail(paths["log"])
-        else:  # the launcher never ran: what the session itself printed says why
-            text = manager_log(mgr, session, env)
-        run_manager(mgr, "stop", session, env)
-        remove(paths["spec"])
-        raise Fail("timeout", "Jupyter was not ready within %ss" % timeout, log_tail=text)
-    write_json(paths["state"], dict(session=session, pid=pid, runtime_file=runtime,
-                                    log=paths["log"], manager=mgr["name"], app=p.get("app"),
-                                    started=started))
-    result = probe(session)
-    while time.time() < deadline:  # listening is not answering: wait for the API
-        try:
-            if http(result["port"], result["base_url"], "api/status", result["token"])[0] == 200:
-                break
-        except Exception:
-            time.sleep(0.01)
-    return result
+    mgr = p["manager"]
+    if pid:
+        r_kill(pid, start)
+        text = r_tail(paths["log"])
+    else:  # the launcher never ran: what the session itself printed says why
+        text = r_manager_log(mgr, p["session"], env)
+    r_run_manager(mgr, "stop", p["session"], env)
+    r_remove(paths["spec"])
+    raise RemoteFail("timeout", "Jupyter was not ready within %ss" % p["timeout"], log_tail=text)
 
 
-def op_stop(p):
+def r_wait_ready(session, pid, deadline, log):
+    """Wait until the server of SESSION (pid PID) answers its API: its info.  A server that
+    goes away, or no answer by DEADLINE, is a RemoteFail that says what happened."""
+    last = "no answer"
+    while True:
+        info, why = r_server(session)
+        if info is None:
+            raise RemoteFail("launch", "Jupyter (pid %d) went away before it answered: %s"
+                             % (pid, why), log_tail=r_tail(log))
+        if not r_port_held_by(info["port"], pid):  # not listening yet, or someone else is
+            last = "port %d is not held by it" % info["port"]
+        else:
+            try:
+                status = r_http(info["port"], info["base_url"], "api/status", info["token"])[0]
+                if status == 200:
+                    return info
+                last = "HTTP status %s" % status
+            except (OSError, ValueError) as e:  # refused while it starts, HTTP errors
+                last = "%s: %s" % (type(e).__name__, e)
+        if time.time() >= deadline:
+            raise RemoteFail("timeout", "Jupyter (pid %d, port %d) did not answer within the "
+                             "timeout (last try: %s)" % (pid, info["port"], last),
+                             log_tail=r_tail(log))
+        time.sleep(0.01)
+
+
+def r_op_stop(p):
+    """Stop the server of the session (unless kernels are busy) and end its session."""
     session, timeout = p["session"], p["timeout"]
-    paths = files(session)
-    with Lock(paths["lock"], timeout):
-        st = read_json(paths["state"])
-        info = probe(session)
+    paths = r_files(session)
+    with RemoteLock(paths["lock"], timeout):
+        st = r_read_json(paths["state"])
+        info = r_probe(session)
         if info and not p.get("force"):
-            busy = busy_kernels(info)
+            busy = r_busy_kernels(info)
             if busy:
                 return dict(busy=busy, stopped=False)
-        how = stop_server(info, timeout) if info else None
+        how = r_stop_server(info, timeout) if info else None
         if st:
             mgr = p["manager"] if p["manager"]["name"] == st.get("manager") else \
                 p["managers"].get(st.get("manager"), p["manager"])
-            alive = run_manager(mgr, "alive", session, None)
+            alive = r_run_manager(mgr, "alive", session, None)
             if alive and alive[0] == 0:
-                run_manager(mgr, "stop", session, None)
-            remove(paths["state"], paths["pid"], paths["spec"])
+                r_run_manager(mgr, "stop", session, None)
+            r_remove(paths["state"], paths["pid"], paths["spec"])
         return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
-def how_ended(session):
+def r_how_ended(session):
     """Why SESSION has no live server: shutdown (asked through Jupyter's API, e.g. File >
     Shut Down), died (killed or crashed: it may be restarted) or none (nothing recorded)."""
-    st = read_json(files(session)["state"])
+    st = r_read_json(r_files(session)["state"])
     if not st:
         return "none"
-    if "Shutting down on /api/shutdown request" in tail(st.get("log") or "", 40):
+    if "Shutting down on /api/shutdown request" in r_tail(st.get("log") or "", 40):
         return "shutdown"
     return "died"
 
 
-def op_status(p):
+def r_op_status(p):
+    """One entry per session of P: its server's info, or why it is stopped."""
     out = []
     for session in p["sessions"]:
-        info = probe(session)
+        info = r_probe(session)
         if info:
             info["server"] = "running"
             out.append(info)
         else:
-            out.append(dict(session=session, server="stopped", ended=how_ended(session)))
+            out.append(dict(session=session, server="stopped", ended=r_how_ended(session)))
     return out
 
 
-def main(b64):
-    p = json.loads(base64.b64decode(b64).decode())
+R_OPS = {"start": r_op_start, "stop": r_op_stop, "status": r_op_status}
+
+
+def r_main(data):
+    """Run the operation that DATA (base64 of zlib-compressed JSON) asks for and print its
+    result as one line after R_RESULT_MARK."""
+    import base64
+    import zlib
+
     try:
-        result = dict(ok=True, result={"start": op_start, "stop": op_stop,
-                                       "status": op_status}[p["op"]](p))
-    except Fail as e:
+        p = json.loads(zlib.decompress(base64.b64decode(data)).decode())
+        result = dict(ok=True, result=R_OPS[p["op"]](p))
+    except RemoteFail as e:
         result = dict(ok=False, kind=e.kind, message=str(e), **e.extra)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any bug must still give an answer line
         import traceback
+
         result = dict(ok=False, kind="internal", message="%s: %s" % (type(e).__name__, e),
                       log_tail=traceback.format_exc())
-    sys.stdout.write("\n" + MARK + json.dumps(result) + "\n")
+    sys.stdout.write("\n" + R_RESULT_MARK + json.dumps(result) + "\n")
     sys.stdout.flush()
-'''
+
+
+# Remote side: end ############################################################
+
+# What remote_program() sends (the wire format), four lines of Python:
+#   import base64,zlib
+#   R_SOURCE=zlib.decompress(base64.b64decode(b"<the section, padded>")).decode()
+#   exec(compile(R_SOURCE,"nbtunnel.py","exec"))
+#   r_main(b"<base64 of the zlib-compressed JSON parameters>")
+# The section is read from this file (the installed module's file after `pip install`)
+# and compressed once per run.
+_REMOTE_CACHE = {}
+
+
+def remote_source() -> str:
+    """The remote section of this file, padded to its own line numbers (cached)."""
+    if "source" not in _REMOTE_CACHE:
+        _REMOTE_CACHE["source"] = r_own_source()
+    return _REMOTE_CACHE["source"]
 
 
 def remote_program(op: str, params: dict) -> bytes:
-    """The helper source plus its call, as sent on ssh's stdin."""
-    payload = base64.b64encode(json.dumps(dict(params, op=op)).encode()).decode()
-    return (REMOTE_HELPER + "\nmain(%r)\n" % payload).encode()
+    """The remote section plus the parameters and the call of r_main, as sent on ssh's stdin."""
+    import zlib
+
+    if "blob" not in _REMOTE_CACHE:
+        _REMOTE_CACHE["blob"] = base64.b64encode(zlib.compress(remote_source().encode(), 9))
+    data = base64.b64encode(zlib.compress(json.dumps(dict(params, op=op)).encode(), 9))
+    return b"".join([b"import base64,zlib\nR_SOURCE=zlib.decompress(base64.b64decode(b\"",
+                     _REMOTE_CACHE["blob"], b"\")).decode()\n",
+                     b"exec(compile(R_SOURCE,\"nbtunnel.py\",\"exec\"))\n",
+                     b"r_main(b\"", data, b"\")\n"])
 
 
 def parse_result(host: str, stdout: str, stderr: str, code: int):
@@ -1033,14 +1382,35 @@ class SessionManager:
         return None
 
 
+
 def describe_manager(manager, session: str) -> dict:
     """What the remote side needs to know of MANAGER for SESSION, as plain data."""
-    launcher = ["@PYTHON@", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
-                "@LAUNCH@"]
+    launcher = ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]
     return dict(name=manager.name, program=getattr(manager, "program", ""),
                 start=manager.start(session, launcher), alive=manager.alive(session),
                 stop=manager.stop(session), log=manager.log(session),
                 detach=bool(getattr(manager, "detach", False)))
+
+
+class PidFileManager(SessionManager):
+    """A manager whose session is the launcher's pid (nohup and the like): it is alive while
+    the pid in @PIDFILE@ is still that Jupyter, and stopped by SIGTERM, then SIGKILL, to the
+    process group of that pid.  The remote side does both itself; a subclass gives ``start``
+    (run detached, see ``detach``) and may give ``log``."""
+
+    detach = True
+
+    def alive(self, session):
+        """The marker that has the remote side judge the session by its pid file."""
+        return [R_PIDFILE_ALIVE]
+
+    def stop(self, session):
+        """The marker that has the remote side stop the process group of that pid."""
+        return [R_PIDFILE_STOP]
+
+    def log(self, session):
+        """What the launcher printed (in @OUTPUT@) before Jupyter's own log took over."""
+        return ["cat", "@OUTPUT@"]
 
 
 class Tmux(SessionManager):

@@ -11,7 +11,7 @@ import nbtunnel
 # session in `screen -ls` and address it as PID.NAME, which is unique.
 # argv: NAME ACTION, where ACTION is check, quit or log.  Python 3.6-compatible.
 EXACT = r"""
-import os, re, subprocess, sys, tempfile
+import os, re, subprocess, sys, tempfile, time
 name, action = sys.argv[1], sys.argv[2]
 out = subprocess.Popen(["screen", "-ls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        stdin=subprocess.DEVNULL).communicate()[0].decode("utf-8", "replace")
@@ -26,6 +26,10 @@ for ident in found:
         os.close(fd)
         try:
             subprocess.call(["screen", "-S", ident, "-X", "hardcopy", path])
+            for _ in range(50):  # -X returns before the screen server has written the file
+                if os.path.getsize(path):
+                    break
+                time.sleep(0.05)
             sys.stdout.write(open(path, errors="replace").read())
         finally:
             os.remove(path)

@@ -119,15 +119,25 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
     argv = [fill.get(w, w) for w in desc["log"]]
     shown = remote.run(argv)
     assert "Jupyter runs in this session" in shown.stdout, (shown.stdout, shown.stderr)
-    alive = [fill.get(w, w) for w in desc["alive"]]
-    assert remote.run(alive).returncode == 0
+    if desc["alive"] == [nbtunnel.R_PIDFILE_ALIVE]:  # judged by the remote side itself
+        check = "\nsys.exit(0 if r_pidfile_alive(sys.argv[1]) else 1)\n"
+        source = nbtunnel.remote_source() + check
+
+        def alive_status():
+            return remote.run(["/usr/bin/python3", "-", fill["@PIDFILE@"]], input=source).returncode
+    else:
+        alive = [fill.get(w, w) for w in desc["alive"]]
+
+        def alive_status():
+            return remote.run(alive).returncode
+    assert alive_status() == 0
 
     for pid in jupyter_pids(remote):
         os.kill(pid, 9)
     wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
     assert nbt.status()[0]["server"] == "stopped"
     if manager != "tmux":  # tmux's alive is about its session, which ends with the pane
-        wait_until(lambda: remote.run(alive).returncode != 0, 15, message="alive() says dead")
+        wait_until(lambda: alive_status() != 0, 15, message="alive() says dead")
     fresh = start(nbt, "--manager", manager, "--session", "s.1")
     assert fresh["reused"] is False and fresh["local_port"] == info["local_port"]
     assert api_status(fresh["url"]) == 200
@@ -393,7 +403,8 @@ def test_remote_code_of_plugins_parses_as_python_36():
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
     ast.parse(sys.modules["nbtunnel_plugin_screen"].EXACT, feature_version=(3, 6))
-    ast.parse(sys.modules["nbtunnel_plugin_nohup"].PID, feature_version=(3, 6))
+    nohup = nbtunnel.describe_manager(nbtunnel.get("manager", "nohup"), "x")
+    assert (nohup["alive"], nohup["stop"]) == ([nbtunnel.R_PIDFILE_ALIVE], [nbtunnel.R_PIDFILE_STOP])
     for name in MANAGERS:
         desc = nbtunnel.describe_manager(nbtunnel.get("manager", name), "x")
         assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}

@@ -74,7 +74,7 @@ def test_record_names_are_safe_for_any_host():
 
 
 def test_remote_helper_parses_as_python_36():
-    ast.parse(nbtunnel.REMOTE_HELPER, feature_version=(3, 6))
+    ast.parse(nbtunnel.remote_source(), feature_version=(3, 6))
 
 
 def test_nbtunnel_parses_as_python_38():
