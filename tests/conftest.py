@@ -814,3 +814,21 @@ def cluster() -> Iterator:
         yield host
     finally:
         host.stop()
+
+
+@pytest.fixture
+def nbt_cluster(cluster) -> Iterator[NbtRunner]:
+    """Runs nbtunnel.py against the cluster's login node; after the test, no job of the user is left."""
+    runner = NbtRunner(cluster)
+    cluster.reset_unknown_known_hosts()
+    yield runner
+    forced = runner.cleanup()
+    jobs = cluster.jobs()
+    if jobs:
+        forced.append(f"Slurm jobs {jobs}")
+        cluster.cancel_all_jobs()
+    if forced:
+        warnings.warn(
+            "left after --terminate --force, removed by force: " + "; ".join(forced),
+            stacklevel=1,
+        )

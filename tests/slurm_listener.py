@@ -42,7 +42,10 @@ def serve(sock):
     while True:
         conn, _ = sock.accept()
         with conn:
-            conn.sendall(host.encode() + b"\n")
+            try:  # a probe that connects and closes at once resets the connection
+                conn.sendall(host.encode() + b"\n")
+            except OSError:
+                pass
 
 
 for sock in listeners.values():
