@@ -791,3 +791,44 @@ def pytest_terminal_summary(
         terminalreporter.write_line(host.describe(), yellow=host.fallback)
     for item in _LEFTOVERS:
         terminalreporter.write_line(f"LEFT BEHIND by the test remote: {item}", red=True)
+
+
+# Slurm ########################################################################
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator:
+    """A real two-host Slurm cluster for this session (see tests/cluster.py)."""
+    from cluster import ClusterUnavailable, SlurmCluster, slurm_missing
+
+    reason = slurm_missing()
+    if reason:
+        pytest.skip(f"no test cluster: {reason}")
+    host = SlurmCluster()
+    _REMOTES.append(host)
+    try:
+        try:
+            host.start()
+        except ClusterUnavailable as err:
+            pytest.skip(f"no test cluster: {err}")
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def nbt_cluster(cluster) -> Iterator[NbtRunner]:
+    """Runs nbtunnel.py against the cluster's login node; after the test, no job of the user is left."""
+    runner = NbtRunner(cluster)
+    cluster.reset_unknown_known_hosts()
+    yield runner
+    forced = runner.cleanup()
+    jobs = cluster.jobs()
+    if jobs:
+        forced.append(f"Slurm jobs {jobs}")
+        cluster.cancel_all_jobs()
+    if forced:
+        warnings.warn(
+            "left after --terminate --force, removed by force: " + "; ".join(forced),
+            stacklevel=1,
+        )
