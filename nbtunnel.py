@@ -1247,7 +1247,8 @@ class Progress:
         try:
             width = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, AttributeError, ValueError):
-            width = 80
+            width = 0
+        width = width or 80  # a terminal that tells no size says 0
         return text[:max(10, width - 1)]  # never wrap: \r only returns to the last row
 
     def _draw(self):
