@@ -1312,7 +1312,6 @@ class Connection:
         digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
         self.socket = os.path.join(control_dir(), digest)
         self.opened_here = False
-        self.open_pending = False  # see open_with_first_command()
         self.batch = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
 
     def argv(self, *extra) -> list:
@@ -1376,12 +1375,6 @@ class Connection:
             raise Error(classify_ssh_error(self.host, text))
         self.opened_here = True
 
-    def open_with_first_command(self) -> None:
-        """Like open(), but the master is started by the next run_helper(), whose helper
-        runs as the master's own first session: one ssh process and no `ssh -O check`
-        between connecting and the remote work.  Nothing to do when a master runs."""
-        self.open_pending = not self.alive()
-
     def may_prompt(self):
         """Around an ssh that may ask the user something on the terminal: the progress
         line stops redrawing, so the prompt stays readable."""
@@ -1390,9 +1383,6 @@ class Connection:
     def run_helper(self, op: str, params: dict, timeout: float) -> dict:
         """Run the remote helper for OP over the master (if none runs, ssh connects
         by itself for this one command); return its result."""
-        if getattr(self, "open_pending", False):
-            self.open_pending = False
-            return self._open_and_run(op, params, timeout)
         argv = self.argv("-T", "-o", "ControlMaster=no",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          self.host, REMOTE_COMMAND)
@@ -1405,42 +1395,6 @@ class Connection:
                 raise Error("%s did not answer within %gs" % (self.host, timeout))
         out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
         return parse_result(self.host, out, err, r.returncode)
-
-    def _open_and_run(self, op: str, params: dict, timeout: float) -> dict:
-        """Start the master with the helper as its first session; the master stays."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket)  # a socket left by a master that died
-        argv = self.master_argv("-T", self.host, REMOTE_COMMAND)
-        stop = threading.Event()
-        with progress("connecting to %s" % self.host), self.may_prompt() as thaw:
-            if progress.out is not None:  # tell the handshake from the remote work
-                threading.Thread(target=self._announce, daemon=True, args=(
-                    stop, HELPER_WAIT.get(op, "waiting for %s") % self.host, thaw)).start()
-            try:
-                r = subproc(argv, input=remote_program(op, params), capture_output=True,
-                            timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise Error("%s did not answer within %gs" % (self.host, timeout))
-            except FileNotFoundError:
-                raise Error("no ssh program found on this machine; install OpenSSH")
-            finally:
-                stop.set()
-        # The master made its socket once authenticated, and outlives this command.
-        self.opened_here = os.path.exists(self.socket)
-        out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
-        return parse_result(self.host, out, err, r.returncode)
-
-    def _announce(self, stop, text, thaw):
-        """Once the master's socket appears (authenticated: ssh prompts no more), let the
-        progress line tick again and say TEXT."""
-        while not stop.wait(0.02):
-            if os.path.exists(self.socket):
-                with progress.lock:
-                    if not stop.is_set():
-                        if thaw:
-                            thaw()
-                        progress.update(text)
-                return
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -1690,7 +1644,7 @@ def attach(run: Run, host: str, params: dict):
     with locked(run.state, host, run.args.session):
         old = fresh_record(run, host, run.args.session)
         conn = run.connection(host, old)
-        getattr(conn, "open_with_first_command", conn.open)()  # one ssh: master + helper
+        conn.open()
         rec, info = bring_up(run, host, conn, old, params)
     return conn, rec, info
 
@@ -1903,7 +1857,7 @@ def cmd_terminate(run: Run, host: str) -> int:
     rec = find_record(run.records, host, session)
     with locked(run.state, host, session):
         conn = run.connection(host, rec)
-        getattr(conn, "open_with_first_command", conn.open)()
+        conn.open()
         try:
             params = dict(run.params(session), force=args.force)
             if rec and rec.get("manager") in MANAGERS:

@@ -668,9 +668,6 @@ def describe_ssh(argv: list) -> str:
     """What one ssh command run by nbtunnel does, in a few words."""
     if "-O" in argv:
         return "ssh -O %s (local, to the master)" % argv[argv.index("-O") + 1]
-    if "-M" in argv and nbtunnel.REMOTE_COMMAND in argv:
-        return "ssh -M: the master connection (the one handshake), its first session the " \
-            "remote helper"
     if "-M" in argv:
         return "ssh -f -N -M: the master connection (the one handshake)"
     if nbtunnel.REMOTE_COMMAND in argv:
