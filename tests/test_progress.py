@@ -108,7 +108,8 @@ def test_status_asks_every_host_at_once(nbt, remote):
     rows = json.loads(proc.stdout)
     # One row per session, in the order of the records, each answered by its host.
     assert [r["host"] for r in rows] == recorded, rows
-    assert all(r["server"] == "running" and r["tunnel"] == "down" for r in rows), rows
+    assert all(r["server"] == "running" and r["tunnel"] == "down" for r in rows), (
+        [(r["server"], r["tunnel"]) for r in rows], proc.stderr)
     time.sleep(0.5)  # sshd logs the login as it accepts it
     assert remote.auth_count() - before == 3  # one connection per host
     assert not local_ssh_pids(str(nbt.ssh_config))  # and none left running
