@@ -3,16 +3,22 @@ and --status that asks several hosts at once, one connection each."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from helpers import http_get, local_ssh_pids, wait_until
 from unattended import run_in_pty
 
+REPO = Path(__file__).resolve().parent.parent
 PROGRESS_TEXT = "waiting for Jupyter on"
-DELAY = 1.5  # seconds each connection to the "slow" hosts waits before it reaches sshd
+DELAY = 0.2  # seconds the delay line holds each chunk, each way
 
 
 def api_ok(url: str) -> bool:
@@ -51,33 +57,50 @@ def test_no_progress_line_when_piped(nbt, remote):
             assert PROGRESS_TEXT not in proc.stderr
 
 
-def slow_hosts(nbt, remote) -> tuple[list[str], Path]:
-    """Three ssh_config aliases of the test host whose connections each wait DELAY
-    seconds in a ProxyCommand that logs when it starts; (aliases, that log)."""
-    aliases = [f"slow{i}-{os.getpid()}" for i in (1, 2, 3)]
-    started = nbt.tmp / "connections.log"
-    relay = (
-        f"/bin/bash -c 'echo \"%n $(date +%%s.%%N)\" >> {started}; sleep {DELAY}; "
-        "exec 3<>/dev/tcp/%h/%p; cat <&3 & exec cat >&3'"
-    )
-    config = nbt.tmp / "ssh_config"
-    config.write_text(
-        f"""Host {" ".join(aliases)}
-    HostName {remote.ip}
-    Port {remote.port}
+@contextlib.contextmanager
+def slow_hosts(nbt, remote) -> Iterator[list[str]]:
+    """Three ssh_config aliases of the test host behind a delay line (bench/delayproxy.py,
+    DELAY seconds each way per chunk), so that each connection lasts a few seconds."""
+    proxy = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "delayproxy.py"), "--listen", "127.0.0.1:0",
+         "--target", f"{remote.ip}:{remote.port}", "--delay", str(DELAY)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proxy.stdout.readline())
+        aliases = [f"slow{i}-{os.getpid()}" for i in (1, 2, 3)]
+        host_key = remote.known_hosts.read_text().split(None, 1)[1]
+        known = nbt.tmp / "known_hosts"
+        known.write_text(f"slow-hostkey {host_key}")
+        config = nbt.tmp / "ssh_config"
+        config.write_text(
+            f"""Host {" ".join(aliases)}
+    HostName 127.0.0.1
+    Port {port}
+    HostKeyAlias slow-hostkey
     User {remote.user}
     IdentityFile {remote.identity}
     IdentitiesOnly yes
-    UserKnownHostsFile {remote.known_hosts}
+    UserKnownHostsFile {known}
     GlobalKnownHostsFile /dev/null
     StrictHostKeyChecking yes
     BatchMode yes
-    ProxyCommand {relay}
 
 {remote.ssh_config.read_text()}"""
-    )
-    nbt.ssh_config = config  # every later nbtunnel run (and the clean-up) uses it
-    return aliases, started
+        )
+        nbt.ssh_config = config  # every later nbtunnel run (and the clean-up) uses it
+        yield aliases
+    finally:
+        for path in nbt.state_dir.glob("*.json"):  # while the delay line still runs
+            rec = json.loads(path.read_text())
+            nbt.run(rec["host"], "--terminate", "--force", "--session", rec["session"])
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def most_at_once(pattern: str, stop: threading.Event, seen: list) -> None:
+    """Until STOP: the most local ssh processes matching PATTERN alive at one time."""
+    while not stop.wait(0.02):
+        seen.append(len(local_ssh_pids(pattern)))
 
 
 def close_masters(nbt) -> None:
@@ -90,46 +113,43 @@ def close_masters(nbt) -> None:
 
 
 def test_status_asks_every_host_at_once(nbt, remote):
-    aliases, started = slow_hosts(nbt, remote)
-    for alias in aliases:  # one server (same remote user and session), three hosts
-        proc = nbt.run(alias, timeout=180)
+    with slow_hosts(nbt, remote) as aliases:
+        for alias in aliases:  # one server (same remote user and session), three hosts
+            proc = nbt.run(alias, timeout=180)
+            assert proc.returncode == 0, proc.stderr
+            assert api_ok(proc.stdout.strip())
+        recorded = [json.loads(p.read_text())["host"]
+                    for p in sorted(nbt.state_dir.glob("*.json"))]
+        assert sorted(recorded) == sorted(aliases)
+        close_masters(nbt)
+
+        before = remote.auth_count()
+        stop, seen = threading.Event(), []
+        watcher = threading.Thread(target=most_at_once, args=(str(nbt.ssh_config), stop, seen))
+        watcher.start()
+        try:
+            proc = nbt.run("--status", "--json", timeout=180)
+        finally:
+            stop.set()
+            watcher.join()
         assert proc.returncode == 0, proc.stderr
-        assert api_ok(proc.stdout.strip())
-    recorded = [json.loads(p.read_text())["host"] for p in sorted(nbt.state_dir.glob("*.json"))]
-    assert sorted(recorded) == sorted(aliases)
-    close_masters(nbt)
+        rows = json.loads(proc.stdout)
+        # One row per session, in the order of the records, each answered by its host.
+        assert [r["host"] for r in rows] == recorded, rows
+        assert all(r["server"] == "running" and r["tunnel"] == "down" for r in rows), (
+            [(r["server"], r["tunnel"]) for r in rows], proc.stderr)
+        time.sleep(0.5)  # sshd logs the login as it accepts it
+        assert remote.auth_count() - before == 3  # one connection per host
+        assert not local_ssh_pids(str(nbt.ssh_config))  # and none left running
+        # The three connections were under way at the same time (each lasts seconds
+        # behind the delay line; one after the other, there would never be two).
+        assert max(seen) == 3, seen
 
-    started.write_text("")
-    before = remote.auth_count()
-    t0 = time.monotonic()
-    proc = nbt.run("--status", "--json", timeout=180)
-    wall = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(proc.stdout)
-    # One row per session, in the order of the records, each answered by its host.
-    assert [r["host"] for r in rows] == recorded, rows
-    assert all(r["server"] == "running" and r["tunnel"] == "down" for r in rows), (
-        [(r["server"], r["tunnel"]) for r in rows], proc.stderr)
-    time.sleep(0.5)  # sshd logs the login as it accepts it
-    assert remote.auth_count() - before == 3  # one connection per host
-    assert not local_ssh_pids(str(nbt.ssh_config))  # and none left running
-    # The three connections were under way at the same time: each waits DELAY seconds
-    # before it reaches sshd, so one after the other they would start DELAY or more apart.
-    starts = sorted(float(line.split()[1]) for line in started.read_text().splitlines())
-    assert len(starts) == 3, started.read_text()
-    assert starts[-1] - starts[0] < DELAY, (starts, wall)
-    assert wall < 3 * DELAY + 60  # generous: a loaded machine is slow, not wrong
-
-    # The text form: the same rows in the same order, on every run.
-    text = nbt.run("--status", timeout=180)
-    assert text.returncode == 0, text.stderr
-    assert [line.split("\t")[0] for line in text.stdout.splitlines()] == recorded
-    assert "\r" not in text.stderr and "\x1b" not in text.stderr
-
-    for alias in aliases:
-        proc = nbt.run(alias, "--terminate", timeout=180)
-        assert proc.returncode == 0, proc.stderr
-    wait_until(lambda: not remote.pids(r"jupyter"), 30, message="server stopped")
+        # The text form: the same rows in the same order, on every run.
+        text = nbt.run("--status", timeout=180)
+        assert text.returncode == 0, text.stderr
+        assert [line.split("\t")[0] for line in text.stdout.splitlines()] == recorded
+        assert "\r" not in text.stderr and "\x1b" not in text.stderr
 
 
 def test_status_of_one_host_among_several_on_a_terminal(nbt, remote):
