@@ -42,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # configparser, hashlib, http.client, importlib.util, socket, tempfile and urllib are
@@ -1714,6 +1715,167 @@ def load_plugins(paths) -> list:
     return loaded
 
 
+# Progress line ###############################################################
+#
+# While nbtunnel waits (connecting, starting Jupyter, a job in a queue), a person at a
+# terminal sees one line on stderr that says what it waits for and for how long,
+# rewritten in place and erased when the wait is over.  With stderr not a terminal
+# (cron, pipes, --json consumers) or with -q nothing at all is written.
+
+
+class Progress:
+    """One status line on a terminal's stderr, updated in place.
+
+    ``with progress("connecting to %s" % host): ...`` shows TEXT and the seconds
+    elapsed until the block ends (nested blocks show their own text, then the outer
+    one again); ``progress.update(text)`` changes the words of the innermost block,
+    e.g. ``progress.update("job %s %s (%s)" % (job_id, state, reason))``.  Log records
+    emitted meanwhile clear the line first and it is drawn again after them."""
+
+    interval = 0.1  # seconds between redraws
+
+    def __init__(self, stream=None):
+        self.stream = stream  # None: sys.stderr at the time the line starts
+        self.lock = threading.RLock()
+        self.texts = []  # one entry per open block, innermost last
+        self.started = 0.0
+        self.out = None  # the terminal written to; None when the line is off
+        self.shown = False
+        self.frozen = 0  # > 0: ssh may be prompting on the terminal, do not redraw
+        self.stop = threading.Event()
+        self.hooked = []  # (handler, its own emit) while the line runs
+
+    def __call__(self, text: str):
+        """A context manager that shows TEXT while its block runs."""
+        return self._block(text)
+
+    @contextlib.contextmanager
+    def _block(self, text):
+        with self.lock:
+            self.texts.append(str(text))
+            if len(self.texts) == 1:
+                self._start()
+            self._draw()
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self.texts.pop()
+                if self.texts:
+                    self._draw()
+                else:
+                    self._finish()
+
+    def update(self, text: str) -> None:
+        """Change the text of the innermost open block (nothing when none is open)."""
+        with self.lock:
+            if self.texts:
+                self.texts[-1] = str(text)
+                self._draw()
+
+    @contextlib.contextmanager
+    def frozen_while(self):
+        """Stop redrawing while a program may prompt on the terminal (ssh asking for a
+        password or a host key): its prompt follows the line, which stays as it is."""
+        thaw = self.freeze()
+        try:
+            yield thaw
+        finally:
+            thaw()
+
+    def freeze(self):
+        """Stop redrawing until the function returned is called (once is enough)."""
+        with self.lock:
+            self._draw()
+            self.frozen += 1
+        done = []
+
+        def thaw():
+            with self.lock:
+                if not done:
+                    done.append(True)
+                    self.frozen -= 1
+                    self._draw()
+        return thaw
+
+    def enabled(self) -> bool:
+        """Only on a terminal, and not with -q."""
+        stream = self.stream or sys.stderr
+        try:
+            tty = stream is not None and stream.isatty()
+        except (AttributeError, ValueError):
+            tty = False
+        return tty and os.environ.get("TERM") != "dumb" and log.isEnabledFor(logging.INFO)
+
+    def _start(self):
+        self.started = time.monotonic()
+        self.shown = False
+        self.out = (self.stream or sys.stderr) if self.enabled() else None
+        if self.out is None:
+            return
+        for handler in log.handlers:  # clear the line before any message, redraw after
+            self.hooked.append((handler, handler.emit))
+            handler.emit = self._emitter(handler.emit)
+        self.stop = threading.Event()  # one per line: an old thread never wakes a new one
+        threading.Thread(target=self._tick, args=(self.stop,), name="nbtunnel-progress",
+                         daemon=True).start()
+
+    def _emitter(self, emit):
+        def hooked(record):
+            with self.lock:
+                self._clear()
+                emit(record)
+                self._draw()
+        return hooked
+
+    def _finish(self):
+        if self.out is None:
+            return
+        self.stop.set()  # the ticking thread ends at its next wake-up
+        for handler, emit in self.hooked:
+            if handler.emit is not emit:
+                del handler.emit  # back to the class's own
+        self.hooked = []
+        self._clear()
+        self.out = None
+
+    def _tick(self, stop):
+        while not stop.wait(self.interval):
+            with self.lock:
+                if not stop.is_set():
+                    self._draw()
+
+    def _line(self) -> str:
+        text = "nbtunnel: %s (%.1f s)" % (self.texts[-1], time.monotonic() - self.started)
+        try:
+            width = os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, AttributeError, ValueError):
+            width = 0
+        width = width or 80  # a terminal that tells no size says 0
+        return text[:max(10, width - 1)]  # never wrap: \r only returns to the last row
+
+    def _draw(self):
+        if self.out is None or not self.texts or self.frozen:
+            return
+        self._write("\r" + self._line() + "\x1b[K")
+        self.shown = True
+
+    def _clear(self):
+        if self.out is not None and self.shown:
+            self._write("\r\x1b[K")
+            self.shown = False
+
+    def _write(self, text):
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            self.out = None  # the terminal went away: stay quiet
+
+
+progress = Progress()
+
+
 # Running ssh #################################################################
 
 
@@ -1736,6 +1898,11 @@ def control_dir() -> str:
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path):
         raise Error("%s must be a directory owned by you with mode 0700" % path)
     return path
+
+
+# What the progress line says while the helper works, by operation.
+HELPER_WAIT = {"start": "waiting for Jupyter on %s", "stop": "stopping Jupyter on %s",
+               "status": "asking %s"}
 
 
 class Connection:
@@ -1775,19 +1942,24 @@ class Connection:
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
+    def master_argv(self, *extra) -> list:
+        """ssh that starts the master (it stays in the background: ControlPersist)."""
+        return self.argv("-M", "-o", "ControlPersist=yes",
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, *extra)
+
     def open(self) -> None:
         """Start the master unless one runs; this is the only authentication."""
         if self.alive():
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # a socket left by a master that died
-        argv = self.argv("-f", "-N", "-M", "-o", "ControlPersist=yes",
-                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, self.host)
+        argv = self.master_argv("-f", "-N", self.host)
         import tempfile
 
         # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
-        with tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as err, progress("connecting to %s" % self.host), \
+                self.may_prompt():
             try:
                 r = subproc(argv, stdin=None if not self.batch else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=err,
@@ -1802,9 +1974,16 @@ class Connection:
                                kind="no-ssh") from None
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
-        if code != 0 or not self.alive():
+        # ssh -f returns 0 only once it is authenticated and the master listens on its
+        # socket: no `ssh -O check` needed to believe it.
+        if code != 0 or not os.path.exists(self.socket):
             raise classify_ssh_error(self.host, text)
         self.opened_here = True
+
+    def may_prompt(self):
+        """Around an ssh that may ask the user something on the terminal: the progress
+        line stops redrawing, so the prompt stays readable."""
+        return contextlib.nullcontext() if self.batch else progress.frozen_while()
 
     def run_helper(self, op: str, params: dict, timeout: float) -> dict:
         """Run the remote helper for OP over the master (if none runs, ssh connects
@@ -1812,12 +1991,14 @@ class Connection:
         argv = self.argv("-T", "-o", "ControlMaster=no",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          self.host, REMOTE_COMMAND)
-        try:
-            r = subproc(argv, input=remote_program(op, params), capture_output=True,
-                        timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise SshError("%s did not answer within %gs" % (self.host, timeout),
-                           kind="no-answer") from None
+        prompt = contextlib.nullcontext() if os.path.exists(self.socket) else self.may_prompt()
+        with progress(HELPER_WAIT.get(op, "waiting for %s") % self.host), prompt:
+            try:
+                r = subproc(argv, input=remote_program(op, params), capture_output=True,
+                            timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise SshError("%s did not answer within %gs" % (self.host, timeout),
+                               kind="no-answer") from None
         out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
         return parse_result(self.host, out, err, r.returncode)
 
@@ -2196,6 +2377,61 @@ def find_record(records, host, session):
     return None
 
 
+def ask_host(run: Run, host: str, recs: list, batch: bool = False):
+    """(master up, {session: answer}, None or the Error) for the sessions RECS of HOST."""
+    conn = run.connection(host, recs[0])
+    conn.batch = conn.batch or batch
+    up = conn.alive()
+    # Over the master when it runs; otherwise over a connection of its own that
+    # ends with the command: one handshake either way, and nothing left running.
+    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs])
+    try:
+        answers = conn.run_helper("status", params, timeout=run.args.timeout + 10)
+    except Error as e:
+        return up, {}, e
+    return up, {a["session"]: a for a in answers}, None
+
+
+def may_need_prompt(err: Error) -> bool:
+    """Did a batch-mode ssh fail where a prompt (password, host key) could help?"""
+    return err.kind in ("auth", "hostkey-unknown")
+
+
+def ask_hosts(run: Run, by_host: dict) -> dict:
+    """Ask every host at once (one thread and one connection each): {host: (up, answers)}
+    in the order of BY_HOST.
+
+    On a terminal several hosts must not prompt at the same time, so the parallel pass
+    runs ssh in batch mode, and the hosts it could not log into without a prompt are
+    asked again one after the other, with their prompts."""
+    import concurrent.futures
+
+    def one(host, batch):
+        try:
+            return ask_host(run, host, by_host[host], batch)
+        except Error as e:
+            return False, {}, e
+
+    hosts = list(by_host)
+    interactive = not run.batch and sys.stdin is not None and sys.stdin.isatty()
+    got = {}
+    if len(hosts) == 1:
+        got[hosts[0]] = one(hosts[0], False)
+    elif hosts:
+        with progress("asking %d hosts" % len(hosts)), \
+                concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+            futures = {h: pool.submit(one, h, interactive) for h in hosts}
+            got = {h: f.result() for h, f in futures.items()}
+    for host in hosts:
+        err = got[host][2]
+        if interactive and len(hosts) > 1 and err and may_need_prompt(err):
+            got[host] = one(host, False)
+            err = got[host][2]
+        if err:
+            log.warning("warning: %s", err)
+    return {h: got[h][:2] for h in hosts}
+
+
 def cmd_status(run: Run, host) -> int:
     """Ask each recorded host about its sessions; one line (or JSON object) each."""
     args = run.args
@@ -2205,20 +2441,10 @@ def cmd_status(run: Run, host) -> int:
     by_host = {}
     for rec in records:
         by_host.setdefault(rec["host"], []).append(rec)
+    asked = ask_hosts(run, by_host)
     rows = []
     for h, recs in by_host.items():
-        conn = run.connection(h, recs[0])
-        answers = {}
-        up = False
-        try:
-            up = conn.alive()
-            # Over the master when it runs; otherwise over a connection of its own that
-            # ends with the command: one handshake either way, and nothing left running.
-            params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs])
-            for a in conn.run_helper("status", params, timeout=args.timeout + 10):
-                answers[a["session"]] = a
-        except Error as e:
-            log.warning("warning: %s", e)
+        up, answers = asked[h]
         for rec in recs:
             a = answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
