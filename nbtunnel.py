@@ -33,6 +33,7 @@ lists; they never run processes themselves.
 import argparse
 import base64
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -2486,8 +2487,9 @@ def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) 
                                                            rec["remote_port"])
 
 
-def cmd_terminate(run: Run, host: str) -> int:
-    """Stop the server gracefully, end its session, close the tunnel, drop the record."""
+def terminate_session(run: Run, host: str) -> dict:
+    """Stop the server gracefully, end its session, close the tunnel, drop the record;
+    the remote's answer (raises exit 3 while kernels are busy and --force is not given)."""
     args = run.args
     session = args.session
     rec = find_record(run.records, host, session)
@@ -2508,13 +2510,60 @@ def cmd_terminate(run: Run, host: str) -> int:
                                         names=", ".join(result["busy"])), 3)
         close_tunnel(run, conn, host, session, rec)
         drop_record(run.state, host, session)
-    if args.json:
-        print(json.dumps(dict(host=host, session=session, stopped=result["stopped"],
-                              how=result.get("how"))))
-    elif not args.quiet:
-        log.info("%s: session %s %s", host, session,
-                 "stopped" if result["stopped"] else "was not running")
+    return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
+
+
+def say_terminated(run: Run, results: list) -> None:
+    """Tell what --terminate did: JSON (one object, or a list for --all) or one line each."""
+    if run.args.json:
+        print(json.dumps(results if run.args.all else results[0]))
+    elif not run.args.quiet:
+        for r in results:
+            log.info("%s: session %s %s", r["host"], r["session"],
+                     "stopped" if r["stopped"] else "was not running")
+
+
+def cmd_terminate(run: Run, host: str) -> int:
+    """Stop the server of HOST/SESSION and its tunnel (idempotent)."""
+    say_terminated(run, [terminate_session(run, host)])
     return 0
+
+
+def every_session(run: Run, cfg, host, action):
+    """--all: ACTION (terminate_session or ensure_session) for every recorded session (of
+    HOST), all hosts at once, one connection each: the sessions of one host go one after
+    the other over its connection.  Results come in record order; the exit code is the
+    worst one."""
+    import concurrent.futures
+
+    by_host = {}
+    for rec in run.records:
+        if host is None or rec["host"] == host:
+            by_host.setdefault(rec["host"], []).append(rec)
+
+    def one_host(h):
+        done = []
+        for rec in by_host[h]:
+            sub = argparse.Namespace(**copy.deepcopy(run.pristine))
+            sub.host, sub.session = rec["host"], rec["session"]
+            try:
+                subrun = Run(sub, cfg)
+                resolve(sub, cfg, subrun.records)
+                done.append((rec, action(subrun, h), None))
+            except Error as e:
+                done.append((rec, None, e))
+        return done
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(by_host))) as pool:
+        futures = [pool.submit(one_host, h) for h in by_host]
+        outcome = [item for f in futures for item in f.result()]
+    code = 0
+    for rec, _, err in outcome:
+        if err is not None:
+            log.error("error: %s (session %s): %s", rec["host"], rec["session"],
+                      err.text().splitlines()[0])
+            code = max(code, err.code)
+    return code, [result for _, result, err in outcome if err is None]
 
 
 # Unattended: ensure and watch ################################################
@@ -2564,8 +2613,8 @@ def repair(run: Run, host: str, conn: Connection, old, params: dict):
     return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
 
 
-def cmd_ensure(run: Run, host: str) -> int:
-    """For cron: start or repair the server and tunnel of HOST/SESSION; silent when healthy."""
+def ensure_session(run: Run, host: str):
+    """Start or repair the server and tunnel of HOST/SESSION: (record, repair lines)."""
     args = run.args
     session = args.session
     run.batch = True  # never prompt, even on a terminal
@@ -2577,11 +2626,23 @@ def cmd_ensure(run: Run, host: str) -> int:
             rec = fresh_record(run, host, session)
             if not (rec and api_ok(rec)):  # else a run we waited for has repaired it
                 rec, lines = repair(run, host, run.connection(host, rec), rec, params)
-    if args.json:
-        print(json.dumps(dict(public(rec), repairs=lines)))
+    return rec, lines
+
+
+def say_ensured(run: Run, results: list) -> None:
+    """Tell what --ensure did: nothing when all was well, else one line per repair."""
+    if run.args.json:
+        rows = [dict(public(rec), repairs=lines) for rec, lines in results]
+        print(json.dumps(rows if run.args.all else rows[0]))
     else:
-        for line in lines:
-            print(line)
+        for _, lines in results:
+            for line in lines:
+                print(line)
+
+
+def cmd_ensure(run: Run, host: str) -> int:
+    """For cron: start or repair the server and tunnel of HOST/SESSION; silent when healthy."""
+    say_ensured(run, [ensure_session(run, host)])
     return 0
 
 
@@ -2935,6 +2996,8 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--print-nginx", action="store_true",
                      help="print an nginx server block in front of the tunnel")
     p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
+    p.add_argument("--all", action="store_true", help="with --terminate or --ensure: every "
+                   "recorded session (of HOST), all hosts at once")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
     for option in SERVER_OPTIONS:
@@ -3054,7 +3117,8 @@ def resolve(args, cfg, records):
     HOST (None for --status without one, or --terminate with nothing recorded)."""
     args.origin = {o.dest: "command line" for o in session_options()
                    if getattr(args, o.dest, None) is not None}
-    host = None if args.status and not args.host else resolve_host(args, cfg, records)
+    several = args.status or getattr(args, "all", False)
+    host = None if several and not args.host else resolve_host(args, cfg, records)
     if host is not None:
         check_host(host)
     apply_config(args, cfg, host)
@@ -3130,7 +3194,16 @@ def main(argv=None) -> int:
         load_plugins(plugin_files([p.strip() for p in plugins if p.strip()]))
         args = build_parser().parse_args(argv)
         run = Run(args, cfg)
+        run.pristine = copy.deepcopy(vars(args))  # as given, for each session of --all
         host = resolve(args, cfg, run.records)
+        if args.all:
+            if not (args.terminate or args.ensure) or args.watch:
+                raise UsageError("--all goes with --terminate or --ensure")
+            action, say = ((terminate_session, say_terminated) if args.terminate
+                           else (ensure_session, say_ensured))
+            code, results = every_session(run, cfg, host, action)
+            say(run, results)
+            return code
         if args.status:
             return cmd_status(run, host)
         if args.print_service:

@@ -94,3 +94,27 @@ def test_unusable_state_dirs_are_one_clean_error(nbt, remote, state_dir):
     proc = nbt.run(remote.alias, "--state-dir", state_dir, timeout=60)
     assert proc.returncode in (1, 2) and "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr) < 2000  # one message, not a dump
+
+
+def test_ensure_and_terminate_all_sessions(nbt, remote):
+    """--all: every recorded session, one connection per host, results in record order."""
+    one, two = start(nbt, "--session", "s1"), start(nbt, "--session", "s2")
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    before = remote.auth_count()
+    proc = nbt.run("--ensure", "--all", "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["session"] for r in rows] == sorted(["s1", "s2"], key=lambda s: [r["session"] for r in nbt.status()].index(s))
+    assert all(r["repairs"] and "restarted Jupyter" in r["repairs"][0] for r in rows)
+    assert {r["token"] for r in rows} == {one["token"], two["token"]}
+    assert all(api_status(r["url"]) == 200 for r in rows)
+    assert remote.auth_count() - before == 1  # one host, one connection
+    quiet = nbt.run("--ensure", "--all")
+    assert quiet.returncode == 0 and quiet.stdout == "", quiet.stdout
+    proc = nbt.run("--terminate", "--all")
+    assert proc.returncode == 0, proc.stderr
+    assert "s1 stopped" in proc.stderr and "s2 stopped" in proc.stderr
+    assert nbt.status() == [] and not jupyter_pids(remote)
+    assert nbt.run("--status", "--all").returncode == 2  # --all goes with --terminate or --ensure
