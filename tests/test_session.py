@@ -106,7 +106,7 @@ def test_ensure_and_terminate_all_sessions(nbt, remote):
     proc = nbt.run("--ensure", "--all", "--json", timeout=240)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert [r["session"] for r in rows] == sorted(["s1", "s2"], key=lambda s: [r["session"] for r in nbt.status()].index(s))
+    assert [r["session"] for r in rows] == ["s1", "s2"]  # record order
     assert all(r["repairs"] and "restarted Jupyter" in r["repairs"][0] for r in rows)
     assert {r["token"] for r in rows} == {one["token"], two["token"]}
     assert all(api_status(r["url"]) == 200 for r in rows)
