@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """nbtunnel: run Jupyter on a machine you reach over SSH and use it from this one.
 
-    nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print the URL
+    nbtunnel.py HOST                 start (or reattach to) Jupyter on HOST, tunnel it, print URL
     nbtunnel.py [HOST] --status      one line per recorded session
     nbtunnel.py [HOST] --terminate   stop the server and the local tunnel
     nbtunnel.py [HOST] --ensure      for cron: repair what is missing, silent when all is well
@@ -207,7 +207,7 @@ def split_command(text: str) -> list:
     try:
         return shlex.split(text)
     except ValueError as e:
-        raise UsageError("invalid --jupyter %r: %s" % (text, e))
+        raise UsageError("invalid --jupyter %r: %s" % (text, e)) from None
 
 
 def jupyter_argv(app, jupyter=None) -> list:
@@ -495,7 +495,7 @@ def r_state_dir():
         pass
     except OSError as e:
         raise RemoteFail("state-dir", "cannot create the remote state directory %s: %s"
-                         % (path, e))
+                         % (path, e)) from None
     st = os.lstat(path)
     move = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
     if stat.S_ISLNK(st.st_mode):
@@ -596,7 +596,7 @@ class RemoteLock:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | R_NOFOLLOW, 0o600)
         except OSError as e:
             raise RemoteFail("unsafe-state", "cannot open the lock file %s (%s): if it is a "
-                             "symbolic link, remove it" % (self.path, e))
+                             "symbolic link, remove it" % (self.path, e)) from None
         deadline = time.time() + self.timeout
         while fcntl is not None:
             try:
@@ -605,7 +605,8 @@ class RemoteLock:
             except OSError:
                 if time.time() > deadline:
                     os.close(self.fd)
-                    raise RemoteFail("locked", "another nbtunnel is busy with this session")
+                    raise RemoteFail("locked",
+                                     "another nbtunnel is busy with this session") from None
                 time.sleep(0.1)
         return self
 
@@ -733,7 +734,7 @@ def r_http(port, base_url, path, token, method="GET", timeout=5):
             body = resp.read()
             return resp.status, (json.loads(body.decode()) if body.strip() else None)
     except http.client.HTTPException as e:  # a broken answer: as good as none
-        raise OSError("%s: %s" % (type(e).__name__, e))
+        raise OSError("%s: %s" % (type(e).__name__, e)) from None
 
 
 # Login environment ----------------------------------------------------------
@@ -798,7 +799,7 @@ def r_login_env(steps, timeout):
         found = json.loads(out.rsplit(R_ENV_MARK, 1)[1].strip())
     except ValueError:
         raise RemoteFail("env", "could not read the environment of the login shell %s" % shell,
-                         log_tail="\n".join(err.splitlines()[-15:]))
+                         log_tail="\n".join(err.splitlines()[-15:])) from None
     for key in list(found):
         if key.startswith("NBT_"):
             del found[key]
@@ -1673,7 +1674,8 @@ def get(kind: str, name: str):
     try:
         return REGISTRIES[kind][name]
     except KeyError:
-        raise UsageError("unknown %s %r; known: %s" % (kind, name, ", ".join(sorted(REGISTRIES[kind]))))
+        raise UsageError("unknown %s %r; known: %s"
+                         % (kind, name, ", ".join(sorted(REGISTRIES[kind])))) from None
 
 
 register(Tmux())
@@ -2881,7 +2883,7 @@ def launchd_plist(argv: list, env: dict, title: str, label: str, home: str) -> s
     try:
         text = plistlib.dumps(job).decode()
     except (TypeError, ValueError) as e:  # XML cannot hold most control characters
-        raise UsageError("cannot write a launchd plist for these options: %s" % e)
+        raise UsageError("cannot write a launchd plist for these options: %s" % e) from None
     comment = ("<!-- %s.\n     Save as ~/Library/LaunchAgents/%s.plist and run: launchctl load -w "
                "~/Library/LaunchAgents/%s.plist\n     ssh runs without a terminal: a key with "
                "a passphrase must be in your ssh-agent. -->\n"
@@ -2995,7 +2997,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "the session alive")
     act.add_argument("--print-nginx", action="store_true",
                      help="print an nginx server block in front of the tunnel")
-    p.add_argument("--force", action="store_true", help="with --terminate: even if kernels are busy")
+    p.add_argument("--force", action="store_true",
+                   help="with --terminate: even if kernels are busy")
     p.add_argument("--all", action="store_true", help="with --terminate or --ensure: every "
                    "recorded session (of HOST), all hosts at once")
     g = p.add_argument_group("the server")

@@ -36,7 +36,8 @@ exit 1
 CSH_ACTIVATE = r"""
 x=$(eval "$NBT_CONDA_FIND") || exit 1
 case ${x##*/} in
-    conda) out=$("$x" shell.csh activate "$NBT_CONDA") && printf '%s\nsetenv NBT_CONDA_OK 1;\n' "$out" ;;
+    conda) out=$("$x" shell.csh activate "$NBT_CONDA") &&
+        printf '%s\nsetenv NBT_CONDA_OK 1;\n' "$out" ;;
     *) echo "nbtunnel: --conda under csh/tcsh needs conda itself, not ${x##*/}" >&2 ;;
 esac
 """

@@ -33,7 +33,7 @@ def need_sshtunnel():
     except ImportError:
         import sys
 
-        raise nbtunnel.Error(MISSING % sys.executable)
+        raise nbtunnel.Error(MISSING % sys.executable) from None
     return sshtunnel
 
 
@@ -73,7 +73,8 @@ def settings(host, options):
     import paramiko
 
     config_file, pairs = option_words(options)
-    user, _, name = host.rpartition("@") if "://" not in host else host.split("://", 1)[1].rpartition("@")
+    bare = host.split("://", 1)[1] if "://" in host else host
+    user, _, name = bare.rpartition("@")
     port = None
     if "://" in host and ":" in name:
         name, port = name.rsplit(":", 1)
@@ -113,7 +114,8 @@ def host_key(conf):
 
 def auth(conf):
     """Key files that exist (the agent is asked too)."""
-    return [os.path.expanduser(p) for p in conf["identities"] if os.path.isfile(os.path.expanduser(p))]
+    paths = [os.path.expanduser(p) for p in conf["identities"]]
+    return [p for p in paths if os.path.isfile(p)]
 
 
 class ParamikoConnection:
@@ -135,7 +137,8 @@ class ParamikoConnection:
         conf = settings(self.host, self.options)
         client = paramiko.SSHClient()
         client.get_host_keys().add(
-            conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"]),
+            conf["hostname"] if conf["port"] == 22
+            else "[%s]:%d" % (conf["hostname"], conf["port"]),
             host_key(conf).get_name(), host_key(conf))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
@@ -143,9 +146,10 @@ class ParamikoConnection:
                            key_filename=auth(conf) or None, timeout=self.timeout,
                            look_for_keys=not conf["identities"])
         except paramiko.AuthenticationException as e:
-            raise nbtunnel.Error(nbtunnel.MSG_AUTH.format(host=self.host, detail=e))
+            raise nbtunnel.Error(nbtunnel.MSG_AUTH.format(host=self.host, detail=e)) from None
         except (OSError, paramiko.SSHException) as e:
-            raise nbtunnel.Error(nbtunnel.MSG_UNREACHABLE.format(host=self.host, detail=e))
+            raise nbtunnel.Error(
+                nbtunnel.MSG_UNREACHABLE.format(host=self.host, detail=e)) from None
         self.client, self.opened_here = client, True
 
     def run_helper(self, op, params, timeout):
@@ -199,7 +203,7 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
             fwd.start()
         except (sshtunnel.BaseSSHTunnelForwarderError, ValueError) as e:
             raise nbtunnel.Error("sshtunnel could not forward port %d to %s: %s"
-                                 % (local_port, conn.host, e))
+                                 % (local_port, conn.host, e)) from None
         self.forwarder = fwd
 
     def serve(self, conn):
