@@ -1359,7 +1359,7 @@ def state_dir(args) -> str:
             pass  # made by a run started at the same moment; checked below
         except (OSError, ValueError) as e:
             raise UsageError("cannot create state directory %s: %s"
-                             % (path, getattr(e, "strerror", None) or e))
+                             % (path, getattr(e, "strerror", None) or e)) from None
     problem = private_dir_problem(path)
     if problem:
         raise UsageError(MSG_STATE_DIR.format(path=path, problem=problem))
