@@ -72,9 +72,10 @@ def no_traceback(proc) -> None:
 
 READ_PROBE = r"""
 import glob, json, os, socket, sys
-home, rport, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+home, rport = sys.argv[1], int(sys.argv[2])
+token = sys.stdin.readline().strip()  # not on this probe's own argv
 out = {}
-for path in [home, home + "/.local/share/jupyter/runtime", home + "/.local/state/nbtunnel"] + \
+for path in [home + "/.local/share/jupyter/runtime", home + "/.local/state/nbtunnel"] + \
         glob.glob(home + "/.local/share/jupyter/runtime/*") + glob.glob(home + "/.local/state/nbtunnel/*"):
     try:
         if os.path.isdir(path):
@@ -84,7 +85,7 @@ for path in [home, home + "/.local/share/jupyter/runtime", home + "/.local/state
         out[path] = "read"
     except OSError as e:
         out[path] = type(e).__name__
-uid = int(sys.argv[4])
+uid = int(sys.argv[3])
 for sock in glob.glob("/tmp/tmux-%d/*" % uid) + ["/tmp/tmux-%d/default" % uid]:
     s = socket.socket(socket.AF_UNIX)
     try:
@@ -119,13 +120,14 @@ def test_remote_co_user_gets_403_and_reads_nothing(nbt, remote, intruders):
     hostile, _ = intruders
     info = start(nbt)
     token = info["token"]
-    proc = hostile.python(READ_PROBE, str(remote.home), str(info["remote_port"]), token,
-                          str(remote.uid), netns=remote.netns)
+    proc = hostile.run([SYSTEM_PYTHON, "-c", READ_PROBE, str(remote.home), str(info["remote_port"]),
+                        str(remote.uid)], netns=remote.netns, input=token + "\n")
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(proc.stdout)
     # Jupyter is there (it answers) but without the token it refuses everything.
     assert seen["/api/status"] == 403 and seen["/api/kernels"] == 403 and seen["/api/contents"] == 403
     assert seen["token_in_proc"] == [], "the token is visible to another user in /proc"
+    # (The home itself is listable: Debian makes homes 0755. What is inside is not.)
     files = {k: v for k, v in seen.items() if k.startswith("/")}
     assert any("tmux" in k for k in files)
     readable = [k for k, v in files.items() if v in ("read", "connected")]
@@ -362,12 +364,16 @@ def test_control_dir_candidates_are_deterministic_and_short():
 def test_open_gives_the_browser_a_private_file_not_the_token(nbt, remote):
     record = nbt.tmp / "browser"
     record.mkdir()
-    script = nbt.tmp / "browser.sh"
+    script = nbt.tmp / "browser.py"
     script.write_text(
-        "#!/bin/sh\n"
-        f'printf "%s\\n" "$@" > {record}/argv\n'
-        f'f="${{1#file://}}"; cp "$f" {record}/page; stat -c %a "$f" > {record}/mode\n'
-        f'stat -c %a "$(dirname "$f")" > {record}/dirmode\n'
+        f"#!{SYSTEM_PYTHON}\n"
+        "import os, shutil, sys, urllib.parse\n"
+        f"rec = {str(record)!r}\n"
+        "open(rec + '/argv', 'w').write('\\n'.join(sys.argv[1:]))\n"
+        "f = urllib.parse.unquote(urllib.parse.urlparse(sys.argv[1]).path)\n"
+        "shutil.copy(f, rec + '/page')\n"
+        "open(rec + '/mode', 'w').write('%o' % (os.stat(f).st_mode & 0o777))\n"
+        "open(rec + '/dirmode', 'w').write('%o' % (os.stat(os.path.dirname(f)).st_mode & 0o777))\n"
     )
     script.chmod(0o755)
     proc = nbt.run(remote.alias, "--open", env={"BROWSER": str(script)})
