@@ -33,6 +33,7 @@ CAPTOR = r"""
 import socket, sys
 port, out = int(sys.argv[1]), sys.argv[2]
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # what an attacker would do
 s.bind(("127.0.0.1", port))
 s.listen(16)
 open(out + ".ready", "w").close()
