@@ -1352,6 +1352,11 @@ def state_dir(args) -> str:
     path = args.state_dir or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "nbtunnel")
     path = os.path.abspath(os.path.expanduser(path))
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("state directory %r: its name is not valid UTF-8; choose another"
+                         % (path,)) from None
     if not os.path.lexists(path):
         try:
             os.makedirs(path, mode=0o700)
