@@ -34,6 +34,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import errno
 import json
 import logging
 import os
@@ -81,12 +82,15 @@ SERVER_ALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"]
 # Messages that tests and users rely on.
 MSG_NO_HOST = "no HOST given and {why}; recorded sessions: {sessions}"
 MSG_HOSTKEY = (
-    "the host key of {host} is not known here: check it and connect once with plain "
-    "ssh to record it, or pass --accept-new to accept it on first contact"
+    "the host key of {host} is not known here: check it (with the administrator, "
+    "or `ssh-keyscan HOST | ssh-keygen -lf -` from a network you trust) and connect once with "
+    "plain ssh to record it, or pass --accept-new to accept it on first contact"
 )
+MSG_HOSTKEY_OFFERED = "; the host offered: {line}"
 MSG_HOSTKEY_CHANGED = (
     "the host key of {host} has CHANGED since it was recorded (possible man-in-the-middle); "
-    "nbtunnel will not connect. Check with the administrator and fix known_hosts"
+    "nbtunnel will not connect, not even with --accept-new or StrictHostKeyChecking=no. "
+    "Check with the administrator and fix known_hosts"
 )
 MSG_AUTH = (
     "{host} refused authentication ({detail}). Without a terminal (cron), ssh needs a "
@@ -378,7 +382,7 @@ def ssh_options(args) -> list:
         words += ["-i", args.identity]
     if args.accept_new:
         words += ["-o", "StrictHostKeyChecking=accept-new"]
-    return words
+    return strict_host_keys(words)
 
 
 def ssh_values(words) -> dict:
@@ -400,11 +404,62 @@ def classify_ssh_error(host: str, stderr: str) -> SshError:
     last = text.splitlines()[-1] if text else "ssh failed without a message"
     if "IDENTIFICATION HAS CHANGED" in text:
         return SshError(MSG_HOSTKEY_CHANGED.format(host=host), kind="hostkey-changed")
-    if "Host key verification failed" in text or "No ED25519 host key is known" in text:
-        return SshError(MSG_HOSTKEY.format(host=host), kind="hostkey-unknown")
+    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
+        found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
+        offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
+        return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
     if "Permission denied" in text or "Too many authentication failures" in text:
         return SshError(MSG_AUTH.format(host=host, detail=last), kind="auth")
     return SshError(MSG_UNREACHABLE.format(host=host, detail=last), kind="unreachable")
+
+
+def strict_host_keys(words: list) -> list:
+    """ssh option words with StrictHostKeyChecking=no (or off, false) turned into accept-new.
+
+    With "no", OpenSSH still connects to a host whose key has CHANGED (it only turns
+    off forwarding and passwords), and nbtunnel would hand that host its token:
+    accept-new keeps the convenience for unknown hosts and refuses changed keys."""
+    out = list(words)
+    for i in range(1, len(out)):
+        if out[i - 1] == "-o" and re.match(r"\s*stricthostkeychecking\s*[=\s]\s*\"?(no|off|false)"
+                                           r"\"?\s*\Z", out[i], re.IGNORECASE):
+            log.warning("warning: -o %s is used as StrictHostKeyChecking=accept-new: nbtunnel "
+                        "never connects to a host whose key has changed", out[i])
+            out[i] = "StrictHostKeyChecking=accept-new"
+    return out
+
+
+def offered_host_key(conn, stderr: str) -> str:
+    """After ssh refused an unknown host key: the fingerprint line of the key the host
+    offers, as ssh's own prompt would show it ("" when not that failure).
+
+    In batch mode ssh does not print it, so ask ssh once more, at debug level, with
+    the same options (jump hosts and aliases included); this is the failure path only."""
+    if "IDENTIFICATION HAS CHANGED" in stderr or not (
+            "Host key verification failed" in stderr or "host key is known" in stderr):
+        return ""
+    argv = ["ssh"] + list(conn.options) + [
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no",
+        "-o", "ControlPath=none", "-o", "LogLevel=DEBUG1",
+        "-o", "ConnectTimeout=%d" % max(1, int(conn.timeout)), conn.host, "true"]
+    try:
+        r = subproc(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    timeout=conn.timeout + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"Server host key: (\S+) (\S+)", r.stderr)
+    if not m:
+        return ""
+    kind = m.group(1).replace("ssh-", "").split("-")[0].upper()
+    return "\n%s key fingerprint is %s" % (kind, m.group(2))
+
+
+def refuse_changed_host_key(conn, stderr: str) -> None:
+    """End a master that connected although the host key has changed (the user's
+    ssh_config said StrictHostKeyChecking no): nothing may be sent to that host."""
+    if "IDENTIFICATION HAS CHANGED" in stderr:
+        conn.close()
+        raise SshError(MSG_HOSTKEY_CHANGED.format(host=conn.host), kind="hostkey-changed")
 
 
 # Remote side: begin ##########################################################
@@ -1888,18 +1943,67 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, **kw)
 
 
-def control_dir() -> str:
-    """A private directory for control sockets, short enough for a socket path."""
+CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
+
+
+def private_dir_problem(path: str, st=None):
+    """Why PATH is not a private directory of ours (None when it is: a real directory,
+    not a symlink, owned by us, writable by nobody else)."""
+    try:
+        st = st or os.lstat(path)
+    except OSError as e:
+        return "cannot be examined (%s)" % (e.strerror or e)
+    import stat as stat_
+
+    if stat_.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat_.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
+    if st.st_mode & 0o022:
+        return "is writable by group or others (mode %04o)" % stat_.S_IMODE(st.st_mode)
+    return None
+
+
+def control_dir_candidates() -> list:
+    """Where control sockets may live, in order: the runtime dir, then names in the
+    temporary directory derived from the uid, so later runs (cron too) find the same one."""
     import tempfile
 
+    uid = os.geteuid()
+    found = []
     base = os.environ.get("NBTUNNEL_RUNTIME_DIR") or os.environ.get("XDG_RUNTIME_DIR")
-    path = os.path.join(base, "nbtunnel") if base else ""
-    if not path or len(path) > 60:
-        path = os.path.join(tempfile.gettempdir(), "nbtunnel-%d" % os.getuid())
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path):
-        raise Error("%s must be a directory owned by you with mode 0700" % path)
+    if base:
+        found.append(os.path.join(base, "nbtunnel"))
+    for tmp in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        found += [os.path.join(tmp, "nbtunnel-%d" % uid)] + [
+            os.path.join(tmp, "nbtunnel-%d-%d" % (uid, n)) for n in range(1, 8)]
+    return [p for p in found if len(p) <= CONTROL_DIR_MAX]
+
+
+def control_dir() -> str:
+    """A private directory for control sockets, short enough for a socket path.
+
+    Another user can pre-create a name in /tmp; such a directory is passed over, never
+    used or chmod-ed: the next candidate that is ours (or that we can create) is taken."""
+    import tempfile
+
+    refused = []
+    for path in control_dir_candidates():
+        with contextlib.suppress(OSError):
+            os.mkdir(path, 0o700)
+        if not os.path.lexists(path):
+            continue  # e.g. an XDG_RUNTIME_DIR that does not exist
+        problem = private_dir_problem(path)
+        if problem is None and os.lstat(path).st_mode & 0o077 == 0:
+            break
+        refused.append("%s %s" % (path, problem or "is not mode 0700"))
+    else:
+        path = tempfile.mkdtemp(prefix="nbtunnel-%d-" % os.geteuid(),
+                                dir="/tmp" if os.path.isdir("/tmp") else None)
+    if refused:
+        log.warning("warning: not using %s; control sockets go to %s", "; ".join(refused), path)
     return path
 
 
@@ -1977,10 +2081,11 @@ class Connection:
                                kind="no-ssh") from None
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
+        refuse_changed_host_key(self, text)
         # ssh -f returns 0 only once it is authenticated and the master listens on its
         # socket: no `ssh -O check` needed to believe it.
         if code != 0 or not os.path.exists(self.socket):
-            raise classify_ssh_error(self.host, text)
+            raise classify_ssh_error(self.host, text + offered_host_key(self, text))
         self.opened_here = True
 
     def may_prompt(self):
@@ -2023,13 +2128,68 @@ class Connection:
 # State #######################################################################
 
 
+MSG_STATE_DIR = (
+    "state directory {path} {problem}: nbtunnel keeps tokens there and will not use (or "
+    "chmod) a directory that someone else could have planted files in. Give --state-dir a "
+    "directory of your own, or fix this one: chown $(id -u) {path} && chmod 700 {path} "
+    "(after checking what is in it)"
+)
+
+
 def state_dir(args) -> str:
-    """The local state directory, created private."""
+    """The local state directory: created 0700 when missing; refused when it is not a
+    private directory of ours (never chmod-ed: `--state-dir /tmp` must not change /tmp)."""
     path = args.state_dir or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "nbtunnel")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("state directory %r: its name is not valid UTF-8; choose another"
+                         % (path,)) from None
+    if not os.path.lexists(path):
+        try:
+            os.makedirs(path, mode=0o700)
+        except FileExistsError:
+            pass  # made by a run started at the same moment; checked below
+        except (OSError, ValueError) as e:
+            raise UsageError("cannot create state directory %s: %s"
+                             % (path, getattr(e, "strerror", None) or e)) from None
+    problem = private_dir_problem(path)
+    if problem:
+        raise UsageError(MSG_STATE_DIR.format(path=path, problem=problem))
     return path
+
+
+def open_private(path: str, flags: int, what: str):
+    """os.open PATH without following a symlink; the fd, or None (with a warning) when
+    PATH is a symlink or a file that is not ours."""
+    import stat as stat_
+
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer
+            log.warning("warning: ignoring %s %s: it is a symbolic link", what, path)
+            return None
+        raise
+    st = os.fstat(fd)
+    if not stat_.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        log.warning("warning: ignoring %s %s: %s", what, path, "not a regular file"
+                    if not stat_.S_ISREG(st.st_mode) else "it belongs to uid %d" % st.st_uid)
+        return None
+    return fd
+
+
+def read_record(path: str):
+    """The JSON in record file PATH, or None for a symlink or a file that is not ours
+    (warned about: someone planted it; its ssh options must never reach ssh)."""
+    fd = open_private(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), "record")
+    if fd is None:
+        return None
+    with os.fdopen(fd) as f:
+        return json.load(f)
 
 
 def load_records(directory: str) -> list:
@@ -2039,8 +2199,9 @@ def load_records(directory: str) -> list:
         if not name.endswith(".json"):
             continue
         try:
-            with open(os.path.join(directory, name)) as f:
-                rec = json.load(f)
+            rec = read_record(os.path.join(directory, name))
+            if rec is None:
+                continue
             rec["host"], rec["session"]  # noqa: B018 - both must be there
             records.append(rec)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -2048,20 +2209,36 @@ def load_records(directory: str) -> list:
     return records
 
 
+def write_private(directory: str, name: str, text: str) -> str:
+    """Write TEXT to DIRECTORY/NAME through a private temporary file (0600, made by
+    mkstemp in the same directory) renamed over it: a planted symlink is replaced,
+    never followed, and a reader sees the old file or the new one, whole."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="." + name[:40] + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return os.path.join(directory, name)
+
+
 def save_record(directory: str, rec: dict) -> None:
     """Write REC atomically, readable by the user only."""
-    path = os.path.join(directory, record_name(rec["host"], rec["session"]))
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(rec, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_private(directory, record_name(rec["host"], rec["session"]),
+                  json.dumps(rec, indent=1, sort_keys=True))
 
 
 def drop_record(directory: str, host: str, session: str) -> None:
-    """Forget HOST/SESSION."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(directory, record_name(host, session)))
+    """Forget HOST/SESSION (and its --open page)."""
+    base = record_name(host, session)
+    for name in (base, base[:-5] + "-open.html"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, name))
 
 
 @contextlib.contextmanager
@@ -2071,7 +2248,12 @@ def locked(directory: str, host: str, session: str, timeout=None):
     With TIMEOUT, give up after that many seconds instead of waiting for ever
     (a cron job must not pile up behind a run that hangs)."""
     path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
+    if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
+        os.unlink(path)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
+        if fd is None:
+            raise Error("cannot make the lock file %s" % path)
     try:
         deadline = time.monotonic() + (timeout or 0)
         while True:
@@ -2106,13 +2288,57 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def process_start(pid):
+    """When process PID started (Linux: clock ticks since boot, from /proc), or None.
+
+    Together with the pid it names one process: a pid reused later has another start."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError, ValueError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[0] not in ("Z", "X") else None
+
+
+def tunnel_listener(conn, tunnel) -> dict:
+    """Which local process holds the tunnel's port: the ssh master, or this process for a
+    backend that forwards in the foreground; recorded so that a later run can prove that
+    the listener on the port is still ours before it sends the token there."""
+    pid = os.getpid() if getattr(tunnel, "foreground", False) else conn.master_pid()
+    return dict(pid=pid, start=process_start(pid) if pid else None)
+
+
+def listener_ours(rec: dict) -> bool:
+    """Is 127.0.0.1:local_port of REC held by our own process: the recorded listener
+    (same pid, same start time, our uid) or, for a record without one, this process?
+
+    Costs a few reads of /proc and no ssh, so the healthy --ensure stays cheap.  Where
+    ports cannot be read (no /proc, no lsof), nothing is proven and the token is kept."""
+    owner = rec.get("listener") or {}
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        pid = os.getpid()  # a server of our own, as in the unit tests, or a record of old
+    elif owner.get("start") is not None and process_start(pid) != owner.get("start"):
+        return False  # that process is gone; the pid may be someone else's now
+    if pid != os.getpid() and os.path.isdir("/proc/%d" % pid) \
+            and os.stat("/proc/%d" % pid).st_uid != os.geteuid():
+        return False
+    return rec.get("local_port") in listening_ports(pid)
+
+
 def api_ok(rec: dict, timeout: float = 5.0) -> bool:
     """Does the server of REC answer /api/status with its token through the local port?
 
-    This one HTTP request proves the tunnel and the server healthy without any ssh."""
+    This one HTTP request proves the tunnel and the server healthy without any ssh.
+    The token is sent only after the listener on the port is proven ours: another
+    local user may have bound the port the moment our tunnel let go of it."""
     import http.client
     import urllib.request
 
+    if not listener_ours(rec):
+        log.debug("local port %s is not held by our tunnel: no request sent there",
+                  rec.get("local_port"))
+        return False
     base = (rec.get("base_url") or "/").strip("/")
     url = "http://127.0.0.1:%d/%sapi/status" % (rec["local_port"], base + "/" if base else "")
     request = urllib.request.Request(url, headers={"Authorization": "token " + rec["token"]})
@@ -2125,7 +2351,11 @@ def api_ok(rec: dict, timeout: float = 5.0) -> bool:
 
 
 def listening_ports(pid) -> list:
-    """TCP ports process PID listens on (read from Linux /proc; [] elsewhere)."""
+    """TCP ports process PID listens on (Linux /proc; elsewhere lsof; [] when unknown)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return []
+    if not os.path.isdir("/proc/self/fd"):
+        return lsof_ports(pid)
     try:
         inodes = set()
         for fd in os.listdir("/proc/%d/fd" % pid):
@@ -2145,10 +2375,24 @@ def listening_ports(pid) -> list:
     return sorted(ports)
 
 
+def lsof_ports(pid: int) -> list:
+    """TCP ports PID listens on, from lsof (macOS and the BSDs have no /proc)."""
+    if not shutil.which("lsof"):
+        return []
+    try:
+        r = subprocess.run(["lsof", "-nP", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-Fn"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted({int(m) for m in re.findall(r"^n.*:(\d+)$", r.stdout, re.MULTILINE)})
+
+
 def find_forward(conn, info: dict):
     """The local port of a forward the master already holds to the server INFO, or None."""
-    for port in listening_ports(conn.master_pid()):
-        if api_ok(dict(info, local_port=port), timeout=3):
+    pid = conn.master_pid()
+    listener = dict(pid=pid, start=process_start(pid))
+    for port in listening_ports(pid):
+        if api_ok(dict(info, local_port=port, listener=listener), timeout=3):
             return port
     return None
 
@@ -2209,8 +2453,7 @@ def fresh_record(run: Run, host: str, session: str):
     """The record of HOST/SESSION as it is on disk now (another run may have changed it),
     or None when there is none or it is damaged (load_records has warned about that)."""
     try:
-        with open(os.path.join(run.state, record_name(host, session))) as f:
-            rec = json.load(f)
+        rec = read_record(os.path.join(run.state, record_name(host, session)))
         ok = (rec["host"], rec["session"]) == (host, session) and isinstance(rec["token"], str) \
             and all(isinstance(rec[k], int) for k in ("local_port", "remote_port"))
     except (OSError, ValueError, KeyError, TypeError):
@@ -2250,6 +2493,7 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     if info["reused"]:
         warn_options_differ(host, session, server_options(old, info), params["options"])
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
+    rec["listener"] = tunnel_listener(conn, tunnel)
     save_record(run.state, rec)
     return rec, info
 
@@ -2302,13 +2546,39 @@ def cmd_start(run: Run, host: str) -> int:
     out = dict(public(rec), reused=info["reused"])
     print(json.dumps(out) if args.json else rec["url"], flush=True)
     if args.open:
-        import webbrowser
-
-        webbrowser.open(rec["url"])
+        open_browser(run.state, rec)
     tunnel = get("tunnel", args.tunnel)
     if tunnel.foreground:
         serve_foreground(conn, tunnel, rec["local_port"], rec["remote_port"])
     return 0
+
+
+OPEN_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={url}">
+<title>Opening Jupyter</title></head>
+<body><p>Opening Jupyter. If nothing happens, <a href="{url}">click here</a>.</p></body></html>
+"""
+
+
+def open_page(directory: str, rec: dict) -> str:
+    """A page (0600, in the private state directory) that sends the browser on to the URL
+    with its token, as Jupyter's own jpserver-*-open.html does: the browser is given
+    this file's name, so the token is never on its command line, where ps shows it."""
+    import html
+
+    name = record_name(rec["host"], rec["session"])[:-5] + "-open.html"
+    return write_private(directory, name, OPEN_PAGE.format(url=html.escape(rec["url"], quote=True)))
+
+
+def open_browser(directory: str, rec: dict) -> None:
+    """--open: show the session in the local browser (through the private page)."""
+    import pathlib
+    import webbrowser
+
+    page = pathlib.Path(open_page(directory, rec)).as_uri()
+    log.debug("opening %s in the browser", page)
+    if not webbrowser.open(page):
+        log.warning("warning: could not start a browser; open the URL yourself")
 
 
 def environment_steps(args):
@@ -3159,10 +3429,29 @@ def session_values(args, start_only: bool = False) -> dict:
             if o.dest in args.origin and (o.start or not start_only)}
 
 
+TOKEN_WORDS = re.compile(
+    r"((?:[?&]|\b)token=|\btoken[\"']?\s*[:=]\s*[\"']?|\btoken\s+)([^\s&\"',;]+)", re.IGNORECASE)
+LONG_HEX = re.compile(r"\b[0-9a-f]{32,}\b")
+
+
+class MaskTokens(logging.Filter):
+    """Replace tokens in every logged line with "…" (-v output gets pasted into bug reports)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the finished message; never drop a line."""
+        text = record.getMessage()
+        masked = LONG_HEX.sub("…", TOKEN_WORDS.sub(lambda m: m.group(1) + "…", text))
+        if masked != text:
+            record.msg, record.args = masked, ()
+        return True
+
+
 def configure_logging(args) -> None:
-    """stderr messages: -q errors only, -v every ssh command."""
+    """stderr messages: -q errors only, -v every ssh command (tokens masked)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("nbtunnel: %(message)s"))
+    if args.verbose:
+        handler.addFilter(MaskTokens())
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO)

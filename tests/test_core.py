@@ -366,4 +366,10 @@ def test_open_hands_the_url_to_the_browser(nbt, remote, tmp_path):
     browser.chmod(0o755)
     proc = nbt.run(remote.alias, "--open", env={"BROWSER": f"{browser} %s"})
     assert proc.returncode == 0, proc.stderr
-    assert opened.read_text() == proc.stdout.strip()
+    # The browser gets a private page that leads to the URL, never the token on its argv.
+    given = opened.read_text()
+    url = proc.stdout.strip()
+    assert given.startswith("file:///") and parse_qs(urlparse(url).query)["token"][0] not in given
+    from urllib.parse import unquote
+
+    assert f'url={url}"' in Path(unquote(urlparse(given).path)).read_text()
