@@ -73,7 +73,8 @@ def settings(host, options):
     import paramiko
 
     config_file, pairs = option_words(options)
-    user, _, name = host.rpartition("@") if "://" not in host else host.split("://", 1)[1].rpartition("@")
+    user, _, name = (host.rpartition("@") if "://" not in host
+                     else host.split("://", 1)[1].rpartition("@"))
     port = None
     if "://" in host and ":" in name:
         name, port = name.rsplit(":", 1)
@@ -113,7 +114,8 @@ def host_key(conf):
 
 def auth(conf):
     """Key files that exist (the agent is asked too)."""
-    return [os.path.expanduser(p) for p in conf["identities"] if os.path.isfile(os.path.expanduser(p))]
+    return [os.path.expanduser(p) for p in conf["identities"]
+            if os.path.isfile(os.path.expanduser(p))]
 
 
 class ParamikoConnection:
@@ -135,7 +137,8 @@ class ParamikoConnection:
         conf = settings(self.host, self.options)
         client = paramiko.SSHClient()
         client.get_host_keys().add(
-            conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"]),
+            conf["hostname"] if conf["port"] == 22
+            else "[%s]:%d" % (conf["hostname"], conf["port"]),
             host_key(conf).get_name(), host_key(conf))
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qs, urlparse
 
 T = TypeVar("T")
 
@@ -281,11 +282,79 @@ def run_kernel_code(
         )
 
 
-def api_status(url: str) -> int:
-    """HTTP status of /api/status through the URL's local port, with the URL's token."""
-    from urllib.parse import parse_qs, urlparse
+def token_of(url: str) -> str:
+    """The token in a URL that nbtunnel printed."""
+    return parse_qs(urlparse(url).query)["token"][0]
 
-    parts = urlparse(url)
-    token = parse_qs(parts.query)["token"][0]
-    status, _ = http_get(f"http://127.0.0.1:{parts.port}/api/status", headers={"Authorization": f"token {token}"})
+
+def api_status(url: str, timeout: float = 10.0) -> int:
+    """HTTP status of /api/status through the URL's local port with its token (0: no answer)."""
+    try:
+        status, _ = http_get(
+            f"http://127.0.0.1:{urlparse(url).port}/api/status",
+            timeout=timeout,
+            headers={"Authorization": f"token {token_of(url)}"},
+        )
+    except OSError:
+        return 0
     return status
+
+
+# nbtunnel's processes #########################################################
+
+JUPYTER_RE = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
+
+
+def jupyter_pids(remote) -> list[int]:
+    """Live Jupyter servers of the remote user."""
+    return remote.pids(JUPYTER_RE)
+
+
+def masters(config: Path | str) -> list[int]:
+    """Live local ssh master processes started with ssh config file CONFIG."""
+    return [
+        pid
+        for pid in find_pids(re.escape(str(config)), program="ssh")
+        if "-M" in proc_cmdline(pid)
+    ]
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process pid listens on (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                words = line.split()
+                if words[3] == "0A" and words[9] in inodes:
+                    ports.add(int(words[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def forwards(config: Path | str) -> list[int]:
+    """Every local port that ssh masters of CONFIG listen on (one per tunnel)."""
+    return sorted(port for pid in masters(config) for port in listening_ports(pid))
+
+
+def kill_masters(config: Path | str) -> list[int]:
+    """SIGKILL the local ssh masters of CONFIG (the tunnel dies); return their pids."""
+    pids = masters(config)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+# Running nbtunnel #############################################################
+
+
+def start(nbt, *args: str) -> dict:
+    """A plain start of the test remote with --json; asserts it succeeded, returns its output."""
+    proc = nbt.run(nbt.remote.alias, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -56,7 +56,9 @@ def test_jupyter_killed(nbt, remote):
     proc = ensure(nbt)
     assert proc.returncode == 0, proc.stderr
     # Same local port and same token: the bookmarked URL works again.
-    assert proc.stdout == f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+    assert proc.stdout == (
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+    )
     assert_single(nbt, remote, info)
 
 

@@ -7,25 +7,23 @@ import os
 import re
 import textwrap
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import pytest
-from helpers import api_status, local_port_open, local_ssh_pids, run_kernel_code, wait_until
+
+from helpers import (
+    api_status,
+    jupyter_pids,
+    local_port_open,
+    local_ssh_pids,
+    run_kernel_code,
+    start,
+    token_of,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MANAGERS = ["tmux", "screen", "nohup"]
-JUPYTER = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
-
-
-def start(nbt, *args: str) -> dict:
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-
-def jupyter_pids(remote) -> list[int]:
-    return remote.pids(JUPYTER)
 
 
 def sessions(remote, manager: str) -> list[str]:
@@ -299,6 +297,7 @@ def test_plugin_option_from_plugin_file(nbt, remote, tmp_path):
     assert bad.returncode == 2 and "--greeting" in bad.stderr
 
 
+@pytest.mark.noroot
 def test_import_nbtunnel_reaches_the_running_module(tmp_path):
     """Run as a script, `import nbtunnel` in a plugin must not load a second copy."""
     import subprocess
@@ -337,7 +336,7 @@ def test_sshtunnel_backend_in_the_foreground(nbt, remote, how):
     proc = nbt.popen(remote.alias, *args, env=env)
     url = read_url(proc)
     port = urlparse(url).port
-    token = parse_qs(urlparse(url).query)["token"][0]
+    token = token_of(url)
     assert api_status(url) == 200
     assert run_kernel_code(f"http://127.0.0.1:{port}", token, "1+1") == "2"
     # OpenSSH's master (or paramiko, without ssh) for the helper, and sshtunnel's own login
@@ -386,6 +385,7 @@ def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
     assert remote.auth_count() == before and not jupyter_pids(remote)
 
 
+@pytest.mark.noroot
 def test_remote_code_of_plugins_parses_as_python_36():
     import ast
     import sys
@@ -401,6 +401,7 @@ def test_remote_code_of_plugins_parses_as_python_36():
         assert desc["detach"] is (name == "nohup")
 
 
+@pytest.mark.noroot
 def test_environment_snippets_hold_no_user_data():
     """Whatever the user passes, the snippets are the same text: the data is in vars only."""
     import argparse

@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import nbtunnel  # noqa: E402
 
+pytestmark = pytest.mark.noroot  # pure unit tests: no remote host, any user
+
 HOSTILE = ["plain", "with space", "it's", 'say "hi"', "$(id)", "`id`", "a;b", "a&&b", "new\nline",
            "tab\tx", "ünï", "*", "~", "-n", "back\\slash", "", "!bang", "$HOME"]
 
