@@ -310,6 +310,15 @@ def jupyter_pids(remote) -> list[int]:
     return remote.pids(JUPYTER_RE)
 
 
+def kill_jupyter(remote) -> list[int]:
+    """SIGKILL the remote user's Jupyter servers and wait until they are gone; return their pids."""
+    pids = jupyter_pids(remote)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    return pids
+
+
 def masters(config: Path | str) -> list[int]:
     """Live local ssh master processes started with ssh config file CONFIG."""
     return [

@@ -15,6 +15,7 @@ from helpers import (
     api_status,
     http_get,
     jupyter_pids,
+    kill_jupyter,
     local_port_open,
     local_ssh_pids,
     run_kernel_code,
@@ -113,9 +114,7 @@ def test_status_asks_the_remote(nbt, remote):
     assert remote.alias in line and "server=running" in line and "tunnel=up" in line
 
     # The server dies behind nbtunnel's back: --status must notice (it asks the remote).
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     rows = nbt.status()
     assert rows[0]["server"] == "stopped"
     # and a start brings it back, reattaching the same local port.

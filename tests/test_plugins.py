@@ -14,6 +14,7 @@ import pytest
 from helpers import (
     api_status,
     jupyter_pids,
+    kill_jupyter,
     local_port_open,
     local_ssh_pids,
     run_kernel_code,
@@ -120,9 +121,7 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
     alive = [fill.get(w, w) for w in desc["alive"]]
     assert remote.run(alive).returncode == 0
 
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     assert nbt.status()[0]["server"] == "stopped"
     if manager != "tmux":  # tmux's alive is about its session, which ends with the pane
         wait_until(lambda: remote.run(alive).returncode != 0, 15, message="alive() says dead")
