@@ -11,7 +11,9 @@ import contextlib
 import datetime
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import time
@@ -183,6 +185,51 @@ def kill_pids(
         time.sleep(0.1)
         alive = [pid for pid in alive if pid_alive(pid)]
     return alive
+
+
+def run_in_pty(
+    argv: list[str], env: dict[str, str], timeout: float, stop_on: str = "", password: str | None = None
+) -> tuple[int | None, str]:
+    """Run argv on a new pseudo-terminal (stdin, stdout, stderr); return (exit code, output).
+
+    Answers every `password:` prompt with password, when given. Stops early, killing
+    the process, when stop_on appears in the output or after timeout; the exit code
+    is then None."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    output, pending = b"", b""
+    deadline = time.monotonic() + timeout
+    code = None
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    _, status = os.waitpid(pid, 0)
+                    code, pid = os.waitstatus_to_exitcode(status), 0
+                    break
+                output += chunk
+                pending += chunk
+                if password is not None and b"password:" in pending.lower():
+                    pending = b""
+                    os.write(fd, password.encode() + b"\n")
+                if stop_on and stop_on.encode() in output:
+                    break
+    finally:
+        if pid:  # still running (or not yet reaped): kill and reap it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return code, output.decode("utf-8", "replace")
 
 
 # Jupyter ######################################################################

@@ -1,12 +1,11 @@
-"""What the --ensure/--watch tests and the fault suite share: URL checks, process
-counts, a TCP relay in front of the remote sshd that a test can cut or stall, and
-a passphrase-protected key for the never-prompts tests."""
+"""What the --ensure/--watch tests and the fault suite share: a TCP relay in front of
+the remote sshd that a test can cut or stall, an ssh_config through it, a
+passphrase-protected key for the never-prompts tests, and runs of --ensure and --watch.
+URL checks and process counts live in helpers (and are importable from here too)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import pty
 import select
 import signal
 import socket
@@ -25,6 +24,7 @@ from helpers import (  # noqa: F401
     listening_ports,
     masters,
     pid_alive,
+    run_in_pty,
     start,
     wait_until,
 )
@@ -150,43 +150,6 @@ def passphrase_key(nbt, remote):
         yield config
     finally:
         authorized.write_text(before)
-
-
-def run_in_pty(argv: list[str], env: dict[str, str], timeout: float, stop_on: str = "") -> tuple[int | None, str]:
-    """Run argv on a new pseudo-terminal (stdin, stdout, stderr); return (exit code, output).
-
-    Stops early, killing the process, when stop_on appears in the output; the exit
-    code is then None."""
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        try:
-            os.execve(argv[0], argv, env)
-        finally:
-            os._exit(127)
-    output = b""
-    deadline = time.monotonic() + timeout
-    code = None
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    chunk = b""
-                if not chunk:
-                    _, status = os.waitpid(pid, 0)
-                    code, pid = os.waitstatus_to_exitcode(status), 0
-                    break
-                output += chunk
-                if stop_on and stop_on.encode() in output:
-                    break
-    finally:
-        if pid and pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
-    return code, output.decode("utf-8", "replace")
 
 
 # Running nbtunnel ############################################################
