@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import http_request, local_port_open, wait_until
 from unattended import (
     api_status,
@@ -224,6 +225,7 @@ def _rec(local_port=5000, remote_port=6000, url="http://127.0.0.1:5000/lab?token
     return dict(local_port=local_port, remote_port=remote_port, url=url)
 
 
+@pytest.mark.noroot
 def test_repair_lines_say_what_changed():
     import nbtunnel
 
@@ -246,6 +248,7 @@ def test_repair_lines_say_what_changed():
     assert lines("h", "s", _rec(), new, {"reused": True}, True) == []  # nothing changed
 
 
+@pytest.mark.noroot
 def test_local_lock_gives_up_after_its_timeout(tmp_path):
     import nbtunnel
 
@@ -259,6 +262,7 @@ def test_local_lock_gives_up_after_its_timeout(tmp_path):
         pass
 
 
+@pytest.mark.noroot
 def test_listening_ports_of_a_process():
     import socket
 
@@ -273,6 +277,7 @@ def test_listening_ports_of_a_process():
     assert nbtunnel.listening_ports(None) == []
 
 
+@pytest.mark.noroot
 def test_api_ok_needs_the_token_and_a_200(tmp_path):
     import http.server
     import threading
@@ -301,6 +306,7 @@ def test_api_ok_needs_the_token_and_a_200(tmp_path):
     assert not nbtunnel.api_ok(rec, timeout=1)  # nothing listens any more
 
 
+@pytest.mark.noroot
 def test_link_failures_are_told_from_refusals():
     import nbtunnel
 
@@ -331,6 +337,7 @@ def test_link_failures_are_told_from_refusals():
     assert nbtunnel.link_failure(conn, nbtunnel.Error(slow))
 
 
+@pytest.mark.noroot
 def test_damaged_records_are_not_used(tmp_path):
     import argparse
 
