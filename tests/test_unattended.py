@@ -321,20 +321,23 @@ def test_link_failures_are_told_from_refusals():
             self.closed = True
 
     conn = Conn()
-    refusals = [
-        nbtunnel.MSG_AUTH.format(host="h", detail="Permission denied (publickey)"),
-        nbtunnel.MSG_HOSTKEY.format(host="h"),
-        nbtunnel.MSG_HOSTKEY_CHANGED.format(host="h"),
-        "h: Jupyter exited before it was ready",
+    refusals = [  # what the link cannot mend: retry decisions read the kind, not the text
+        nbtunnel.SshError(nbtunnel.MSG_AUTH.format(host="h", detail="Permission denied"), kind="auth"),
+        nbtunnel.SshError(nbtunnel.MSG_HOSTKEY.format(host="h"), kind="hostkey-unknown"),
+        nbtunnel.SshError(nbtunnel.MSG_HOSTKEY_CHANGED.format(host="h"), kind="hostkey-changed"),
+        nbtunnel.RemoteError("h: Jupyter exited before it was ready", kind="launch"),
+        # a message that merely looks like a link failure is still judged by its kind
+        nbtunnel.SshError(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x"), kind="auth"),
     ]
-    for text in refusals:
-        assert not nbtunnel.link_failure(conn, nbtunnel.Error(text)), text
-    assert nbtunnel.link_failure(conn, nbtunnel.Error(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x")))
+    for err in refusals:
+        assert not nbtunnel.link_failure(conn, err), (err, err.kind)
+    link = nbtunnel.SshError(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x"), kind="unreachable")
+    assert nbtunnel.link_failure(conn, link)
     assert not conn.closed
-    assert nbtunnel.link_failure(conn, nbtunnel.Error("h did not answer within 10s"))
+    assert nbtunnel.link_failure(conn, nbtunnel.SshError("h did not answer within 10s", kind="no-answer"))
     assert conn.closed  # a hung link: the master is dropped
     slow = nbtunnel.MSG_NOT_ANSWERING.format(host="h", session="s", port=1, log="x")
-    assert nbtunnel.link_failure(conn, nbtunnel.Error(slow))
+    assert nbtunnel.link_failure(conn, nbtunnel.Error(slow, kind="not-answering"))
 
 
 @pytest.mark.noroot
