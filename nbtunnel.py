@@ -89,7 +89,7 @@ MSG_HOSTKEY = (
 MSG_HOSTKEY_OFFERED = "; the host offered: {line}"
 MSG_HOSTKEY_CHANGED = (
     "the host key of {host} has CHANGED since it was recorded (possible man-in-the-middle); "
-    "nbtunnel will not connect, not even with --accept-new or StrictHostKeyChecking=no. "
+    "nbtunnel will not connect to it, whatever StrictHostKeyChecking says. "
     "Check with the administrator and fix known_hosts"
 )
 MSG_AUTH = (
