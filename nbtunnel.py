@@ -1073,7 +1073,7 @@ def r_pid_holds(pid, inodes):
 
 R_SOCK_MAX = 107 if sys.platform.startswith("linux") else 103
 R_SOCK_OLD = ("the Jupyter on this host is too old for --unix-socket (it needs Jupyter Server "
-              "2: Notebook 7, JupyterLab 3 or later; %s): upgrade it, or run without "
+              "2, as Notebook 7 and JupyterLab 4 have; %s): upgrade it, or run without "
               "--unix-socket")
 
 
