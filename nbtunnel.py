@@ -2400,6 +2400,11 @@ MSG_STATE_DIR = (
 )
 
 
+def shown(path: str) -> str:
+    """PATH as a message shows it: a path of thousands of characters is cut in the middle."""
+    return path if len(path) <= 160 else "%s...%s" % (path[:80], path[-60:])
+
+
 def state_dir(args) -> str:
     """The local state directory: created 0700 when missing; refused when it is not a
     private directory of ours (never chmod-ed: `--state-dir /tmp` must not change /tmp)."""
@@ -2418,7 +2423,7 @@ def state_dir(args) -> str:
             pass  # made by a run started at the same moment; checked below
         except (OSError, ValueError) as e:
             raise UsageError("cannot create state directory %s: %s"
-                             % (path, getattr(e, "strerror", None) or e)) from None
+                             % (shown(path), getattr(e, "strerror", None) or e)) from None
     problem = private_dir_problem(path)
     if problem:
         raise UsageError(MSG_STATE_DIR.format(path=path, problem=problem))
@@ -2776,8 +2781,11 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
                options=session_values(args))
-    if info["reused"]:
-        warn_options_differ(host, session, server_options(old, info), params["options"])
+    was = server_options(old, info) if info["reused"] else None
+    if was is not None:  # the record tells how the running server was started, not what was asked
+        warn_options_differ(host, session, was, params["options"])
+        start = {o.dest for o in session_options() if o.start}
+        rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
     rec["listener"] = tunnel_listener(conn, tunnel)
     save_record(run.state, rec)
@@ -3205,6 +3213,30 @@ def repair(run: Run, host: str, conn: Connection, old, params: dict):
     return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
 
 
+def healthy(run: Run, host: str, rec, conn=None) -> bool:
+    """Is the session of REC up and answering, both ends of its tunnel proven ours?
+
+    The local end is proven by api_ok.  The remote end of a TCP tunnel could be anyone
+    who bound the port after the server died, so the remote is asked first, over the
+    running master (no new login), whether the recorded server still holds it.  A Unix
+    socket in a private directory cannot be taken over, so it needs no such question."""
+    if not rec:
+        return False
+    if not rec.get("remote_socket"):
+        conn = conn or run.connection(host, rec)
+        if not conn.alive():
+            return False  # no tunnel without its master
+        try:
+            state = conn.run_helper("status", run.params(rec["session"], sessions=[
+                rec["session"]]), timeout=min(run.args.timeout, 15) + 10)[0]
+        except Error:
+            return False
+        if state.get("server") != "running" or (state.get("port"), state.get("pid")) != (
+                rec["remote_port"], rec.get("pid")):
+            return False
+    return api_ok(rec)
+
+
 def ensure_session(run: Run, host: str):
     """Start or repair the server and tunnel of HOST/SESSION: (record, repair lines)."""
     args = run.args
@@ -3212,11 +3244,11 @@ def ensure_session(run: Run, host: str):
     run.batch = True  # never prompt, even on a terminal
     rec = fresh_record(run, host, session)
     lines = []
-    if not (rec and api_ok(rec)):  # healthy costs one HTTP request and no ssh at all
+    if not healthy(run, host, rec):  # no login: one question over the master, one request
         params = start_params(run)
         with locked(run.state, host, session, timeout=args.timeout * 3 + 60):
             rec = fresh_record(run, host, session)
-            if not (rec and api_ok(rec)):  # else a run we waited for has repaired it
+            if not healthy(run, host, rec):  # else a run we waited for has repaired it
                 rec, lines = repair(run, host, run.connection(host, rec), rec, params)
     return rec, lines
 
@@ -3255,7 +3287,7 @@ def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict)
     when the server was shut down on purpose (File > Shut Down, or --terminate)."""
     args = run.args
     session = args.session
-    if api_ok(rec):
+    if healthy(run, host, rec, conn):
         return rec, []  # another run repaired it meanwhile
     if not conn.alive():
         log.warning("the connection to %s is down; reconnecting", host)
@@ -3283,7 +3315,7 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
     while True:
         time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else args.interval)
         current = fresh_record(run, host, session)
-        if current and api_ok(current, timeout=max(3.0, min(10.0, 2 * args.interval))):
+        if healthy(run, host, current, conn):
             rec, failures = current, 0
             continue
         try:

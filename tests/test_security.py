@@ -321,8 +321,7 @@ def test_control_dir_squatted_in_tmp_falls_back_to_a_private_one(nbt, remote, in
         shutil.copy(NBTUNNEL, victim.home / "nbtunnel.py")
         subprocess.run(["chown", "-R", f"{victim.uid}:{victim.gid}", str(victim.home)], check=True)
         (keys / "id").chmod(0o600)
-        base = [SYSTEM_PYTHON, str(victim.home / "nbtunnel.py"), "--ssh-config", str(keys / "config"),
-                "--config", str(victim.home / "none.ini")]
+        base = [SYSTEM_PYTHON, str(victim.home / "nbtunnel.py"), "--ssh-config", str(keys / "config")]
         proc = victim.run([*base, remote.alias, "--json"], timeout=120)
         assert proc.returncode == 0, proc.stderr
         info = json.loads(proc.stdout)
@@ -467,10 +466,9 @@ def test_changed_host_key_always_fails(nbt, remote, changed_key_config, how):
         assert remote.auth_count() == before
 
 
-# Remote squat and a reused pid (the remote side must check pid and port) ######
+# Remote squat and a reused pid (the remote side checks pid and port) ##########
 
 
-@pytest.mark.xfail(strict=True, reason="remote side: pid and port ownership")
 def test_remote_squatter_on_the_server_port_gets_no_token(nbt, remote, intruders):
     hostile, _ = intruders
     info = start(nbt)
@@ -499,7 +497,6 @@ def test_remote_squatter_on_the_server_port_gets_no_token(nbt, remote, intruders
         captor.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="remote side: pid and port ownership")
 def test_reused_pid_of_another_user_is_not_reattached(nbt, remote, intruders):
     hostile, _ = intruders
     info = start(nbt)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers import run_kernel_code, wait_until
-from unattended import api_status, ensure, jupyter_pids, start
+from unattended import api_status, ensure, jupyter_pids, kill_masters, start
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -102,6 +102,7 @@ def test_ensure_and_terminate_all_sessions(nbt, remote):
     for pid in jupyter_pids(remote):
         os.kill(pid, 9)
     wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_masters(nbt.ssh_config)  # the link went too: each host needs a new connection
     before = remote.auth_count()
     proc = nbt.run("--ensure", "--all", "--json", timeout=240)
     assert proc.returncode == 0, proc.stderr
