@@ -23,9 +23,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SSHD, _root
+from conftest import SSHD
 from helpers import free_local_port, http_get, kill_pids, local_port_open, run_kernel_code, wait_until
 from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts
+from test_remote import remote_python36  # noqa: F401 - a fixture: python3 on the remote is 3.6
 from unattended import api_status, ensure, finish, jupyter_pids, masters, wait_watched, watch
 
 import nbtunnel
@@ -216,6 +217,18 @@ def test_watch_restarts_a_killed_server(nbt, remote):
     code, _, err = finish(proc)
     assert code == 0, err
     assert "restarted Jupyter" in err, err
+
+
+def test_socket_mode_with_python_36_on_the_remote(nbt, remote, remote_python36):  # noqa: F811
+    seen = subprocess.run(["ssh", "-F", str(nbt.ssh_config), remote.alias, "python3 -V"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert seen.stdout.strip().startswith("Python 3.6."), (seen.stdout, seen.stderr)
+    info = start(nbt)
+    assert api_status(info["url"]) == 200
+    assert nbt.status()[0]["server"] == "running"
+    proc = nbt.run(remote.alias, "--terminate")
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.lexists(info["remote_socket"])
 
 
 # Clear failures ###############################################################
