@@ -2120,8 +2120,12 @@ class Progress:
                     self._draw()
         return thaw
 
+    silent = False  # --ensure: for cron, no line even on a terminal
+
     def enabled(self) -> bool:
-        """Only on a terminal, and not with -q."""
+        """Only on a terminal, and not with -q or --ensure."""
+        if self.silent:
+            return False
         stream = self.stream or sys.stderr
         try:
             tty = stream is not None and stream.isatty()
@@ -3242,6 +3246,7 @@ def ensure_session(run: Run, host: str):
     args = run.args
     session = args.session
     run.batch = True  # never prompt, even on a terminal
+    progress.silent = True  # and say nothing while all is well
     rec = fresh_record(run, host, session)
     lines = []
     if not healthy(run, host, rec):  # no login: one question over the master, one request

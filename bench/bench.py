@@ -49,10 +49,9 @@ NBTUNNEL = REPO / "nbtunnel.py"
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from conftest import RemoteHost  # noqa: E402  (the test suite's real remote host)
-from helpers import find_pids, free_local_port, kill_pids, local_port_open  # noqa: E402
-
 import nbtunnel  # noqa: E402  (for the exact Jupyter arguments it uses)
+from helpers import find_pids, free_local_port, kill_pids, local_port_open  # noqa: E402
+from remotehost import RemoteHost  # noqa: E402  (the test suite's real remote host)
 
 ALIAS = "nbbench"  # the test host behind the delay line
 HOSTKEY_ALIAS = "nbbench-hostkey"

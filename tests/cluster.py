@@ -30,7 +30,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from conftest import (
+from helpers import find_pids, kill_pids, pid_alive, proc_cmdline, wait_until
+from remotehost import (
     USER_COMMENT,
     RemoteHost,
     _descendants,
@@ -40,7 +41,6 @@ from conftest import (
     _root,
     _used_networks,
 )
-from helpers import find_pids, kill_pids, pid_alive, proc_cmdline, wait_until
 
 CLUSTER_POOL = ipaddress.ip_network("10.214.0.0/16")  # /30s for the login-compute link
 HOSTS_FILE = Path("/etc/hosts")
@@ -287,6 +287,9 @@ class SlurmCluster(RemoteHost):
         for sub in ("", "state", "spool", f"spool/{self.node_name}"):
             (d / sub).mkdir(mode=0o755, exist_ok=True)
         (d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
+        node_line = (f"NodeName={self.node_name} NodeAddr={self.node_addr} "
+                     f"NodeHostname={self.node_name} CPUs={self.cpus} RealMemory={self.real_memory} "
+                     "State=UNKNOWN")
         self.slurm_conf.write_text(
             f"""\
 ClusterName=nbc{os.getpid()}
@@ -325,7 +328,7 @@ OverTimeLimit=0
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName={self.node_name} NodeAddr={self.node_addr} NodeHostname={self.node_name} CPUs={self.cpus} RealMemory={self.real_memory} State=UNKNOWN
+{node_line}
 PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName={self.small_partition} Nodes=ALL MaxTime=5 State=UP
 """

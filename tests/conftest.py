@@ -1,58 +1,50 @@
 """Fixtures that give the tests a real remote host on this machine.
 
-``remote`` (one per session) is an unprivileged user reached through a real
-sshd running inside its own network namespace, so it has its own 127.0.0.1
-and its own ports, as a different machine would. Where network namespaces
-are not permitted it falls back to an sshd on 127.0.0.1 and says so.
+``remote`` (one per session) is a ``RemoteHost`` (tests/remotehost.py): an
+unprivileged user reached through a real sshd in its own network namespace.
 
 ``nbt`` (one per test) runs nbtunnel.py against that host with private state
 and config directories, and cleans up after the test whatever it left.
 
-Every name carries this process's pid, so two suites can run side by side;
-what an earlier, killed run left behind is removed at start-up. Needs root.
-NBTUNNEL_TEST_NO_NETNS=1 forces the loopback fallback.
+Tests marked ``noroot`` use neither: ``pytest -m noroot`` runs them as any user.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import ipaddress
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from helpers import (
     find_pids,
-    free_local_port,
     kill_pids,
-    live_pids,
     local_port_open,
     pid_alive,
     proc_cmdline,
-    proc_uid,
-    wait_until,
+)
+
+# Re-exported: test modules and older code import these from conftest.
+from remotehost import (  # noqa: F401
+    ALIAS,
+    JUPYTER_VENV,
+    RemoteHost,
+    _remove_user,
+    _root,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 NBTUNNEL = REPO / "nbtunnel.py"
-JUPYTER_VENV = Path("/opt/nbtunnel-test/jupyter")
-SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")  # carved into /30s, one per run
-LOCK_FILE = Path("/run/lock/nbtunnel-test.lock")
-USER_COMMENT = "nbtunnel test remote user"
-ALIAS = "nbtest"
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 sys.path.insert(0, str(REPO))  # lets unit tests `import nbtunnel`
 
@@ -60,531 +52,6 @@ sys.path.insert(0, str(REPO))  # lets unit tests `import nbtunnel`
 _REMOTES: list[RemoteHost] = []
 _LEFTOVERS: list[str] = []
 
-
-def _root(
-    argv: Sequence[str], check: bool = True, timeout: float = 60
-) -> subprocess.CompletedProcess:
-    """Run a setup command as root (this process), capturing text output."""
-    proc = subprocess.run(
-        list(argv),
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
-        )
-    return proc
-
-
-def _netns_list() -> list[str]:
-    proc = _root(["ip", "netns", "list"], check=False)
-    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-
-
-def _link_exists(name: str) -> bool:
-    return _root(["ip", "link", "show", name], check=False).returncode == 0
-
-
-def _user_uid(name: str) -> int | None:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return None
-
-
-def _user_pids(uid: int) -> list[int]:
-    return [pid for pid in live_pids() if proc_uid(pid) == uid]
-
-
-def _kill_user(name: str, timeout: float = 15.0) -> list[int]:
-    """SIGKILL every process of user name until none is left; return survivors."""
-    uid = _user_uid(name)
-    if uid is None:
-        return []
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = _user_pids(uid)
-        if not pids or time.monotonic() > deadline:
-            return pids
-        # pkill, then our own kill: pkill may skip a process that is just forking.
-        _root(["pkill", "-KILL", "-u", name], check=False)
-        kill_pids(pids, timeout=1.0)
-
-
-def _descendants(root_pid: int) -> list[int]:
-    """Live descendants of root_pid, found through /proc/PID/stat."""
-    children: dict[int, list[int]] = {}
-    for pid in live_pids():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root_pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _remove_user(name: str) -> None:
-    """Kill the processes of name, delete its files in shared temp dirs, and userdel -r it."""
-    uid = _user_uid(name)
-    if uid is None:
-        return
-    _kill_user(name)
-    for top in ("/tmp", "/var/tmp", "/dev/shm", "/run/screen"):
-        if os.path.isdir(top):
-            _root(
-                ["find", top, "-xdev", "-mindepth", "1", "-uid", str(uid), "-delete"],
-                check=False,
-            )
-    if _root(["userdel", "-r", name], check=False).returncode != 0:
-        _root(["userdel", "-r", "-f", name], check=False)
-
-
-def _run_pid(name: str) -> int | None:
-    match = re.fullmatch(r"nbt(\d+)[hr]?", name)
-    return int(match.group(1)) if match else None
-
-
-def _reap_stale_runs(keep: Path) -> None:
-    """Remove what earlier runs of this suite left behind (their pytest pid is gone), except keep."""
-    own = os.getpid()
-
-    def stale(pid: int | None) -> bool:
-        return pid is not None and (pid == own or not pid_alive(pid))
-
-    for pid in find_pids(r"nbtremote-\d+-"):
-        match = re.search(r"nbtremote-(\d+)-", " ".join(proc_cmdline(pid)))
-        if match and stale(int(match.group(1))):
-            kill_pids([pid, *_descendants(pid)], timeout=5)
-    for entry in pwd.getpwall():
-        if entry.pw_gecos == USER_COMMENT and stale(_run_pid(entry.pw_name)):
-            _remove_user(entry.pw_name)
-    for ns in _netns_list():
-        if stale(_run_pid(ns)):
-            _root(["ip", "netns", "del", ns], check=False)
-    for line in _root(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
-        link = line.split(":")[1].strip().split("@")[0] if line.count(":") >= 2 else ""
-        if stale(_run_pid(link)):
-            _root(["ip", "link", "del", link], check=False)
-    for path in Path(tempfile.gettempdir()).glob("nbtremote-*-*"):
-        match = re.match(r"nbtremote-(\d+)-", path.name)
-        if match and stale(int(match.group(1))) and path != keep:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _used_networks() -> list[ipaddress.IPv4Network]:
-    """Networks of every IPv4 address and route on this machine."""
-    nets = []
-    for line in _root(["ip", "-4", "-o", "addr"], check=False).stdout.splitlines():
-        match = re.search(r"\binet (\S+)", line)
-        if match:
-            nets.append(ipaddress.ip_interface(match.group(1)).network)
-    for line in _root(["ip", "-4", "route"], check=False).stdout.splitlines():
-        dest = line.split()[0] if line.strip() else ""
-        if dest != "default":
-            with contextlib.suppress(ValueError):
-                nets.append(ipaddress.ip_network(dest, strict=False))
-    return nets
-
-
-def _pick_subnet() -> ipaddress.IPv4Network:
-    """A /30 of SUBNET_POOL that overlaps no address or route on this machine."""
-    used = _used_networks()
-    subnets = list(SUBNET_POOL.subnets(new_prefix=30))
-    start = os.getpid() % len(subnets)
-    for subnet in subnets[start:] + subnets[:start]:
-        if not any(subnet.overlaps(net) for net in used):
-            return subnet
-    raise RuntimeError(f"no free /30 left in {SUBNET_POOL}")
-
-
-@contextlib.contextmanager
-def _machine_lock() -> Iterator[None]:
-    """Serialise subnet choice and stale-run cleanup between suites running at once."""
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class RemoteHost:
-    """A real remote host: an unprivileged user behind its own sshd, in its own network namespace."""
-
-    alias = ALIAS
-    unknown_alias = f"{ALIAS}-unknown"
-    down_alias = f"{ALIAS}-down"
-    password_alias = f"{ALIAS}-pw"
-    password = "nbt-Pass-7391"
-    jupyter_venv = JUPYTER_VENV
-
-    def __init__(self) -> None:
-        pid = os.getpid()
-        self.user = f"nbt{pid}"
-        self.netns: str | None = f"nbt{pid}"
-        self.veth_host = f"nbt{pid}h"  # <= 15 characters for any pid up to 2**22
-        self.veth_remote = f"nbt{pid}r"
-        self.fallback = False
-        self.fallback_reason = ""
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"nbtremote-{pid}-"))
-        self.ssh_config = self.workdir / "ssh_config"
-        self.sshd_config = self.workdir / "sshd_config"
-        self.sshd_log = self.workdir / "sshd.log"
-        self.known_hosts = self.workdir / "known_hosts"
-        self.unknown_known_hosts = self.workdir / "known_hosts_empty"
-        self.identity = self.workdir / "id_ed25519"
-        self.host_key = self.workdir / "ssh_host_ed25519_key"
-        self.ip = ""
-        self.host_ip = ""  # this machine's address as the remote sees it
-        self.port = 22
-        self.down_port = 9
-        self.home = Path()
-        self.uid = -1
-        self.sshd: subprocess.Popen | None = None
-
-    # Set-up ###################################################################
-
-    def start(self) -> None:
-        """Create network, user, keys and configs, and start sshd."""
-        with _machine_lock():
-            _reap_stale_runs(keep=self.workdir)
-            self._make_network()
-        self._make_user()
-        self._make_keys()
-        self._write_configs()
-        self._start_sshd()
-
-    def _make_network(self) -> None:
-        assert self.netns is not None
-        if os.environ.get("NBTUNNEL_TEST_NO_NETNS"):
-            self._use_loopback("NBTUNNEL_TEST_NO_NETNS is set")
-            return
-        if _root(["ip", "netns", "add", self.netns], check=False).returncode != 0:
-            self._use_loopback("`ip netns add` is not permitted here")
-            return
-        try:
-            subnet = _pick_subnet()
-            host_ip, remote_ip = (str(addr) for addr in subnet.hosts())
-            in_ns = f"ip netns exec {self.netns} "
-            for command in (
-                f"ip link add {self.veth_host} type veth peer name {self.veth_remote}",
-                f"ip link set {self.veth_remote} netns {self.netns}",
-                f"ip addr add {host_ip}/30 dev {self.veth_host}",
-                f"ip link set {self.veth_host} up",
-                in_ns + f"ip addr add {remote_ip}/30 dev {self.veth_remote}",
-                in_ns + f"ip link set {self.veth_remote} up",
-                in_ns + "ip link set lo up",
-            ):
-                _root(command.split())  # names and addresses hold no spaces
-        except RuntimeError as err:
-            self._remove_network()
-            self._use_loopback(str(err))
-            return
-        self.ip, self.host_ip = remote_ip, host_ip
-
-    def _use_loopback(self, reason: str) -> None:
-        self.netns = None
-        self.fallback = True
-        self.fallback_reason = reason
-        self.ip = self.host_ip = "127.0.0.1"
-        self.port = free_local_port()
-        self.down_port = free_local_port()
-        warnings.warn(
-            f"no network namespace ({reason}): the test remote is an sshd on 127.0.0.1:{self.port}, "
-            "so it shares this machine's ports and tests of port handling prove less",
-            stacklevel=2,
-        )
-
-    def _make_user(self) -> None:
-        _remove_user(self.user)  # a user of an earlier run that had this same pid
-        _root(["useradd", "-m", "-s", "/bin/bash", "-c", USER_COMMENT, self.user])
-        # '*': no password, but not locked ('!'), which sshd would refuse even for keys.
-        _root(["usermod", "-p", "*", self.user])
-        entry = pwd.getpwnam(self.user)
-        self.uid, self.home = entry.pw_uid, Path(entry.pw_dir)
-        venv_bin = self.jupyter_venv / "bin"
-        # Jupyter is on PATH for login shells only, as on real servers: a plain
-        # `ssh host jupyter` does not find it.
-        self._append_user_file(".profile", f'\nPATH="{venv_bin}:$PATH"\nexport PATH\n')
-        self._append_user_file(".zprofile", f'export PATH="{venv_bin}:$PATH"\n')
-        self._append_user_file(".login", f'setenv PATH "{venv_bin}:$PATH"\n')
-        self._append_user_file(
-            ".config/fish/config.fish",
-            f"if status is-login\n    set -gx PATH {venv_bin} $PATH\nend\n",
-        )
-
-    def _append_user_file(self, relative: str, text: str, mode: int = 0o644) -> Path:
-        path = self.home / relative
-        for parent in reversed(path.relative_to(self.home).parents[:-1]):
-            directory = self.home / parent
-            if not directory.exists():
-                directory.mkdir(mode=0o700)
-                os.chown(directory, self.uid, self.uid)
-        with open(path, "a") as handle:
-            handle.write(text)
-        os.chown(path, self.uid, self.uid)
-        path.chmod(mode)
-        return path
-
-    def _make_keys(self) -> None:
-        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
-        _root([*keygen, "-C", self.user, "-f", str(self.identity)])
-        _root([*keygen, "-C", "nbtest-host", "-f", str(self.host_key)])
-        public = self.identity.with_suffix(".pub").read_text()
-        self._append_user_file(".ssh/authorized_keys", public, mode=0o600)
-        host_public = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
-        host = self.ip if self.port == 22 else f"[{self.ip}]:{self.port}"
-        self.known_hosts.write_text(f"{host} {host_public}\n")
-        self.unknown_known_hosts.write_text("")
-
-    def _write_configs(self) -> None:
-        self.sshd_config.write_text(
-            f"""\
-Port {self.port}
-ListenAddress {self.ip}
-HostKey {self.host_key}
-PidFile {self.workdir}/sshd.pid
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-AuthorizedKeysFile .ssh/authorized_keys
-PermitRootLogin no
-StrictModes no
-AllowTcpForwarding yes
-AllowStreamLocalForwarding yes
-PermitUserEnvironment no
-X11Forwarding no
-PrintMotd no
-PrintLastLog no
-LogLevel VERBOSE
-Subsystem sftp /usr/lib/openssh/sftp-server
-# The user also has a password, accepted only as a password (for tests of prompts).
-Match User {self.user}
-    PasswordAuthentication yes
-"""
-        )
-        subprocess.run(["chpasswd"], input=f"{self.user}:{self.password}\n", text=True, check=True)
-        common = f"""\
-    User {self.user}
-    IdentityFile {self.identity}
-    IdentitiesOnly yes
-    GlobalKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    BatchMode yes
-"""
-        self.ssh_config.write_text(
-            f"""\
-Host {self.alias}
-    HostName {self.ip}
-    Port {self.port}
-    UserKnownHostsFile {self.known_hosts}
-{common}
-Host {self.unknown_alias}
-    HostName {self.ip}
-    Port {self.port}
-    UserKnownHostsFile {self.unknown_known_hosts}
-{common}
-Host {self.password_alias}
-    HostName {self.ip}
-    Port {self.port}
-    User {self.user}
-    UserKnownHostsFile {self.known_hosts}
-    GlobalKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    PubkeyAuthentication no
-    PreferredAuthentications password
-    NumberOfPasswordPrompts 1
-Host {self.down_alias}
-    HostName {self.ip}
-    Port {self.down_port}
-    ConnectTimeout 10
-    UserKnownHostsFile {self.known_hosts}
-{common}
-# The address itself, for destinations written as user@ip or ssh://user@ip:port.
-Host {self.ip}
-    UserKnownHostsFile {self.known_hosts}
-{common}"""
-        )
-
-    def _in_netns(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else list(argv)
-
-    def _start_sshd(self) -> None:
-        # sshd's privilege separation directory.
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        argv = self._in_netns(
-            [SSHD, "-D", "-f", str(self.sshd_config), "-E", str(self.sshd_log)]
-        )
-        self.sshd = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not self.port_open(self.port, self.ip):
-            if self.sshd.poll() is not None or time.monotonic() > deadline:
-                log = self.sshd_log.read_text() if self.sshd_log.exists() else ""
-                raise RuntimeError(
-                    f"test sshd did not start (exit {self.sshd.poll()}):\n{log}"
-                )
-            time.sleep(0.05)
-
-    # Use ######################################################################
-
-    def auth_count(self, method: str = "publickey") -> int:
-        """How many logins of the remote user sshd has accepted so far (one line each in its log)."""
-        needle = f"Accepted {method} for {self.user} "
-        try:
-            return self.sshd_log.read_text(errors="replace").count(needle)
-        except FileNotFoundError:
-            return 0
-
-    def user_env(self) -> dict[str, str]:
-        """The environment a fresh ssh session of the remote user starts with."""
-        return {
-            "HOME": str(self.home),
-            "USER": self.user,
-            "LOGNAME": self.user,
-            "SHELL": "/bin/bash",
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "LANG": "C.UTF-8",
-        }
-
-    def run(
-        self,
-        cmd: str | Sequence[str],
-        check: bool = False,
-        timeout: float = 60,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess:
-        """Run cmd as the remote user on the remote host; a str goes through `bash -lc` (a login shell)."""
-        argv = ["bash", "-lc", cmd] if isinstance(cmd, str) else list(cmd)
-        env = [f"{key}={value}" for key, value in self.user_env().items()]
-        full = self._in_netns(
-            ["runuser", "-u", self.user, "--", "env", "-i", *env, *argv]
-        )
-        return subprocess.run(
-            full,
-            check=check,
-            timeout=timeout,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            cwd=self.home,
-        )
-
-    def pids(self, pattern: str) -> list[int]:
-        """Live pids of the remote user whose cmdline matches regex pattern."""
-        return find_pids(pattern, uid=self.uid)
-
-    def tmux_sessions(self) -> list[str]:
-        """Names of the remote user's tmux sessions ([] when no tmux server runs)."""
-        proc = self.run(["tmux", "ls", "-F", "#{session_name}"])
-        return proc.stdout.split() if proc.returncode == 0 else []
-
-    def screen_sessions(self) -> list[str]:
-        """Names of the remote user's screen sessions (the part after PID.)."""
-        proc = self.run(["screen", "-ls"])
-        return re.findall(r"^\s+\d+\.(\S+)\s", proc.stdout, re.MULTILINE)
-
-    def port_open(self, port: int, host: str = "127.0.0.1") -> bool:
-        """True when something accepts TCP connections on host:port seen from the remote host."""
-        if not self.netns:
-            return local_port_open(port, host)
-        probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1)"
-        argv = self._in_netns([sys.executable, "-c", probe, host, str(port)])
-        return _root(argv, check=False).returncode == 0
-
-    def kill_user_processes(self) -> list[int]:
-        """SIGKILL every process of the remote user and wait until they are gone; return survivors."""
-        return _kill_user(self.user)
-
-    def clean_jupyter_runtime(self) -> None:
-        """Remove Jupyter server/kernel runtime files (stale once their processes were killed)."""
-        runtime = self.home / ".local/share/jupyter/runtime"
-        for pattern in ("jpserver-*", "kernel-*", "nbserver-*"):
-            for path in runtime.glob(pattern):
-                path.unlink(missing_ok=True)
-
-    def reset_unknown_known_hosts(self) -> None:
-        """Empty the known_hosts of the unknown alias again (an accept-new test fills it)."""
-        self.unknown_known_hosts.write_text("")
-
-    @contextlib.contextmanager
-    def login_shell(self, shell: str) -> Iterator[None]:
-        """Make shell (e.g. /usr/bin/zsh) the remote user's login shell for the duration."""
-        _root(["usermod", "-s", shell, self.user])
-        try:
-            yield
-        finally:
-            _root(["usermod", "-s", "/bin/bash", self.user], check=False)
-
-    def reload_sshd(self) -> None:
-        """Make sshd read sshd_config again (after a test changed it)."""
-        assert self.sshd is not None
-        self.sshd.send_signal(signal.SIGHUP)
-        wait_until(
-            lambda: self.port_open(self.port, self.ip),
-            15,
-            message="sshd back after SIGHUP",
-        )
-
-    # Tear-down ################################################################
-
-    def stop(self) -> None:
-        """Remove everything start() made: processes, sshd, user, namespace, veth, files."""
-        self.kill_user_processes()
-        if self.sshd is not None:
-            kill_pids(
-                [*_descendants(self.sshd.pid), self.sshd.pid], signal.SIGTERM, timeout=5
-            )
-            kill_pids([*_descendants(self.sshd.pid), self.sshd.pid], timeout=5)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.sshd.wait(timeout=5)
-        _remove_user(self.user)
-        self._remove_network()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _remove_network(self) -> None:
-        if self.netns and self.netns in _netns_list():
-            _root(["ip", "netns", "del", self.netns], check=False)
-        if _link_exists(self.veth_host):
-            _root(["ip", "link", "del", self.veth_host], check=False)
-
-    def leftovers(self) -> list[str]:
-        """What of this host still exists (should be nothing after stop())."""
-        found = []
-        if self.netns and self.netns in _netns_list():
-            found.append(f"network namespace {self.netns}")
-        if _link_exists(self.veth_host):
-            found.append(f"veth {self.veth_host}")
-        if _user_uid(self.user) is not None:
-            found.append(f"user {self.user}")
-        if self.uid >= 0 and _user_pids(self.uid):
-            found.append(f"processes of uid {self.uid}: {_user_pids(self.uid)}")
-        if self.sshd is not None and pid_alive(self.sshd.pid):
-            found.append(f"sshd pid {self.sshd.pid}")
-        if self.workdir.exists():
-            found.append(f"directory {self.workdir}")
-        return found
-
-    def describe(self) -> str:
-        """One line saying where the remote lives."""
-        if self.fallback:
-            return (
-                f"test remote: sshd on 127.0.0.1:{self.port} (FALLBACK, no network namespace: "
-                f"{self.fallback_reason}), user {self.user}"
-            )
-        return f"test remote: sshd in network namespace {self.netns} at {self.ip}:22, user {self.user}"
 
 
 @pytest.fixture(scope="session")
@@ -688,13 +155,12 @@ class NbtRunner:
         return proc
 
     def status(self) -> list[dict]:
-        """Recorded sessions from `--status --json` ([] when that fails)."""
-        with contextlib.suppress(Exception):
-            proc = self.run("--status", "--json", timeout=60)
-            if proc.returncode == 0:
-                data = json.loads(proc.stdout)
-                return data if isinstance(data, list) else []
-        return []
+        """Recorded sessions from `--status --json`; a --status that fails fails the test."""
+        proc = self.run("--status", "--json", timeout=60)
+        assert proc.returncode == 0, f"--status --json exited {proc.returncode}: {proc.stderr}"
+        data = json.loads(proc.stdout)
+        assert isinstance(data, list), proc.stdout
+        return data
 
     def cleanup(self) -> list[str]:
         """Terminate what the test started, then force-clean; return what had to be forced."""
@@ -708,7 +174,11 @@ class NbtRunner:
                     proc.kill()
                     proc.wait(timeout=10)
                     forced.append(f"nbtunnel.py pid {proc.pid} ignored SIGINT")
-        sessions = self.status() if self.state_dir.exists() else []
+        sessions = []
+        if self.state_dir.exists():
+            # Clean up whatever the test left, even when it broke --status itself.
+            with contextlib.suppress(Exception):
+                sessions = self.status()
         for session in sessions:
             host, name = session.get("host"), session.get("session")
             if host and name:
@@ -761,6 +231,22 @@ def nbt(remote: RemoteHost) -> Iterator[NbtRunner]:
         warnings.warn(
             "left after --terminate --force, removed by force: " + "; ".join(forced),
             stacklevel=1,
+        )
+
+
+# Markers ######################################################################
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked noroot must not reach the test remote (it needs root to exist)."""
+    wrong = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("noroot") and "remote" in getattr(item, "fixturenames", ())
+    ]
+    if wrong:
+        raise pytest.UsageError(
+            "marked noroot but use the test remote (root only): " + ", ".join(wrong)
         )
 
 

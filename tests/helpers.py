@@ -11,7 +11,9 @@ import contextlib
 import datetime
 import json
 import os
+import pty
 import re
+import select
 import signal
 import socket
 import time
@@ -21,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import parse_qs, urlparse
 
 T = TypeVar("T")
 
@@ -184,6 +187,51 @@ def kill_pids(
     return alive
 
 
+def run_in_pty(
+    argv: list[str], env: dict[str, str], timeout: float, stop_on: str = "", password: str | None = None
+) -> tuple[int | None, str]:
+    """Run argv on a new pseudo-terminal (stdin, stdout, stderr); return (exit code, output).
+
+    Answers every `password:` prompt with password, when given. Stops early, killing
+    the process, when stop_on appears in the output or after timeout; the exit code
+    is then None."""
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    output, pending = b"", b""
+    deadline = time.monotonic() + timeout
+    code = None
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    _, status = os.waitpid(pid, 0)
+                    code, pid = os.waitstatus_to_exitcode(status), 0
+                    break
+                output += chunk
+                pending += chunk
+                if password is not None and b"password:" in pending.lower():
+                    pending = b""
+                    os.write(fd, password.encode() + b"\n")
+                if stop_on and stop_on.encode() in output:
+                    break
+    finally:
+        if pid:  # still running (or not yet reaped): kill and reap it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    return code, output.decode("utf-8", "replace")
+
+
 # Jupyter ######################################################################
 
 
@@ -281,11 +329,88 @@ def run_kernel_code(
         )
 
 
-def api_status(url: str) -> int:
-    """HTTP status of /api/status through the URL's local port, with the URL's token."""
-    from urllib.parse import parse_qs, urlparse
+def token_of(url: str) -> str:
+    """The token in a URL that nbtunnel printed."""
+    return parse_qs(urlparse(url).query)["token"][0]
 
-    parts = urlparse(url)
-    token = parse_qs(parts.query)["token"][0]
-    status, _ = http_get(f"http://127.0.0.1:{parts.port}/api/status", headers={"Authorization": f"token {token}"})
+
+def api_status(url: str, timeout: float = 10.0) -> int:
+    """HTTP status of /api/status through the URL's local port with its token (0: no answer)."""
+    try:
+        status, _ = http_get(
+            f"http://127.0.0.1:{urlparse(url).port}/api/status",
+            timeout=timeout,
+            headers={"Authorization": f"token {token_of(url)}"},
+        )
+    except OSError:
+        return 0
     return status
+
+
+# nbtunnel's processes #########################################################
+
+JUPYTER_RE = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
+
+
+def jupyter_pids(remote) -> list[int]:
+    """Live Jupyter servers of the remote user."""
+    return remote.pids(JUPYTER_RE)
+
+
+def kill_jupyter(remote) -> list[int]:
+    """SIGKILL the remote user's Jupyter servers and wait until they are gone; return their pids."""
+    pids = jupyter_pids(remote)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    return pids
+
+
+def masters(config: Path | str) -> list[int]:
+    """Live local ssh master processes started with ssh config file CONFIG."""
+    return [
+        pid
+        for pid in find_pids(re.escape(str(config)), program="ssh")
+        if "-M" in proc_cmdline(pid)
+    ]
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process pid listens on (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                words = line.split()
+                if words[3] == "0A" and words[9] in inodes:
+                    ports.add(int(words[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+def forwards(config: Path | str) -> list[int]:
+    """Every local port that ssh masters of CONFIG listen on (one per tunnel)."""
+    return sorted(port for pid in masters(config) for port in listening_ports(pid))
+
+
+def kill_masters(config: Path | str) -> list[int]:
+    """SIGKILL the local ssh masters of CONFIG (the tunnel dies); return their pids."""
+    pids = masters(config)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+# Running nbtunnel #############################################################
+
+
+def start(nbt, *args: str) -> dict:
+    """A plain start of the test remote with --json; asserts it succeeded, returns its output."""
+    proc = nbt.run(nbt.remote.alias, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

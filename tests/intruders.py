@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import _remove_user, _root, _user_uid
 from helpers import kill_pids, pid_alive, wait_until
+from remotehost import _remove_user, _root, _user_uid
 
 COMMENT = "nbtunnel security test user"
 SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's Python lives under /root, unreadable to others

@@ -15,10 +15,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import http_get, local_ssh_pids, wait_until
+
+from helpers import http_get, jupyter_pids, local_ssh_pids, token_of, wait_until
 
 MARK = Path("/tmp/nbt-bad-input-PWNED")  # what a hostile string would create if it ran
 HOSTILE = [
@@ -41,10 +41,6 @@ def no_marker():
     MARK.unlink(missing_ok=True)
     yield
     assert not MARK.exists(), "a hostile string was executed"
-
-
-def jupyter_pids(remote) -> list[int]:
-    return remote.pids(r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)")
 
 
 def assert_nothing_left(nbt, remote, config: Path | None = None) -> None:
@@ -105,7 +101,8 @@ def test_hostile_hosts_exit_2(nbt, remote, host, tmp_path):
     config.write_text("[DEFAULT]\nhost = %s\n" % host.replace("\n", "\\n"))
     if "\n" not in host and host:
         failed(nbt.run(env={"NBTUNNEL_CONFIG": str(config)}), 2, "invalid HOST")
-    for extra in () if not host else (["--terminate"], ["--print-nginx", "--local-port", "8000"], ["--print-service", "cron"]):
+    actions = (["--terminate"], ["--print-nginx", "--local-port", "8000"], ["--print-service", "cron"])
+    for extra in () if not host else actions:
         failed(nbt.run(*extra, "--", host), 2, "invalid HOST" if host else "HOST")
     assert remote.auth_count() == before
     assert not local_ssh_pids(str(nbt.ssh_config))
@@ -202,17 +199,6 @@ def test_missing_hostile_notebook_dir_names_it(nbt, remote, value):
 # Hosts that cannot be used ###########################################################
 
 
-def ssh_config_with(nbt, tmp_path: Path, alias: str, **settings: str) -> Path:
-    """A copy of the test ssh_config with one more alias for the test host."""
-    base = nbt.ssh_config.read_text()
-    block = base.split(f"Host {nbt.remote.alias}\n", 1)[1].split("\nHost ", 1)[0]
-    lines = [line for line in block.splitlines() if line.split()[:1] and line.split()[0] not in settings]
-    lines += [f"    {key} {value}" for key, value in settings.items()]
-    config = tmp_path / "ssh_config"
-    config.write_text(base + f"\nHost {alias}\n" + "\n".join(lines) + "\n")
-    return config
-
-
 def test_changed_host_key_is_refused_with_its_own_message(nbt, remote, tmp_path):
     key = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -220,7 +206,7 @@ def test_changed_host_key_is_refused_with_its_own_message(nbt, remote, tmp_path)
     target = remote.ip if remote.port == 22 else f"[{remote.ip}]:{remote.port}"
     known.write_text(f"{target} {key.with_suffix('.pub').read_text().split(' ', 2)[0]} "
                      f"{key.with_suffix('.pub').read_text().split(' ', 2)[1]}\n")
-    config = ssh_config_with(nbt, tmp_path, "nbtest-changed", UserKnownHostsFile=str(known))
+    config = remote.write_ssh_config(tmp_path / "ssh_config", "nbtest-changed", UserKnownHostsFile=known)
     before = remote.auth_count()
     proc = nbt.run("nbtest-changed", "--ssh-config", str(config), timeout=60)
     failed(proc, 1, "nbtest-changed", "CHANGED")
@@ -245,7 +231,7 @@ def silent_listener():
 
 def test_silent_host_times_out_naming_it(nbt, remote, tmp_path):
     with silent_listener() as port:
-        config = ssh_config_with(nbt, tmp_path, "nbtest-silent", HostName="127.0.0.1", Port=str(port))
+        config = remote.write_ssh_config(tmp_path / "ssh_config", "nbtest-silent", HostName="127.0.0.1", Port=port)
         t0 = time.monotonic()
         proc = nbt.run("nbtest-silent", "--ssh-config", str(config), "--timeout", "3", timeout=90)
         elapsed = time.monotonic() - t0
@@ -327,7 +313,7 @@ def test_login_shell_that_prints_a_banner(nbt, remote, shell):
             proc = nbt.run(remote.alias, "--json", timeout=120)
             assert proc.returncode == 0, proc.stderr
             info = json.loads(proc.stdout)  # stdout is exactly the JSON: no banner in it
-            token = parse_qs(urlparse(info["url"]).query)["token"][0]
+            token = token_of(info["url"])
             status, _ = http_get(f"http://127.0.0.1:{info['local_port']}/api/status",
                                  headers={"Authorization": f"token {token}"})
             assert status == 200

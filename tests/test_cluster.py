@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import free_local_port, local_port_open, proc_cmdline, wait_until
 
 LISTENER = Path(__file__).with_name("slurm_listener.py")

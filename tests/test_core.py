@@ -10,7 +10,19 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import api_status, http_get, local_port_open, local_ssh_pids, run_kernel_code, wait_until
+
+from helpers import (
+    api_status,
+    http_get,
+    jupyter_pids,
+    kill_jupyter,
+    local_port_open,
+    local_ssh_pids,
+    run_kernel_code,
+    start,
+    token_of,
+    wait_until,
+)
 
 HOSTILE_DIRS = [
     "with space",
@@ -26,20 +38,6 @@ HOSTILE_DIRS = [
 ]
 
 
-def start(nbt, *args: str, check: bool = True):
-    """Run a start with --json; return (process, parsed JSON or None)."""
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-        return proc, json.loads(proc.stdout)
-    return proc, None
-
-
-
-def jupyter_pids(remote) -> list[int]:
-    return remote.pids(r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)")
-
-
 def test_start_serves_jupyter_through_tunnel(nbt, remote):
     before = remote.auth_count()
     proc = nbt.run(remote.alias)
@@ -49,7 +47,7 @@ def test_start_serves_jupyter_through_tunnel(nbt, remote):
     url = lines[0]
     parts = urlparse(url)
     assert parts.hostname == "127.0.0.1" and parts.path == "/lab"
-    token = parse_qs(parts.query)["token"][0]
+    token = token_of(url)
     assert len(token) >= 32
     assert remote.auth_count() - before == 1  # one authentication for the whole command
 
@@ -70,7 +68,7 @@ def test_start_serves_jupyter_through_tunnel(nbt, remote):
 
 
 def test_json_output_and_state_files_are_private(nbt, remote):
-    _, info = start(nbt)
+    info = start(nbt)
     for key in ("host", "session", "url", "local_port", "remote_port", "token", "manager", "reused"):
         assert key in info, key
     assert info["host"] == remote.alias and info["session"] == "nbtunnel"
@@ -82,12 +80,12 @@ def test_json_output_and_state_files_are_private(nbt, remote):
 
 
 def test_reattach_reuses_server_and_reopens_tunnel(nbt, remote):
-    _, first = start(nbt)
+    first = start(nbt)
     pids = jupyter_pids(remote)
     assert len(pids) == 1
 
     before = remote.auth_count()
-    _, again = start(nbt)
+    again = start(nbt)
     assert again["reused"] is True and again["url"] == first["url"]
     assert jupyter_pids(remote) == pids
     assert remote.auth_count() == before  # the tunnel's master connection was reused: no new login
@@ -100,7 +98,7 @@ def test_reattach_reuses_server_and_reopens_tunnel(nbt, remote):
     wait_until(lambda: not local_port_open(first["local_port"]), 15, message="tunnel closed")
     assert nbt.status()[0]["tunnel"] == "down"
     before = remote.auth_count()
-    _, third = start(nbt)
+    third = start(nbt)
     assert third["reused"] is True and third["url"] == first["url"]
     assert remote.auth_count() - before == 1
     assert api_status(third["url"]) == 200
@@ -109,26 +107,24 @@ def test_reattach_reuses_server_and_reopens_tunnel(nbt, remote):
 
 
 def test_status_asks_the_remote(nbt, remote):
-    _, info = start(nbt)
+    info = start(nbt)
     proc = nbt.run("--status")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert remote.alias in line and "server=running" in line and "tunnel=up" in line
 
     # The server dies behind nbtunnel's back: --status must notice (it asks the remote).
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     rows = nbt.status()
     assert rows[0]["server"] == "stopped"
     # and a start brings it back, reattaching the same local port.
-    _, again = start(nbt)
+    again = start(nbt)
     assert again["reused"] is False and again["local_port"] == info["local_port"]
     assert api_status(again["url"]) == 200
 
 
 def test_terminate_leaves_nothing(nbt, remote):
-    _, info = start(nbt)
+    info = start(nbt)
     assert local_ssh_pids(str(nbt.ssh_config))
     before = remote.auth_count()
     proc = nbt.run("--terminate")
@@ -152,15 +148,17 @@ def test_terminate_leaves_nothing(nbt, remote):
 
 
 def test_terminate_refuses_busy_kernels_unless_forced(nbt, remote):
-    _, info = start(nbt)
+    info = start(nbt)
     import threading
 
     base = f"http://127.0.0.1:{info['local_port']}"
+    outcome: list[object] = []
+
     def sleep_in_kernel() -> None:
         try:
-            run_kernel_code(base, info["token"], "import time; time.sleep(300)", timeout=400)
-        except Exception:  # the kernel is interrupted by --force: expected
-            pass
+            outcome.append(run_kernel_code(base, info["token"], "import time; time.sleep(300)", timeout=400))
+        except Exception as err:  # the kernel is interrupted by --force: expected, checked below
+            outcome.append(err)
 
     worker = threading.Thread(target=sleep_in_kernel, daemon=True)
     worker.start()
@@ -181,6 +179,8 @@ def test_terminate_refuses_busy_kernels_unless_forced(nbt, remote):
     wait_until(lambda: not remote.pids(r"jupyter|ipykernel"), 30, message="server and kernel gone")
     assert remote.tmux_sessions() == []
     assert not local_port_open(info["local_port"])
+    worker.join(timeout=60)  # the sleeping kernel was cut short, not left to finish
+    assert not worker.is_alive() and len(outcome) == 1 and isinstance(outcome[0], Exception), outcome
 
 
 def test_host_from_only_record_or_config(nbt, remote, tmp_path):
@@ -189,7 +189,7 @@ def test_host_from_only_record_or_config(nbt, remote, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["reused"] is True
 
-    _, other = start(nbt, "--session", "second", "--app", "server")
+    other = start(nbt, "--session", "second", "--app", "server")
     assert other["url"].endswith("/?token=" + other["token"])
     assert sorted(remote.tmux_sessions()) == ["nbtunnel", "second"]
     ambiguous = nbt.run()
@@ -205,7 +205,9 @@ def test_host_from_only_record_or_config(nbt, remote, tmp_path):
     config = tmp_path / "config.ini"
     workdir = remote.home / "cfgdir"
     remote.run(["mkdir", "-p", str(workdir)], check=True)
-    config.write_text(f"[DEFAULT]\nhost = {remote.alias}\n\n[host {remote.alias}]\nnotebook-dir = ~/cfgdir\napp = server\n")
+    config.write_text(
+        f"[DEFAULT]\nhost = {remote.alias}\n\n[host {remote.alias}]\nnotebook-dir = ~/cfgdir\napp = server\n"
+    )
     proc = nbt.run("--json", "--session", "fromcfg", env={"NBTUNNEL_CONFIG": str(config)})
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
@@ -227,7 +229,7 @@ def test_hostile_notebook_dir_is_used_literally(nbt, remote, name):
     target = remote.home / "nb" / name
     remote.run(["mkdir", "-p", str(target)], check=True)
     remote.run(["touch", str(target / "inside.txt")], check=True)
-    _, info = start(nbt, "--notebook-dir", str(target))
+    info = start(nbt, "--notebook-dir", str(target))
     status, body = http_get(
         f"http://127.0.0.1:{info['local_port']}/api/contents", headers={"Authorization": f"token {info['token']}"}
     )
@@ -334,7 +336,7 @@ def test_fixed_ports_and_taken_remote_port(nbt, remote):
     from helpers import free_local_port
 
     lport = free_local_port()
-    _, info = start(nbt, "--local-port", str(lport), "--remote-port", "18888")
+    info = start(nbt, "--local-port", str(lport), "--remote-port", "18888")
     assert info["local_port"] == lport and info["remote_port"] == 18888
     assert api_status(info["url"]) == 200
     proc = nbt.run(remote.alias, "--session", "clash", "--remote-port", "18888")
@@ -344,7 +346,7 @@ def test_fixed_ports_and_taken_remote_port(nbt, remote):
 
 @pytest.mark.parametrize("app,path", [("notebook", "/tree"), ("server", "/"), ("nbclassic", "/tree")])
 def test_other_apps(nbt, remote, app, path):
-    _, info = start(nbt, "--app", app)
+    info = start(nbt, "--app", app)
     assert urlparse(info["url"]).path == path
     status, body = http_get(info["url"])
     assert status == 200, body[:300]

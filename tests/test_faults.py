@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 
-from helpers import local_port_open, run_kernel_code, wait_until
+from helpers import kill_jupyter, local_port_open, run_kernel_code, wait_until
 from unattended import (
     TcpProxy,
     api_status,
@@ -50,13 +50,13 @@ def record_file(nbt):
 
 def test_jupyter_killed(nbt, remote):
     info = start(nbt)
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     proc = ensure(nbt)
     assert proc.returncode == 0, proc.stderr
     # Same local port and same token: the bookmarked URL works again.
-    assert proc.stdout == f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+    assert proc.stdout == (
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+    )
     assert_single(nbt, remote, info)
 
 
@@ -77,9 +77,7 @@ def test_jupyter_killed_ensure_from_cron_environment(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     master = masters(nbt.ssh_config)
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     before = remote.auth_count()
     proc = ensure(nbt)
     assert proc.returncode == 0, proc.stderr
@@ -101,9 +99,7 @@ def test_remote_reboot(nbt, remote):
 
 def test_jupyter_killed_under_watch(nbt, remote):
     proc, url = watch(nbt)
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 90, "server back")
     info = nbt.status()[0]
     assert info["url"] == url

@@ -8,9 +8,11 @@ import re
 import secrets
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import NBTUNNEL, RemoteHost
+
+from conftest import RemoteHost
 from helpers import (
     free_local_port,
     http_get,
@@ -177,11 +179,16 @@ def test_kernel_runs_code_through_an_ssh_forward(remote: RemoteHost) -> None:
 
 
 def test_nbt_runs_the_cli_with_private_state(nbt) -> None:
-    if not NBTUNNEL.exists():
-        pytest.skip("nbtunnel.py is not there yet")
     proc = nbt.run("--help", timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "--terminate" in proc.stdout
     assert "XDG_RUNTIME_DIR" not in nbt.env
     assert not os.path.exists(nbt.env["NBTUNNEL_CONFIG"])
-    assert str(nbt.state_dir).startswith(nbt.env["XDG_STATE_HOME"].rsplit("/", 1)[0])
+    # Every directory nbtunnel may write to is inside the test's own fresh directory,
+    # which is not under this user's home...
+    private = [nbt.state_dir, *(Path(nbt.env[k]) for k in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"))]
+    assert all(path.parent == nbt.tmp for path in private), (nbt.tmp, private)
+    assert not nbt.tmp.is_relative_to(Path.home())
+    assert nbt.argv()[-2:] == ["--state-dir", str(nbt.state_dir)]
+    # ...so a fresh runner has no records, whatever this machine's user has recorded.
+    assert nbt.status() == []

@@ -7,25 +7,24 @@ import os
 import re
 import textwrap
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
 import pytest
-from helpers import api_status, local_port_open, local_ssh_pids, run_kernel_code, wait_until
+
+from helpers import (
+    api_status,
+    jupyter_pids,
+    kill_jupyter,
+    local_port_open,
+    local_ssh_pids,
+    run_kernel_code,
+    start,
+    token_of,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 MANAGERS = ["tmux", "screen", "nohup"]
-JUPYTER = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
-
-
-def start(nbt, *args: str) -> dict:
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-
-def jupyter_pids(remote) -> list[int]:
-    return remote.pids(JUPYTER)
 
 
 def sessions(remote, manager: str) -> list[str]:
@@ -132,9 +131,7 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
             return remote.run(alive).returncode
     assert alive_status() == 0
 
-    for pid in jupyter_pids(remote):
-        os.kill(pid, 9)
-    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+    kill_jupyter(remote)
     assert nbt.status()[0]["server"] == "stopped"
     if manager != "tmux":  # tmux's alive is about its session, which ends with the pane
         wait_until(lambda: alive_status() != 0, 15, message="alive() says dead")
@@ -308,6 +305,7 @@ def test_plugin_option_from_plugin_file(nbt, remote, tmp_path):
     assert bad.returncode == 2 and "--greeting" in bad.stderr
 
 
+@pytest.mark.noroot
 def test_import_nbtunnel_reaches_the_running_module(tmp_path):
     """Run as a script, `import nbtunnel` in a plugin must not load a second copy."""
     import subprocess
@@ -346,7 +344,7 @@ def test_sshtunnel_backend_in_the_foreground(nbt, remote, how):
     proc = nbt.popen(remote.alias, *args, env=env)
     url = read_url(proc)
     port = urlparse(url).port
-    token = parse_qs(urlparse(url).query)["token"][0]
+    token = token_of(url)
     assert api_status(url) == 200
     assert run_kernel_code(f"http://127.0.0.1:{port}", token, "1+1") == "2"
     # OpenSSH's master (or paramiko, without ssh) for the helper, and sshtunnel's own login
@@ -395,6 +393,7 @@ def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
     assert remote.auth_count() == before and not jupyter_pids(remote)
 
 
+@pytest.mark.noroot
 def test_remote_code_of_plugins_parses_as_python_36():
     import ast
     import sys
@@ -411,6 +410,7 @@ def test_remote_code_of_plugins_parses_as_python_36():
         assert desc["detach"] is (name == "nohup")
 
 
+@pytest.mark.noroot
 def test_environment_snippets_hold_no_user_data():
     """Whatever the user passes, the snippets are the same text: the data is in vars only."""
     import argparse

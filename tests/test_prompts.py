@@ -4,43 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import time
 
-from helpers import http_get, local_ssh_pids, wait_until
+from helpers import http_get, local_ssh_pids, run_in_pty, wait_until
 
 
 def run_on_terminal(nbt, *args: str, password: str, timeout: float = 120) -> tuple[int, str, int]:
     """Run nbtunnel.py under a pseudo-terminal, answering password prompts; return (exit, output, prompts)."""
-    argv = nbt.argv(*args)
-    env = nbt._env(None)
-    pid, fd = pty.fork()
-    if pid == 0:  # child: the terminal is its stdin, stdout and stderr
-        os.execve(argv[0], argv, env)
-    output, prompts, pending = b"", 0, b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:  # the child closed the terminal: it has exited
-                break
-            if not chunk:
-                break
-            output += chunk
-            pending += chunk
-            if b"password:" in pending.lower():
-                prompts += 1
-                pending = b""
-                os.write(fd, password.encode() + b"\n")
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-    return os.waitstatus_to_exitcode(status), output.decode("utf-8", "replace"), prompts
+    code, output = run_in_pty(nbt.argv(*args), nbt._env(None), timeout, password=password)
+    assert code is not None, f"still running after {timeout}s: {output}"
+    return code, output, output.lower().count("password:")
 
 
 def test_password_prompt_once_per_command(nbt, remote):

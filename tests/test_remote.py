@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import api_status, pid_alive, wait_until
 
 import nbtunnel
+from helpers import api_status, pid_alive, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_JUPYTER = Path(__file__).resolve().parent / "fake_jupyter.py"

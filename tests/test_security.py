@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+
 from conftest import NBTUNNEL, RemoteHost
 from helpers import api_status, kill_pids, local_port_open, pid_alive, wait_until
 from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts

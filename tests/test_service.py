@@ -13,10 +13,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
 import pytest
-from helpers import free_local_port, http_get, local_port_open, run_kernel_code, wait_until
+
+from helpers import (
+    free_local_port,
+    http_get,
+    local_port_open,
+    run_kernel_code,
+    start,
+    token_of,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NBTUNNEL = REPO / "nbtunnel.py"
@@ -131,6 +139,7 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
 # Unit tests of the pure functions #################################################
 
 
+@pytest.mark.noroot
 def test_cron_line_round_trips_hostile_words_through_cron_and_sh():
     marker = Path("/tmp/nbt-svc-PWNED")
     marker.unlink(missing_ok=True)
@@ -146,12 +155,14 @@ def test_cron_line_round_trips_hostile_words_through_cron_and_sh():
     assert not marker.exists()
 
 
+@pytest.mark.noroot
 def test_cron_refuses_line_breaks():
     with pytest.raises(nbtunnel.UsageError) as e:
         nbtunnel.cron_entry(printer_argv(["a\nb"]), {}, "t")
     assert e.value.code == 2 and "line break" in str(e.value)
 
 
+@pytest.mark.noroot
 def test_cron_sets_path_when_ssh_is_elsewhere():
     text = nbtunnel.cron_entry(printer_argv(["x"]), {"PATH": "/opt/my ssh/bin:/usr/bin:/bin"}, "t")
     command = crontab_command(text.splitlines()[-1])
@@ -161,9 +172,12 @@ def test_cron_sets_path_when_ssh_is_elsewhere():
     assert out.strip() == "/opt/my ssh/bin:/usr/bin:/bin"
 
 
+@pytest.mark.noroot
 def test_systemd_unit_parses_and_round_trips_hostile_words():
     words = HOSTILE + ["new\nline", "bell\x07"]
-    text = nbtunnel.systemd_unit(printer_argv(words), {"PATH": "/a b/%x:$y"}, "Jupyter on h%1 (session s)", "nbtunnel-h-s")
+    text = nbtunnel.systemd_unit(
+        printer_argv(words), {"PATH": "/a b/%x:$y"}, "Jupyter on h%1 (session s)", "nbtunnel-h-s"
+    )
     units = unit_sections(text)
     service = units["Service"]
     assert systemd_exec_argv(service["ExecStart"][0]) == printer_argv(words)
@@ -178,6 +192,7 @@ def test_systemd_unit_parses_and_round_trips_hostile_words():
     assert json.loads(out) == words
 
 
+@pytest.mark.noroot
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if not analyze:
@@ -194,9 +209,12 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     assert unit.name in proc.stderr and "bogus" in proc.stderr
 
 
+@pytest.mark.noroot
 def test_launchd_plist_parses_with_plistlib():
     words = HOSTILE + ["new\nline"]
-    text = nbtunnel.launchd_plist(printer_argv(words), {}, "Jupyter on a--b (session s)", "org.nbtunnel.a-b-s", "/home/u")
+    text = nbtunnel.launchd_plist(
+        printer_argv(words), {}, "Jupyter on a--b (session s)", "org.nbtunnel.a-b-s", "/home/u"
+    )
     job = plistlib.loads(text.encode())
     assert job["ProgramArguments"] == printer_argv(words)
     assert job["KeepAlive"] is True and job["RunAtLoad"] is True
@@ -207,6 +225,7 @@ def test_launchd_plist_parses_with_plistlib():
         nbtunnel.launchd_plist(printer_argv(["bell\x07"]), {}, "t", "org.nbtunnel.x", "/home/u")
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("value", ["8080", "127.0.0.1:8080", "[::1]:8080", "localhost:9000"])
 def test_nginx_listen_good(value):
     assert nbtunnel.check_listen(value) == value
@@ -214,11 +233,13 @@ def test_nginx_listen_good(value):
 
 @pytest.mark.parametrize("value", ["", "0", "70000", "8080;", "8080; include /etc/passwd",
                                    "1.2.3.4:80 ssl", "a b:80", "8080\n}", "unix:/x", "$x:80"])
+@pytest.mark.noroot
 def test_nginx_listen_bad(value):
     with pytest.raises(nbtunnel.UsageError):
         nbtunnel.check_listen(value)
 
 
+@pytest.mark.noroot
 def test_nginx_block_has_websocket_headers():
     text = nbtunnel.nginx_server_block(4321, "127.0.0.1:8080", "Jupyter on h (session s)")
     assert re.search(r"map \$http_upgrade \$(\w+) \{", text)
@@ -242,6 +263,7 @@ def run_cli(*args: str, state: Path, cwd: Path | None = None, env: dict | None =
                           timeout=60, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.noroot
 def test_print_service_carries_every_option_with_absolute_paths(tmp_path):
     (tmp_path / "my_ssh_config").write_text("")
     (tmp_path / "keys").mkdir()
@@ -282,6 +304,7 @@ def test_print_service_carries_every_option_with_absolute_paths(tmp_path):
         assert parsed.session == "exp1" and parsed.ssh_config == str(tmp_path / "my_ssh_config")
 
 
+@pytest.mark.noroot
 def test_print_service_fills_in_the_recorded_session(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
@@ -297,12 +320,14 @@ def test_print_service_fills_in_the_recorded_session(tmp_path):
     assert argv[argv.index("-F") + 1] == "/etc/x config" and argv[argv.index("-J") + 1] == "gw"
 
 
+@pytest.mark.noroot
 @pytest.mark.parametrize("host", ["-oProxyCommand=touch /tmp/nbt-svc-PWNED", "a b", "$(touch /tmp/nbt-svc-PWNED)"])
 def test_print_service_refuses_hostile_hosts(tmp_path, host):
     proc = run_cli("--print-service", "cron", "--state-dir", str(tmp_path), "--", host, state=tmp_path)
     assert proc.returncode == 2 and "invalid HOST" in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.noroot
 def test_print_nginx_needs_a_port(tmp_path):
     proc = run_cli("hpc", "--print-nginx", "--state-dir", str(tmp_path), state=tmp_path)
     assert proc.returncode == 2 and "start it first" in proc.stderr and proc.stdout == ""
@@ -316,22 +341,6 @@ def test_print_nginx_needs_a_port(tmp_path):
 # For real ##########################################################################
 
 
-def has_option(option: str) -> bool:
-    out = subprocess.run([sys.executable, str(NBTUNNEL), "--help"], capture_output=True, text=True).stdout
-    return option in out
-
-
-def token_of(url: str) -> str:
-    return parse_qs(urlparse(url).query)["token"][0]
-
-
-def start(nbt, *args):
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-@pytest.mark.skipif(not has_option("--ensure"), reason="nbtunnel.py has no --ensure yet: the printed cron line calls it")
 def test_cron_line_runs_in_crons_environment(nbt, remote, tmp_path):
     port = free_local_port()
     proc = nbt.run(remote.alias, "--print-service", "cron", "--local-port", str(port))
@@ -347,13 +356,13 @@ def test_cron_line_runs_in_crons_environment(nbt, remote, tmp_path):
     assert len(rows) == 1 and rows[0]["server"] == "running" and rows[0]["tunnel"] == "up"
     assert rows[0]["local_port"] == port
     url = rows[0]["url"]
-    assert http_get(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token_of(url)}"})[0] == 200
+    auth = {"Authorization": f"token {token_of(url)}"}
+    assert http_get(f"http://127.0.0.1:{port}/api/status", headers=auth)[0] == 200
     again = subprocess.run([*cron_env, "sh", "-c", command], capture_output=True, text=True,
                            timeout=180, stdin=subprocess.DEVNULL)
     assert again.returncode == 0 and again.stdout == "" and again.stderr == ""  # silent when all is well
 
 
-@pytest.mark.skipif(not has_option("--watch"), reason="nbtunnel.py has no --watch yet: the printed units call it")
 @pytest.mark.parametrize("kind", ["systemd", "launchd"])
 def test_unit_command_keeps_the_tunnel_up(nbt, remote, kind):
     port = free_local_port()
@@ -449,6 +458,7 @@ def test_nginx_in_front_of_the_tunnel_runs_a_kernel(nginx_front):
     # the kernel's websocket through nginx (websocket-client sends Origin: http://127.0.0.1:LISTEN)
     assert run_kernel_code(base, token, "1+1") == "2"
     import websocket
+
     from helpers import http_request
 
     # Jupyter's origin check still works through nginx. A token in the request skips it (a

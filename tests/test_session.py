@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import run_kernel_code, wait_until
 from unattended import api_status, ensure, jupyter_pids, kill_masters, start
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import nbtunnel  # noqa: E402
 
 
 def server_cwd(info: dict) -> str:

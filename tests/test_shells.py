@@ -6,7 +6,8 @@ what they set.  Hostile names and paths must stay data.  There is no real conda
 here (only PyPI and Debian are reachable, and neither ships a working conda or
 micromamba): --conda is tested against small stand-ins for `conda` and
 `micromamba` that speak the same shell protocol (`conda shell.posix hook`,
-`shell.fish hook`, `shell.<shell> activate ENV`; `micromamba shell hook -s SHELL`).  --module uses Debian's real environment-modules.
+`shell.fish hook`, `shell.<shell> activate ENV`; `micromamba shell hook -s SHELL`).
+--module uses Debian's real environment-modules.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from helpers import local_ssh_pids, run_kernel_code
 
 SHELLS = {
@@ -271,6 +273,6 @@ def test_conda_plugin_with_micromamba(nbt, home, shell):
         return
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"],
-                          "import os, shutil; print(os.environ['CONDA_DEFAULT_ENV'], shutil.which('nbt-envtool'), end='')")
+    code = "import os, shutil; print(os.environ['CONDA_DEFAULT_ENV'], shutil.which('nbt-envtool'), end='')"
+    out = run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"], code)
     assert out == f"mbenv {remote.home}/micromamba/envs/mbenv/bin/nbt-envtool"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from helpers import http_request, local_port_open, wait_until
 from unattended import (
     api_status,
@@ -224,6 +225,7 @@ def _rec(local_port=5000, remote_port=6000, url="http://127.0.0.1:5000/lab?token
     return dict(local_port=local_port, remote_port=remote_port, url=url)
 
 
+@pytest.mark.noroot
 def test_repair_lines_say_what_changed():
     import nbtunnel
 
@@ -246,6 +248,7 @@ def test_repair_lines_say_what_changed():
     assert lines("h", "s", _rec(), new, {"reused": True}, True) == []  # nothing changed
 
 
+@pytest.mark.noroot
 def test_local_lock_gives_up_after_its_timeout(tmp_path):
     import nbtunnel
 
@@ -259,6 +262,7 @@ def test_local_lock_gives_up_after_its_timeout(tmp_path):
         pass
 
 
+@pytest.mark.noroot
 def test_listening_ports_of_a_process():
     import socket
 
@@ -273,6 +277,7 @@ def test_listening_ports_of_a_process():
     assert nbtunnel.listening_ports(None) == []
 
 
+@pytest.mark.noroot
 def test_api_ok_needs_the_token_and_a_200(tmp_path):
     import http.server
     import threading
@@ -301,6 +306,7 @@ def test_api_ok_needs_the_token_and_a_200(tmp_path):
     assert not nbtunnel.api_ok(rec, timeout=1)  # nothing listens any more
 
 
+@pytest.mark.noroot
 def test_link_failures_are_told_from_refusals():
     import nbtunnel
 
@@ -315,22 +321,26 @@ def test_link_failures_are_told_from_refusals():
             self.closed = True
 
     conn = Conn()
-    refusals = [
-        nbtunnel.MSG_AUTH.format(host="h", detail="Permission denied (publickey)"),
-        nbtunnel.MSG_HOSTKEY.format(host="h"),
-        nbtunnel.MSG_HOSTKEY_CHANGED.format(host="h"),
-        "h: Jupyter exited before it was ready",
+    refusals = [  # what the link cannot mend: retry decisions read the kind, not the text
+        nbtunnel.SshError(nbtunnel.MSG_AUTH.format(host="h", detail="Permission denied"), kind="auth"),
+        nbtunnel.SshError(nbtunnel.MSG_HOSTKEY.format(host="h"), kind="hostkey-unknown"),
+        nbtunnel.SshError(nbtunnel.MSG_HOSTKEY_CHANGED.format(host="h"), kind="hostkey-changed"),
+        nbtunnel.RemoteError("h: Jupyter exited before it was ready", kind="launch"),
+        # a message that merely looks like a link failure is still judged by its kind
+        nbtunnel.SshError(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x"), kind="auth"),
     ]
-    for text in refusals:
-        assert not nbtunnel.link_failure(conn, nbtunnel.Error(text)), text
-    assert nbtunnel.link_failure(conn, nbtunnel.Error(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x")))
+    for err in refusals:
+        assert not nbtunnel.link_failure(conn, err), (err, err.kind)
+    link = nbtunnel.SshError(nbtunnel.MSG_UNREACHABLE.format(host="h", detail="x"), kind="unreachable")
+    assert nbtunnel.link_failure(conn, link)
     assert not conn.closed
-    assert nbtunnel.link_failure(conn, nbtunnel.Error("h did not answer within 10s"))
+    assert nbtunnel.link_failure(conn, nbtunnel.SshError("h did not answer within 10s", kind="no-answer"))
     assert conn.closed  # a hung link: the master is dropped
     slow = nbtunnel.MSG_NOT_ANSWERING.format(host="h", session="s", port=1, log="x")
-    assert nbtunnel.link_failure(conn, nbtunnel.Error(slow))
+    assert nbtunnel.link_failure(conn, nbtunnel.Error(slow, kind="not-answering"))
 
 
+@pytest.mark.noroot
 def test_damaged_records_are_not_used(tmp_path):
     import argparse
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import nbtunnel  # noqa: E402
+
+pytestmark = pytest.mark.noroot  # pure unit tests: no remote host, any user
 
 HOSTILE = ["plain", "with space", "it's", 'say "hi"', "$(id)", "`id`", "a;b", "a&&b", "new\nline",
            "tab\tx", "ünï", "*", "~", "-n", "back\\slash", "", "!bang", "$HOME"]
@@ -126,9 +129,13 @@ def test_copied_alone_the_file_works(tmp_path):
 
 
 def test_pip_install_gives_a_command(tmp_path):
+    # From a copy: pip builds in the source tree (build/, *.egg-info), which may be read-only.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".ruff_cache", ".pytest_cache"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    pip = subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(REPO)],
+    pip = subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-deps", str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
     proc = subprocess.run([str(venv / "bin/nbtunnel"), "--version"], capture_output=True, text=True)

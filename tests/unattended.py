@@ -1,14 +1,11 @@
-"""What the --ensure/--watch tests and the fault suite share: URL checks, process
-counts, a TCP relay in front of the remote sshd that a test can cut or stall, and
-a passphrase-protected key for the never-prompts tests."""
+"""What the --ensure/--watch tests and the fault suite share: a TCP relay in front of
+the remote sshd that a test can cut or stall, an ssh_config through it, a
+passphrase-protected key for the never-prompts tests, and runs of --ensure and --watch.
+URL checks and process counts live in helpers (and are importable from here too)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import pty
-import re
 import select
 import signal
 import socket
@@ -16,71 +13,21 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
 
-from helpers import find_pids, free_local_port, http_get, pid_alive, proc_cmdline, wait_until
-
-JUPYTER_RE = r"jupyter-(lab|notebook|server|nbclassic)|jupyter (lab|notebook|server|nbclassic)"
-
-
-def api_status(url: str, timeout: float = 10.0) -> int:
-    """HTTP status of /api/status through the URL's local port with its token (0: no answer)."""
-    parts = urlparse(url)
-    token = parse_qs(parts.query)["token"][0]
-    try:
-        status, _ = http_get(
-            f"http://127.0.0.1:{parts.port}/api/status",
-            timeout=timeout,
-            headers={"Authorization": f"token {token}"},
-        )
-    except OSError:
-        return 0
-    return status
-
-
-def jupyter_pids(remote) -> list[int]:
-    """Live Jupyter servers of the remote user."""
-    return remote.pids(JUPYTER_RE)
-
-
-def masters(config: Path | str) -> list[int]:
-    """Live local ssh master processes started with ssh config file CONFIG."""
-    return [
-        pid
-        for pid in find_pids(re.escape(str(config)), program="ssh")
-        if "-M" in proc_cmdline(pid)
-    ]
-
-
-def listening_ports(pid: int) -> list[int]:
-    """TCP ports process pid listens on (Linux /proc)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                words = line.split()
-                if words[3] == "0A" and words[9] in inodes:
-                    ports.add(int(words[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
-
-
-def forwards(config: Path | str) -> list[int]:
-    """Every local port that ssh masters of CONFIG listen on (one per tunnel)."""
-    return sorted(port for pid in masters(config) for port in listening_ports(pid))
-
-
-def kill_masters(config: Path | str) -> list[int]:
-    """SIGKILL the local ssh masters of CONFIG (the tunnel dies); return their pids."""
-    pids = masters(config)
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return pids
+# Defined in helpers; importable from here too, as the fault and --watch tests do.
+from helpers import (  # noqa: F401
+    api_status,
+    forwards,
+    free_local_port,
+    jupyter_pids,
+    kill_masters,
+    listening_ports,
+    masters,
+    pid_alive,
+    run_in_pty,
+    start,
+    wait_until,
+)
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -170,25 +117,14 @@ class TcpProxy:
 
 def proxy_config(nbt, remote, proxy: TcpProxy, alias: str = "nbproxy") -> Path:
     """An ssh_config (in the test's own directory) whose ALIAS reaches the remote through PROXY."""
-    host_key = " ".join(Path(f"{remote.host_key}.pub").read_text().split()[:2])
-    known = nbt.tmp / "proxy_known_hosts"
-    known.write_text(f"[127.0.0.1]:{proxy.port} {host_key}\n")
-    config = nbt.tmp / "proxy_ssh_config"
-    config.write_text(
-        f"""\
-Host {alias}
-    HostName 127.0.0.1
-    Port {proxy.port}
-    User {remote.user}
-    IdentityFile {remote.identity}
-    IdentitiesOnly yes
-    UserKnownHostsFile {known}
-    GlobalKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    BatchMode yes
-"""
+    known = remote.write_known_hosts(nbt.tmp / "proxy_known_hosts", "127.0.0.1", proxy.port)
+    return remote.write_ssh_config(
+        nbt.tmp / "proxy_ssh_config",
+        alias,
+        HostName="127.0.0.1",
+        Port=proxy.port,
+        UserKnownHostsFile=known,
     )
-    return config
 
 
 # Prompts ######################################################################
@@ -207,20 +143,8 @@ def passphrase_key(nbt, remote):
     authorized = remote.home / ".ssh" / "authorized_keys"
     before = authorized.read_text()
     authorized.write_text(before + Path(f"{key}.pub").read_text())
-    config = nbt.tmp / "keyed_ssh_config"
-    config.write_text(
-        f"""\
-Host nbkeyed
-    HostName {remote.ip}
-    Port {remote.port}
-    User {remote.user}
-    IdentityFile {key}
-    IdentitiesOnly yes
-    UserKnownHostsFile {remote.known_hosts}
-    GlobalKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    ConnectTimeout 10
-"""
+    config = remote.write_ssh_config(
+        nbt.tmp / "keyed_ssh_config", "nbkeyed", IdentityFile=key, BatchMode=None, ConnectTimeout=10
     )
     try:
         yield config
@@ -228,51 +152,7 @@ Host nbkeyed
         authorized.write_text(before)
 
 
-def run_in_pty(argv: list[str], env: dict[str, str], timeout: float, stop_on: str = "") -> tuple[int | None, str]:
-    """Run argv on a new pseudo-terminal (stdin, stdout, stderr); return (exit code, output).
-
-    Stops early, killing the process, when stop_on appears in the output; the exit
-    code is then None."""
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        try:
-            os.execve(argv[0], argv, env)
-        finally:
-            os._exit(127)
-    output = b""
-    deadline = time.monotonic() + timeout
-    code = None
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:  # EIO: the child closed the terminal
-                    chunk = b""
-                if not chunk:
-                    _, status = os.waitpid(pid, 0)
-                    code, pid = os.waitstatus_to_exitcode(status), 0
-                    break
-                output += chunk
-                if stop_on and stop_on.encode() in output:
-                    break
-    finally:
-        if pid and pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(fd)
-    return code, output.decode("utf-8", "replace")
-
-
 # Running nbtunnel ############################################################
-
-
-def start(nbt, *args: str) -> dict:
-    """A plain start with --json; its parsed output."""
-    proc = nbt.run(nbt.remote.alias, "--json", *args)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def ensure(nbt, *args: str, host: str | None = None) -> subprocess.CompletedProcess:
