@@ -23,13 +23,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SSHD
-from helpers import free_local_port, http_get, kill_pids, local_port_open, run_kernel_code, wait_until
-from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts
-from test_remote import remote_python36  # noqa: F401 - a fixture: python3 on the remote is 3.6
-from unattended import api_status, ensure, finish, jupyter_pids, masters, wait_watched, watch
 
 import nbtunnel
+from helpers import free_local_port, http_get, kill_pids, local_port_open, run_kernel_code, wait_until
+from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts
+from remotehost import SSHD
+from test_remote import remote_python36  # noqa: F401 - a fixture: python3 on the remote is 3.6
+from unattended import api_status, ensure, finish, jupyter_pids, masters, wait_watched, watch
 
 SOCK = "--unix-socket"
 
@@ -306,23 +306,9 @@ def strict_sshd(remote, nbt):
         wait_until(lambda: remote.port_open(port, remote.ip) or sshd.poll() is not None, 15,
                    message="second sshd listening")
         assert sshd.poll() is None, log.read_text()
-        host_key = " ".join(Path(f"{remote.host_key}.pub").read_text().split()[:2])
-        known = nbt.tmp / "strict_known_hosts"
-        known.write_text(f"[{remote.ip}]:{port} {host_key}\n")
-        config = nbt.tmp / "strict_ssh_config"
-        config.write_text(remote.ssh_config.read_text() + f"""
-Host nbstrict
-    HostName {remote.ip}
-    Port {port}
-    User {remote.user}
-    IdentityFile {remote.identity}
-    IdentitiesOnly yes
-    UserKnownHostsFile {known}
-    GlobalKnownHostsFile /dev/null
-    StrictHostKeyChecking yes
-    BatchMode yes
-""")
-        nbt.ssh_config = config
+        known = remote.write_known_hosts(nbt.tmp / "strict_known_hosts", remote.ip, port)
+        nbt.ssh_config = remote.write_ssh_config(nbt.tmp / "strict_ssh_config", "nbstrict",
+                                                 Port=port, UserKnownHostsFile=known)
         yield "nbstrict", log
     finally:
         kill_pids([sshd.pid], signal.SIGTERM, timeout=5)
