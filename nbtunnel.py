@@ -98,6 +98,20 @@ MSG_AUTH = (
 )
 MSG_UNREACHABLE = "cannot reach {host}: {detail}"
 MSG_NO_PYTHON = "no python3 or python on the PATH of {host}; nbtunnel needs Python 3.6+ there"
+MSG_NO_STREAMLOCAL = (
+    "the ssh server of {host} does not allow forwarding to a Unix socket "
+    "(AllowStreamLocalForwarding): run without --unix-socket"
+)
+MSG_SOCKET_BATCH = (
+    "--unix-socket cannot be used with --manager {manager}: the server runs as a job on a "
+    "compute node, and a Unix socket there cannot be reached from the login node's ssh "
+    "server; run without --unix-socket (the job's server then listens on the node's cluster "
+    "address, with its token)"
+)
+MSG_SOCKET_TUNNEL = (
+    "--unix-socket cannot be used with --tunnel {tunnel}: it cannot forward to a Unix "
+    "socket; use --tunnel ssh (OpenSSH), or run without --unix-socket"
+)
 MSG_BUSY = (
     "not terminating {session} on {host}: {n} kernel(s) busy ({names}); "
     "wait for them or pass --force"
@@ -239,6 +253,32 @@ def server_args() -> list:
     return ["--no-browser", "--ip=127.0.0.1", "--port-retries=0"]
 
 
+def socket_server_args() -> list:
+    """Arguments nbtunnel adds in socket mode (--sock and --sock-mode are added remotely):
+    no --ip and no port, so that the server opens no TCP port at all."""
+    return ["--no-browser"]
+
+
+def destination(info: dict) -> str:
+    """Where the tunnel leads on the remote, from the server's INFO (the remote's answer):
+    the path of its Unix socket, or 127.0.0.1:PORT."""
+    if info.get("sock"):
+        return info["sock"]
+    return "127.0.0.1:%d" % info["port"]
+
+
+def recorded_destination(rec: dict) -> str:
+    """The destination of the tunnel that the record REC describes."""
+    if rec.get("destination"):
+        return rec["destination"]
+    return destination(dict(port=rec.get("remote_port"), sock=rec.get("remote_socket")))
+
+
+def local_socket_max() -> int:
+    """The longest Unix socket path (bytes) this machine's ssh accepts in a forward."""
+    return 107 if sys.platform.startswith("linux") else 103
+
+
 def make_url(port: int, base_url: str, app: str, token: str) -> str:
     """The browser URL for a server reached on local PORT."""
     base = "/" + (base_url or "/").strip("/")
@@ -340,6 +380,9 @@ SERVER_OPTIONS = [
     Option("--notebook-dir", "remote working directory (literal)", metavar="DIR"),
     Option("--manager", "session manager plugin (default tmux)", metavar="NAME"),
     Option("--remote-port", "remote port (default: a free one)", metavar="N", type=port),
+    Option("--unix-socket", "the remote server listens on a Unix socket in a private "
+           "directory instead of a TCP port (other users there cannot connect at all)",
+           switch=True),
 ]
 TUNNEL_OPTIONS = [
     Option("--local-port", "local port (default: a free one)", metavar="N", type=port,
@@ -775,11 +818,14 @@ def r_urllib():
     return urllib.request
 
 
-def r_http(port, base_url, path, token, method="GET", timeout=5):
-    """(status, JSON body or None) of one request to the server on PORT, with its TOKEN;
-    OSError (HTTP errors included) or ValueError (a body that is not JSON) if it fails."""
+def r_http(port, base_url, path, token, method="GET", timeout=5, sock=None):
+    """(status, JSON body or None) of one request to the server on PORT (or on the Unix
+    socket SOCK), with its TOKEN; OSError (HTTP errors included) or ValueError (a body that
+    is not JSON) if it fails."""
     import http.client
 
+    if sock:
+        return r_http_unix(sock, (base_url or "/") + path, token, method, timeout)
     url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
     ur = r_urllib()
     req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
@@ -790,6 +836,30 @@ def r_http(port, base_url, path, token, method="GET", timeout=5):
             return resp.status, (json.loads(body.decode()) if body.strip() else None)
     except http.client.HTTPException as e:  # a broken answer: as good as none
         raise OSError("%s: %s" % (type(e).__name__, e)) from None
+
+
+def r_http_unix(sock, target, token, method, timeout):
+    """r_http over the Unix socket SOCK: http.client on a connected AF_UNIX socket."""
+    import http.client
+    import socket
+
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(sock)
+        conn.sock = s  # http.client sends on a socket it was given and connects no other
+        conn.request(method, target, headers={"Authorization": "token " + token})
+        resp = conn.getresponse()
+        body = resp.read()
+    except http.client.HTTPException as e:
+        raise OSError("%s: %s" % (type(e).__name__, e)) from None
+    finally:
+        conn.close()
+        s.close()
+    if resp.status >= 400:
+        raise OSError("HTTP Error %d: %s" % (resp.status, resp.reason))
+    return resp.status, (json.loads(body.decode()) if body.strip() else None)
 
 
 # Login environment ----------------------------------------------------------
@@ -897,7 +967,7 @@ def r_find_runtime_file(pid, dirs, newer_than=0):
             except OSError:
                 continue
             info = r_read_json(path, owned=True)
-            if info and info.get("port") and info.get("pid") == pid:
+            if info and (info.get("port") or info.get("sock")) and info.get("pid") == pid:
                 return path, info
     return None, None
 
@@ -910,10 +980,11 @@ def r_server(session):
     if not r_pid_is_ours(st.get("pid"), st.get("pid_start")):
         return None, "its process (pid %s) has ended" % st.get("pid")
     info = r_read_json(st.get("runtime_file") or "", owned=True) or {}
-    if not info.get("port") or info.get("pid") != st["pid"]:
+    if not (info.get("port") or info.get("sock")) or info.get("pid") != st["pid"]:
         return None, ("its runtime file %s is gone, not its own or names no port"
                       % st.get("runtime_file"))
-    return dict(session=session, pid=st["pid"], port=info["port"], token=info.get("token", ""),
+    return dict(session=session, pid=st["pid"], port=info.get("port") or 0,
+                sock=info.get("sock") or None, token=info.get("token", ""),
                 base_url=info.get("base_url", "/"), log=st.get("log"),
                 manager=st.get("manager"), app=st.get("app"), root_dir=info.get(
                     "root_dir", info.get("notebook_dir")), started=st.get("started"),
@@ -921,11 +992,29 @@ def r_server(session):
 
 
 def r_probe(session):
-    """Info about the live server of SESSION, proven to hold its port, or None."""
+    """Info about the live server of SESSION, proven to hold its port (or socket), or None."""
     info = r_server(session)[0]
-    if info and not r_port_held_by(info["port"], info["pid"]):
+    if info and not r_held(info):
         return None  # something else listens there: it must never be sent the token
     return info
+
+
+def r_held(info):
+    """Is the server INFO proven to be what listens where it says (port or socket)?"""
+    if info.get("sock"):
+        return r_sock_held_by(info["sock"], info["pid"])
+    return r_port_held_by(info["port"], info["pid"])
+
+
+def r_where(info):
+    """Where the server INFO listens, in words."""
+    return "socket %s" % info["sock"] if info.get("sock") else "port %d" % info["port"]
+
+
+def r_api(info, path, method="GET", timeout=5):
+    """r_http to the server INFO, by its port or its socket."""
+    return r_http(info["port"], info["base_url"], path, info["token"], method=method,
+                  timeout=timeout, sock=info.get("sock"))
 
 
 def r_listen_inodes(port):
@@ -954,6 +1043,11 @@ def r_port_held_by(port, pid):
     inodes = r_listen_inodes(port)
     if inodes is None:
         return True
+    return r_pid_holds(pid, inodes)
+
+
+def r_pid_holds(pid, inodes):
+    """Is one of the socket INODES among the open files of PID?"""
     fds = "/proc/%d/fd" % pid
     try:
         names = os.listdir(fds) if inodes else []
@@ -969,10 +1063,136 @@ def r_port_held_by(port, pid):
     return False
 
 
+# Unix sockets (--unix-socket) -----------------------------------------------
+#
+# The server listens on SESSION.sock in a private directory (0700, ours): other users
+# cannot even reach the socket (EACCES), where on a TCP port they would get a 403.
+# The directory is "sock" in the remote state directory, never $XDG_RUNTIME_DIR: systemd
+# removes that when the user's last login session ends, and the socket with it, while
+# the detached server goes on.  A socket path may hold at most 107 bytes on Linux and
+# 103 on the BSDs and macOS.
+
+R_SOCK_MAX = 107 if sys.platform.startswith("linux") else 103
+R_SOCK_OLD = ("the Jupyter on this host is too old for --unix-socket (it needs Jupyter Server "
+              "2, as Notebook 7 and JupyterLab 4 have; %s): upgrade it, or run without "
+              "--unix-socket")
+
+
+def r_dir_problem(path):
+    """Why PATH is not a directory of this user that no one else may enter, or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "cannot be examined (%s)" % (e.strerror or e)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return "belongs to another user (uid %d)" % st.st_uid
+    if st.st_mode & 0o077:
+        return "is open to group or others (mode %03o)" % (st.st_mode & 0o777)
+    return None
+
+
+def r_socket_path(session, limit):
+    """Where the server of SESSION listens in socket mode: SESSION.sock in the first private
+    directory of ours whose path leaves it at most LIMIT bytes; RemoteFail when none does.
+    A directory that is not private is passed over, never chmod-ed."""
+    dirs = [os.path.join(r_state_dir(), "sock")]
+    problems, long_ = [], False
+    for d in dirs:
+        path = os.path.join(d, session + ".sock")
+        size = len(path.encode("utf-8", "surrogateescape"))
+        if size > limit:
+            problems.append("%s would be %d bytes long" % (path, size))
+            long_ = True
+            continue
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            problems.append("cannot create %s (%s)" % (d, e))
+            continue
+        problem = r_dir_problem(d)
+        if problem is None:
+            return path
+        problems.append("%s %s (move it away; nbtunnel never chmods it)" % (d, problem))
+    if long_:
+        raise RemoteFail("socket-path", "no Unix socket path short enough for session %s: %s, "
+                         "and a socket path may have at most %d bytes; use a shorter "
+                         "--session name, or run without --unix-socket"
+                         % (session, "; ".join(problems), limit))
+    raise RemoteFail("socket-path", "no private directory for the Unix socket of session %s: "
+                     "%s; or run without --unix-socket" % (session, "; ".join(problems)))
+
+
+def r_unix_listen_inodes(path):
+    """Inodes of the Unix sockets listening on PATH in this network namespace, or None
+    without /proc/net/unix."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        fields = line.split(None, 7)
+        # Flags 00010000: __SO_ACCEPTCON, a listening socket
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            found.add(fields[6])
+    return found
+
+
+def r_sock_held_by(path, pid):
+    """True when PATH is a Unix socket of ours, mode 0600, in a directory of ours that no
+    one else may enter, and PID listens on it: only then may a request to it carry that
+    server's token.  Without /proc the file checks decide alone (no one else can make a
+    socket in that directory)."""
+    import stat
+
+    try:
+        st, dst = os.lstat(path), os.lstat(os.path.dirname(path))
+    except (OSError, TypeError):
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or \
+            stat.S_IMODE(st.st_mode) != 0o600:
+        return False
+    if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.getuid() or dst.st_mode & 0o077:
+        return False
+    inodes = r_unix_listen_inodes(path)
+    if inodes is None:
+        return True
+    return r_pid_holds(pid, inodes)
+
+
+def r_remove_socket(path):
+    """Remove PATH if it is a Unix socket of ours (one a killed server left behind)."""
+    import stat
+
+    try:
+        if path and stat.S_ISSOCK(os.lstat(path).st_mode) and \
+                os.lstat(path).st_uid == os.getuid():
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def r_sock_refused(text):
+    """The line of a Jupyter log in TEXT that says it does not know --sock, or None."""
+    for line in text.splitlines():
+        if "sock" in line and ("Unrecognized" in line or "unrecognized" in line):
+            return line.strip()
+    return None
+
+
 def r_busy_kernels(info):
     """The kernels of the server INFO that are busy, as NAME:ID ([] when it does not say)."""
     try:
-        kernels = r_http(info["port"], info["base_url"], "api/kernels", info["token"])[1]
+        kernels = r_api(info, "api/kernels")[1]
     except (OSError, ValueError):
         return []
     return [k.get("name", "?") + ":" + k.get("id", "?")[:8] for k in kernels or ()
@@ -982,9 +1202,9 @@ def r_busy_kernels(info):
 def r_stop_server(info, timeout):
     """Shut the server down through its own API, then by signals if it must; say how."""
     pid = info["pid"]
-    if info.get("port"):
+    if info.get("port") or info.get("sock"):
         try:
-            r_http(info["port"], info["base_url"], "api/shutdown", info["token"], method="POST")
+            r_api(info, "api/shutdown", method="POST")
         except (OSError, ValueError) as e:  # signals follow
             info["shutdown_error"] = str(e)
     if r_wait_dead(pid, timeout):
@@ -1138,6 +1358,8 @@ def r_op_start(p):
         if info:
             info["reused"] = True
             return info
+        if p.get("unix_socket"):  # checked before anything starts
+            p = dict(p, sock=r_socket_path(session, min(R_SOCK_MAX, p.get("sock_max") or 999)))
         shell, env = r_login_env(p["env_steps"], timeout)
         for program in [mgr["program"]] if mgr.get("program") else []:
             if not r_which(program, env):
@@ -1170,6 +1392,15 @@ def r_op_start(p):
         if not os.path.isdir(cwd):
             raise RemoteFail("no-dir", "notebook directory %r does not exist on this host"
                              % (cwd,))
+        if p.get("sock"):
+            r_remove_socket(p["sock"])  # left by a server that was killed (ours: r_kill above)
+            info = r_start_server(p, paths, env, argv + ["--sock=" + p["sock"],
+                                                         "--sock-mode=0600"], cwd)
+            if info:
+                info["reused"] = False
+                return info
+            raise RemoteFail("launch", "Jupyter could not listen on %s" % p["sock"],
+                             log_tail=r_tail(paths["log"]))
         for _ in range(1 if p.get("remote_port") else 3):
             port = p.get("remote_port") or r_free_port()
             info = r_start_server(p, paths, env, argv + ["--port=%d" % port], cwd)
@@ -1210,13 +1441,24 @@ def r_start_server(p, paths, env, argv, cwd):
     r_write_json(paths["state"], dict(session=session, pid=pid, pid_start=start,
                                       runtime_file=runtime, log=paths["log"],
                                       manager=mgr["name"], app=p.get("app"), started=started,
-                                      options=p.get("options")))
+                                      options=p.get("options"), sock=p.get("sock")))
     try:
+        if p.get("sock"):
+            r_check_sock(p, runtime)
         return r_wait_ready(session, pid, deadline, paths["log"])
     except RemoteFail:
         r_kill(pid, start)
         r_run_manager(mgr, "stop", session, env)
         raise
+
+
+def r_check_sock(p, runtime):
+    """RemoteFail unless the server that wrote RUNTIME listens on the socket P asked for
+    (an old Jupyter that ignores --sock listens on a TCP port instead)."""
+    info = r_read_json(runtime, owned=True) or {}
+    if info.get("sock") != p["sock"]:
+        raise RemoteFail("no-sock", R_SOCK_OLD % ("it listened on port %s instead of the "
+                                                  "socket" % info.get("port")))
 
 
 def r_wait_runtime_file(p, paths, env, started, deadline):
@@ -1234,6 +1476,11 @@ def r_wait_runtime_file(p, paths, env, started, deadline):
                 return pid, start, runtime
             if not r_pid_alive(pid):
                 text = r_tail(paths["log"])
+                refused = p.get("sock") and r_sock_refused(text)
+                if refused:
+                    r_run_manager(p["manager"], "stop", p["session"], env)
+                    raise RemoteFail("no-sock", R_SOCK_OLD % ("it said: " + refused),
+                                     log_tail=text)
                 if "already in use" in text or "Address in use" in text:
                     return None, None, None
                 raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
@@ -1258,19 +1505,19 @@ def r_wait_ready(session, pid, deadline, log):
         if info is None:
             raise RemoteFail("launch", "Jupyter (pid %d) went away before it answered: %s"
                              % (pid, why), log_tail=r_tail(log))
-        if not r_port_held_by(info["port"], pid):  # not listening yet, or someone else is
-            last = "port %d is not held by it" % info["port"]
+        if not r_held(info):  # not listening yet, or someone else is
+            last = "%s is not held by it" % r_where(info)
         else:
             try:
-                status = r_http(info["port"], info["base_url"], "api/status", info["token"])[0]
+                status = r_api(info, "api/status")[0]
                 if status == 200:
                     return info
                 last = "HTTP status %s" % status
             except (OSError, ValueError) as e:  # refused while it starts, HTTP errors
                 last = "%s: %s" % (type(e).__name__, e)
         if time.time() >= deadline:
-            raise RemoteFail("timeout", "Jupyter (pid %d, port %d) did not answer within the "
-                             "timeout (last try: %s)" % (pid, info["port"], last),
+            raise RemoteFail("timeout", "Jupyter (pid %d, %s) did not answer within the "
+                             "timeout (last try: %s)" % (pid, r_where(info), last),
                              log_tail=r_tail(log))
         time.sleep(0.01)
 
@@ -1287,6 +1534,8 @@ def r_op_stop(p):
             if busy:
                 return dict(busy=busy, stopped=False)
         how = r_stop_server(info, timeout) if info else None
+        if how != "alive":  # Jupyter leaves its socket file behind
+            r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
         if st:
             mgr = p["manager"] if p["manager"]["name"] == st.get("manager") else \
                 p["managers"].get(st.get("manager"), p["manager"])
@@ -1631,6 +1880,7 @@ class TunnelBackend:
     kind = "tunnel"
     name = ""
     foreground = False
+    unix_socket = False  # True: open() also takes a remote Unix socket path as DESTINATION
 
     def connection(self, host: str, options: list, timeout: float):
         """A replacement for the OpenSSH Connection, or None."""
@@ -1639,27 +1889,38 @@ class TunnelBackend:
     def serve(self, conn) -> None:
         """Keep a foreground forward open until interrupted."""
 
-    def open(self, conn, local_port: int, remote_port: int) -> None:
-        """Forward 127.0.0.1:LOCAL_PORT here to 127.0.0.1:REMOTE_PORT there."""
+    def open(self, conn, local_port: int, destination: str) -> None:
+        """Forward 127.0.0.1:LOCAL_PORT here to DESTINATION there: "ADDR:PORT", or the path
+        of a Unix socket (only for a backend with ``unix_socket = True``)."""
         raise NotImplementedError
 
-    def close(self, conn, local_port: int, remote_port: int) -> None:
+    def close(self, conn, local_port: int, destination: str) -> None:
         """Remove that forward."""
         raise NotImplementedError
 
 
+def forward_spec(local_port: int, destination) -> str:
+    """The argument of ssh -L for LOCAL_PORT to DESTINATION (a port number means
+    127.0.0.1:PORT, as backends were once given)."""
+    if isinstance(destination, int):
+        destination = "127.0.0.1:%d" % destination
+    return "127.0.0.1:%d:%s" % (local_port, destination)
+
+
 class SshForward(TunnelBackend):
-    """A -L forward added to the shared OpenSSH master connection."""
+    """A -L forward added to the shared OpenSSH master connection; to a Unix socket it is
+    OpenSSH's stream-local forwarding (sshd's AllowStreamLocalForwarding)."""
 
     name = "ssh"
+    unix_socket = True
 
-    def open(self, conn, local_port, remote_port):
+    def open(self, conn, local_port, destination):
         """`ssh -O forward`: the master keeps it open after this command returns."""
-        conn.control("forward", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local_port, remote_port))
+        conn.control("forward", "-L", forward_spec(local_port, destination))
 
-    def close(self, conn, local_port, remote_port):
+    def close(self, conn, local_port, destination):
         """`ssh -O cancel` of the same forward."""
-        conn.control("cancel", "-L", "127.0.0.1:%d:127.0.0.1:%d" % (local_port, remote_port))
+        conn.control("cancel", "-L", forward_spec(local_port, destination))
 
 
 MANAGERS = {}
@@ -2452,10 +2713,28 @@ def start_params(run: Run) -> dict:
     log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", mgr.name,
               mgr.source, tunnel.name, tunnel.source, ", ".join(
                   "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
-    return run.params(args.session, argv=jupyter_argv(app, args.jupyter) + server_args(),
-                      app=app, notebook_dir=args.notebook_dir, remote_port=args.remote_port,
-                      env_steps=steps, environment=[e.name for e in used],
+    sock = bool(getattr(args, "unix_socket", False))
+    if sock:
+        check_socket_mode(args, mgr, tunnel)
+    return run.params(args.session, argv=jupyter_argv(app, args.jupyter) + (
+                      socket_server_args() if sock else server_args()),
+                      app=app, notebook_dir=args.notebook_dir,
+                      remote_port=None if sock else args.remote_port, unix_socket=sock,
+                      sock_max=local_socket_max(), env_steps=steps,
+                      environment=[e.name for e in used],
                       options=session_values(args, start_only=True))
+
+
+def check_socket_mode(args, mgr, tunnel) -> None:
+    """Refuse --unix-socket where it cannot work: a batch manager (the socket would be on a
+    compute node), a tunnel backend that cannot forward to a socket, a --remote-port."""
+    if getattr(mgr, "batch", False):
+        raise UsageError(MSG_SOCKET_BATCH.format(manager=mgr.name))
+    if not getattr(tunnel, "unix_socket", False):
+        raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=tunnel.name))
+    if args.remote_port and args.origin.get("remote_port") != "record":
+        raise UsageError("--remote-port cannot be combined with --unix-socket (the server "
+                         "listens on no port)")
 
 
 def fresh_record(run: Run, host: str, session: str):
@@ -2483,10 +2762,13 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
         params = dict(params, token=old["token"])
     try:
         info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+        dest = destination(info)
         if old is None and not conn.opened_here and not args.local_port:
             port = find_forward(conn, info)  # the record was lost, the forward was not
-            old = dict(local_port=port, remote_port=info["port"]) if port else None
-        local_port = open_tunnel(conn, tunnel, old, info["port"], args.local_port)
+            old = dict(local_port=port, destination=dest) if port else None
+        local_port = open_tunnel(conn, tunnel, old, dest, args.local_port)
+        if info.get("sock"):
+            check_socket_forward(run, host, conn, tunnel, info, local_port)
     except BaseException:
         if conn.opened_here:
             conn.close()  # leave nothing running after a failure
@@ -2496,6 +2778,7 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
                environment=params.get("environment", []), plugin=mgr.source, app=app,
                local_port=local_port, remote_port=info["port"], token=info["token"],
+               remote_socket=info.get("sock"), destination=dest,
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
                options=session_values(args))
@@ -2508,6 +2791,39 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     rec["listener"] = tunnel_listener(conn, tunnel)
     save_record(run.state, rec)
     return rec, info
+
+
+def forward_answers(port: int, timeout: float = 10.0) -> bool:
+    """Does an HTTP request through local PORT get an HTTP answer?  It carries no token:
+    it only shows whether the forward reaches a server at all."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"GET / HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            return s.recv(16).startswith(b"HTTP/")
+    except OSError:
+        return False
+
+
+def check_socket_forward(run: Run, host: str, conn, tunnel, info: dict, local_port: int):
+    """After a forward to the server's Unix socket: fail clearly when it does not reach it.
+
+    sshd refuses stream-local forwarding (AllowStreamLocalForwarding no) per connection,
+    while `ssh -O forward` still succeeds; the remote has just proven the socket is the
+    server's, so a forward that gets no answer is sshd's refusal.  A server started for
+    this run is stopped again: a run without --unix-socket must find none."""
+    if forward_answers(local_port):
+        return
+    with contextlib.suppress(Error):
+        tunnel.close(conn, local_port, destination(info))
+    if not info.get("reused"):
+        with contextlib.suppress(Error):
+            conn.run_helper("stop", run.params(run.args.session, force=True),
+                            timeout=run.args.timeout * 2 + 30)
+    raise Error(MSG_NO_STREAMLOCAL.format(host=host) + (
+        "" if not info.get("reused") else " (stop the running server first: --terminate)"),
+        kind="no-streamlocal")
 
 
 def server_options(old, info: dict) -> dict:
@@ -2552,16 +2868,17 @@ def cmd_start(run: Run, host: str) -> int:
     session = args.session
     conn, rec, info = attach(run, host, start_params(run))
     if not args.quiet:
-        log.info("%s Jupyter on %s (session %s, %s, remote port %d) at local port %d",
+        log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
                  "reattached to" if info["reused"] else "started", host, session,
-                 rec["manager"], info["port"], rec["local_port"])
+                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                 else "remote port %d" % info["port"], rec["local_port"])
     out = dict(public(rec), reused=info["reused"])
     print(json.dumps(out) if args.json else rec["url"], flush=True)
     if args.open:
         open_browser(run.state, rec)
     tunnel = get("tunnel", args.tunnel)
     if tunnel.foreground:
-        serve_foreground(conn, tunnel, rec["local_port"], rec["remote_port"])
+        serve_foreground(conn, tunnel, rec["local_port"], recorded_destination(rec))
     return 0
 
 
@@ -2609,7 +2926,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve_foreground(conn, tunnel, local_port: int, remote_port: int) -> None:
+def serve_foreground(conn, tunnel, local_port: int, destination: str) -> None:
     """Hold a tunnel that lives in this process until Ctrl-C or SIGTERM, then close it."""
     old = signal.signal(signal.SIGTERM, interrupt)
     log.info("the tunnel (%s) runs in this process: keep it open, press Ctrl-C to close it "
@@ -2620,16 +2937,16 @@ def serve_foreground(conn, tunnel, local_port: int, remote_port: int) -> None:
         pass
     finally:
         signal.signal(signal.SIGTERM, old)
-        tunnel.close(conn, local_port, remote_port)
+        tunnel.close(conn, local_port, destination)
         conn.close()
         log.info("tunnel closed")
 
 
-def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
-    """Forward a local port to REMOTE_PORT, keeping the old local port when possible."""
-    if old and old.get("remote_port") != remote_port:
+def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
+    """Forward a local port to DESTINATION, keeping the old local port when possible."""
+    if old and recorded_destination(old) != destination:
         with contextlib.suppress(Error):  # the server moved: drop the stale forward
-            tunnel.close(conn, old["local_port"], old["remote_port"])
+            tunnel.close(conn, old["local_port"], recorded_destination(old))
     if wanted:
         candidates = [wanted]
     elif old:
@@ -2640,7 +2957,7 @@ def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
     for port in candidates:
         port = port or free_local_port()
         try:
-            tunnel.open(conn, port, remote_port)
+            tunnel.open(conn, port, destination)
             return port
         except Error as e:
             error = e
@@ -2649,8 +2966,8 @@ def open_tunnel(conn, tunnel, old, remote_port: int, wanted) -> int:
 
 def public(rec: dict) -> dict:
     """The fields of a record that --json shows."""
-    keys = ("host", "session", "url", "local_port", "remote_port", "token", "manager", "app",
-            "pid", "log", "tunnel", "plugin", "environment")
+    keys = ("host", "session", "url", "local_port", "remote_port", "remote_socket", "token",
+            "manager", "app", "pid", "log", "tunnel", "plugin", "environment")
     return {k: rec.get(k) for k in keys}
 
 
@@ -2737,7 +3054,7 @@ def cmd_status(run: Run, host) -> int:
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
             row["tunnel"] = "up" if (held_here or up) and local_port_open(
                 rec["local_port"]) else "down"
-            if a and a["server"] == "running" and a["port"] != rec["remote_port"]:
+            if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
             row["plugin"] = rec.get("plugin") or (
                 MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
@@ -2768,7 +3085,7 @@ def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) 
     elif rec:
         with contextlib.suppress(Error):
             get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
-                                                           rec["remote_port"])
+                                                           recorded_destination(rec))
 
 
 def terminate_session(run: Run, host: str) -> dict:
@@ -2874,7 +3191,7 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
     if old is None:
         return ["reattached to Jupyter already running on %s: %s" % (where, rec["url"])]
     if tunnel_was_up and rec["local_port"] == old["local_port"] \
-            and rec["remote_port"] == old["remote_port"]:
+            and recorded_destination(rec) == recorded_destination(old):
         return []
     moved = "" if rec["local_port"] == old["local_port"] else \
         " (local port %d was taken)" % old["local_port"]

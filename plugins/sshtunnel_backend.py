@@ -174,6 +174,18 @@ class ParamikoConnection:
             self.client = None
 
 
+def remote_address(destination):
+    """(address, port) of DESTINATION ("ADDR:PORT", or a port number).  A Unix socket path
+    is refused: paramiko has no stream-local forwarding (direct-streamlocal@openssh.com),
+    and sshtunnel allows Unix sockets only on the local end."""
+    if isinstance(destination, int):
+        return ("127.0.0.1", destination)
+    addr, sep, port = str(destination).rpartition(":")
+    if not sep or not port.isdigit() or destination.startswith("/"):
+        raise nbtunnel.Error(nbtunnel.MSG_SOCKET_TUNNEL.format(tunnel="sshtunnel"))
+    return (addr, int(port))
+
+
 class SshtunnelBackend(nbtunnel.TunnelBackend):
     """A forward held by sshtunnel in this process, in the foreground."""
 
@@ -189,9 +201,10 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
         settings(host, options)  # refuse what it cannot do before anything starts
         return None if shutil.which("ssh") else ParamikoConnection(host, options, timeout)
 
-    def open(self, conn, local_port, remote_port):
+    def open(self, conn, local_port, destination):
         """Connect (its own authentication) and listen on 127.0.0.1:LOCAL_PORT."""
         sshtunnel = need_sshtunnel()
+        remote = remote_address(destination)
         conf = settings(conn.host, conn.options)
         try:
             fwd = sshtunnel.SSHTunnelForwarder(
@@ -199,7 +212,7 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
                 ssh_pkey=(auth(conf) or [None])[0], ssh_host_key=host_key(conf),
                 ssh_config_file=None, allow_agent=True, host_pkey_directories=[],
                 local_bind_address=("127.0.0.1", local_port),
-                remote_bind_address=("127.0.0.1", remote_port))
+                remote_bind_address=remote)
             fwd.start()
         except (sshtunnel.BaseSSHTunnelForwarderError, ValueError) as e:
             raise nbtunnel.Error("sshtunnel could not forward port %d to %s: %s"
@@ -212,7 +225,7 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
             time.sleep(0.5)
         raise nbtunnel.Error("the sshtunnel connection to %s closed" % conn.host)
 
-    def close(self, conn, local_port, remote_port):
+    def close(self, conn, local_port, destination):
         """Stop the forward held by this process, if any."""
         if self.forwarder:
             self.forwarder.stop(force=True)
