@@ -1219,6 +1219,11 @@ def r_batch_start(p):
         st = r_read_json(paths["state"])
         row, env = r_batch_job(mgr, st)
         if row:
+            if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
+                st = dict(session=session, manager=mgr["name"], batch=True,
+                          job_id=row["job_id"], job_name=mgr["job_name"], log=paths["log"],
+                          app=p.get("app"), started=time.time(), options=None, env=env)
+                r_write_json(paths["state"], st)
             out = r_batch_answer(session, mgr, row, st, env)
             out["reused"] = True
             return out
@@ -1573,10 +1578,10 @@ def r_op_stop(p):
         return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
-def r_session_manager(p, st):
-    """The description of the manager that started the session recorded as ST (the one
-    asked for when nothing is recorded)."""
-    name = (st or {}).get("manager")
+def r_session_manager(p, st, session=None):
+    """The description of the manager that started the session recorded as ST (else the
+    one the local record names for SESSION, else the one asked for)."""
+    name = (st or {}).get("manager") or p.get("session_managers", {}).get(session)
     return p["managers"].get(name) or p["manager"]
 
 
@@ -1596,7 +1601,7 @@ def r_op_status(p):
     out = []
     for session in p["sessions"]:
         st = r_read_json(r_files(session)["state"])
-        mgr = r_session_manager(p, st)
+        mgr = r_session_manager(p, st, session)
         if mgr.get("batch"):
             out.append(r_batch_status(session, mgr, st))
             continue
@@ -2923,7 +2928,8 @@ def ask_host(run: Run, host: str, recs: list, batch: bool = False):
     up = conn.alive()
     # Over the master when it runs; otherwise over a connection of its own that
     # ends with the command: one handshake either way, and nothing left running.
-    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs])
+    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs],
+                        session_managers={r["session"]: r.get("manager") for r in recs})
     try:
         answers = conn.run_helper("status", params, timeout=run.args.timeout + 10)
     except Error as e:
@@ -3007,8 +3013,8 @@ def cmd_status(run: Run, host) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            job = "\tjob=%s %s node=%s left=%s" % tuple(
-                r.get(k) or "-" for k in JOB_FIELDS) if "job_id" in r else ""
+            job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
+                "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
             print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job))

@@ -1,0 +1,190 @@
+"""--manager slurm on the real two-host test cluster (tests/cluster.py).
+
+Jupyter runs as a batch job on the compute node, which this machine cannot
+reach; the tunnel goes through the login node's sshd to the node's address.
+Every check is what a user sees (the URL answers, a kernel computes, squeue
+shows no job left) or what the cluster's own processes show (slurmstepd is
+Jupyter's parent on the compute node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import api_status, local_port_open, run_kernel_code, wait_until
+from unattended import run_in_pty
+
+pytestmark = pytest.mark.timeout(600)
+
+SLURM = ("--manager", "slurm")
+ACTIVE = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING"
+
+
+def start(nbt, *args: str, timeout: float = 180) -> dict:
+    proc = nbt.run(nbt.remote.alias, "--json", *SLURM, *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def squeue(cluster, *args: str) -> list[list[str]]:
+    """squeue rows (as root, the admin's view) for the cluster user: id|state|reason|name."""
+    proc = cluster.slurm(["squeue", "-h", "-u", cluster.user, *args, "-o", "%i|%T|%r|%j"])
+    assert proc.returncode == 0, proc.stderr
+    return [line.split("|") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def active(cluster) -> list[list[str]]:
+    return squeue(cluster, "-t", ACTIVE)
+
+
+def job_field(cluster, job: str, key: str) -> str:
+    proc = cluster.scontrol("show", "job", "-o", job)
+    match = re.search(rf"(?:^| ){key}=(.*?)(?= [A-Za-z/:]+=|$)", proc.stdout.strip())
+    return match.group(1) if match else ""
+
+
+def state_dir(cluster) -> Path:
+    return cluster.home / ".local/state/nbtunnel"
+
+
+def node_jupyters(cluster) -> list[int]:
+    """Jupyter processes of the cluster user inside the compute node's namespace."""
+    return [pid for pid in cluster.node_pids()
+            if b"jupyter" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and os.stat(f"/proc/{pid}").st_uid == cluster.uid]
+
+
+def netns_of(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/net")
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def close_master(nbt) -> None:
+    """Close the tunnel of an NbtRunner (its ssh master) and drop its files; the job stays."""
+    for rec in nbt.state_dir.glob("*.json"):
+        socket = json.loads(rec.read_text()).get("socket")
+        if socket:
+            subprocess.run(["ssh", "-F", str(nbt.ssh_config), "-S", socket, "-O", "exit",
+                            nbt.remote.alias], capture_output=True, check=False, timeout=30)
+    shutil.rmtree(nbt.tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def holder(cluster):
+    """A job of the test's own that holds every CPU of the node; cancelled afterwards."""
+    proc = cluster.ssh(f"sbatch --parsable -c {cluster.cpus} --time=5 --job-name=holder "
+                       "--wrap 'sleep 600'")
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    wait_until(lambda: [job, "RUNNING"] in [r[:2] for r in squeue(cluster)], 60,
+               interval=0.3, message="the holder job runs")
+    yield job
+    cluster.slurm(["scancel", job])
+
+
+def test_job_lifecycle(cluster, nbt_cluster):
+    nbt = nbt_cluster
+    logins = cluster.auth_count()
+    began = time.monotonic()
+    out = start(nbt)
+    took = time.monotonic() - began
+    assert cluster.auth_count() == logins + 1, "one SSH authentication per command"
+    assert out["reused"] is False and out["manager"] == "slurm"
+    assert out["node"] == cluster.node_name and re.fullmatch(r"\d+", out["job_id"])
+    assert out["remote_host"] == cluster.node_addr
+    job, url, token = out["job_id"], out["url"], out["token"]
+    assert api_status(url) == 200
+    base = f"http://127.0.0.1:{out['local_port']}"
+    assert run_kernel_code(base, token, "1+1").strip() == "2"
+    print(f"measured: start to URL with --manager slurm {took:.1f}s")
+
+    # Jupyter runs on the compute node, a child of slurmstepd, never on the login node.
+    pids = node_jupyters(cluster)
+    server = [p for p in pids if "ipykernel" not in " ".join(
+        Path(f"/proc/{p}/cmdline").read_text().split("\0"))]
+    assert len(server) == 1, pids
+    pid = server[0]
+    assert pid == out["pid"] or netns_of(pid) == netns_of(cluster.node_pids()[0])
+    assert comm(parent(pid)) == "slurmstepd", comm(parent(pid))
+    login_ns = netns_of(cluster.sshd.pid)
+    assert netns_of(pid) != login_ns
+    login_jupyters = [p for p in cluster.pids("jupyter") if netns_of(p) == login_ns]
+    assert login_jupyters == []
+    assert token not in Path(f"/proc/{pid}/cmdline").read_text()
+    # Bound to the node's cluster address only: not its 127.0.0.1.
+    assert cluster.port_open(out["remote_port"], cluster.node_addr)
+    probe = cluster.node_run(["python3", "-c", "import socket,sys; socket.create_connection("
+                              "('127.0.0.1', int(sys.argv[1])), timeout=2)",
+                              str(out["remote_port"])])
+    assert probe.returncode != 0, "Jupyter must not listen on the node's 127.0.0.1"
+    # What the job published, and its spec: private files in a private directory.
+    d = state_dir(cluster)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("nbtunnel.job.json", "nbtunnel.spec.json", "nbtunnel.json", "nbtunnel.log"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    published = json.loads((d / "nbtunnel.job.json").read_text())
+    assert published["addr"] == cluster.node_addr and str(published["job"]) == job
+
+    # Run again: the same job, the same URL.
+    logins = cluster.auth_count()
+    again = start(nbt)
+    assert again["reused"] is True and again["url"] == url and again["job_id"] == job
+    assert cluster.auth_count() - logins <= 1  # the master of the first run is still up
+
+    # The local record deleted: still found (the job's published file and the record there).
+    for rec in nbt.state_dir.glob("*.json"):
+        rec.unlink()
+    again = start(nbt)
+    assert again["reused"] is True and again["token"] == token and again["job_id"] == job
+    assert api_status(again["url"]) == 200
+
+    # Another machine: no local record, no shared connection, and no record on the cluster
+    # either: the job is found by its name, its address by what it published.
+    (d / "nbtunnel.json").unlink()
+    other = type(nbt)(cluster)
+    try:
+        logins = cluster.auth_count()
+        there = start(other)
+        assert cluster.auth_count() == logins + 1
+        assert there["reused"] is True and there["token"] == token and there["job_id"] == job
+        assert api_status(there["url"]) == 200
+    finally:
+        close_master(other)
+    assert [job, "RUNNING"] in [r[:2] for r in active(cluster)]
+
+    # --status, from Slurm: job id, node, state, time left.
+    proc = nbt.run("--status", "--json", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["server"] == "running" and row["tunnel"] == "up"
+    assert row["job_id"] == job and row["node"] == cluster.node_name
+    assert row["job_state"] == "RUNNING" and row["time_left"]
+    proc = nbt.run("--status", timeout=60)
+    assert f"job={job} RUNNING node={cluster.node_name}" in proc.stdout
+
+    # --terminate: Jupyter shut down through its API, then no job left.
+    proc = nbt.run(cluster.alias, "--terminate", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["how"] == "api"
+    assert not [r for r in active(cluster) if r[0] == job]
+    log = (d / "nbtunnel.log").read_text() if (d / "nbtunnel.log").exists() else ""
+    assert "Shutting down on /api/shutdown request" in log, log[-2000:]
+    wait_until(lambda: not node_jupyters(cluster), 30, message="Jupyter gone from the node")
+    assert not local_port_open(out["local_port"])
