@@ -2648,7 +2648,7 @@ class Run:
 
     def params(self, session: str, **extra) -> dict:
         """What a remote operation on SESSION is told: this one place builds it."""
-        managers = {n: describe_manager(m, session) for n, m in MANAGERS.items()}
+        managers = {n: describe_manager(m, session, self.args) for n, m in MANAGERS.items()}
         return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
                     managers=managers, **extra)
 

@@ -50,7 +50,7 @@ def active(cluster) -> list[list[str]]:
 def job_field(cluster, job: str, key: str) -> str:
     proc = cluster.scontrol("show", "job", "-o", job)
     match = re.search(rf"(?:^| ){key}=(.*?)(?= [A-Za-z/:]+=|$)", proc.stdout.strip())
-    return match.group(1) if match else ""
+    return match.group(1).rstrip() if match else ""  # the value never ends in a space
 
 
 def state_dir(cluster) -> Path:
@@ -188,3 +188,130 @@ def test_job_lifecycle(cluster, nbt_cluster):
     assert "Shutting down on /api/shutdown request" in log, log[-2000:]
     wait_until(lambda: not node_jupyters(cluster), 30, message="Jupyter gone from the node")
     assert not local_port_open(out["local_port"])
+
+
+def ours(cluster, session: str = "nbtunnel") -> list[list[str]]:
+    """The active jobs nbtunnel submitted for SESSION."""
+    return [r for r in active(cluster) if r[3] == f"nbtunnel-{session}"]
+
+
+def wait_pending(cluster, session: str = "nbtunnel") -> str:
+    """Wait until nbtunnel's job waits in the queue for Resources; its id."""
+    rows = wait_until(lambda: [r for r in ours(cluster, session) if r[1:3] == [
+        "PENDING", "Resources"]], 60, interval=0.3, message="nbtunnel's job PENDING (Resources)")
+    return rows[0][0]
+
+
+def test_busy_node_shows_pending_then_starts(cluster, nbt_cluster, holder):
+    nbt = nbt_cluster
+    result = {}
+    argv = nbt.argv(cluster.alias, *SLURM)
+    runner = threading.Thread(target=lambda: result.update(
+        zip(("code", "output"), run_in_pty(argv, nbt._env(None), timeout=120))))
+    runner.start()
+    job = wait_pending(cluster)
+    time.sleep(3)  # a few redraws of the line while it waits
+    cluster.slurm(["scancel", holder])  # the node frees: the start goes on
+    runner.join(150)
+    output = result.get("output", "")
+    assert result.get("code") == 0, output
+    line = re.search(rf"\rnbtunnel: job {job} PENDING \(Resources\)[^\r]*\(\d+\.\d s\)", output)
+    assert line, output
+    url = re.search(r"http://127\.0\.0\.1:\d+/lab\?token=\w+", output).group(0)
+    assert api_status(url) == 200
+    assert [r[:2] for r in ours(cluster)] == [[job, "RUNNING"]]
+
+
+def test_pending_start_hits_timeout_and_cancels_its_job(cluster, nbt_cluster, holder):
+    began = time.monotonic()
+    proc = nbt_cluster.run(cluster.alias, *SLURM, "--timeout", "6", timeout=120)
+    took = time.monotonic() - began
+    assert proc.returncode == 1
+    assert re.search(r"job (\d+) on \S+ did not start within 6s \(still PENDING: Resources\); "
+                     r"nbtunnel cancelled it", proc.stderr), proc.stderr
+    assert "cancelled job" in proc.stderr
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr  # no progress line in a pipe
+    assert proc.stdout == ""
+    assert ours(cluster) == []
+    assert 6 <= took < 40, took
+
+
+def test_ctrl_c_while_pending_cancels_the_job(cluster, nbt_cluster, holder):
+    proc = nbt_cluster.popen(cluster.alias, *SLURM)
+    job = wait_pending(cluster)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"cancelled job {job}" in err
+    assert ours(cluster) == []
+
+
+@pytest.mark.parametrize("option, words", [
+    (("--cpus", "3"), "can never start, so it was cancelled: squeue says PENDING "
+                      "(PartitionConfig)"),
+    (("--partition", "nope"), "sbatch refused the job: sbatch: error: invalid partition "
+                              "specified: nope"),
+    (("--constraint", "nope"), "sbatch refused the job: sbatch: error: Batch job submission "
+                               "failed: Invalid feature specification"),
+])
+def test_impossible_requests_fail_with_slurms_words(cluster, nbt_cluster, option, words):
+    proc = nbt_cluster.run(cluster.alias, *SLURM, *option, timeout=120)
+    assert proc.returncode == 1
+    assert words in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ours(cluster) == []
+    assert not local_port_open_any(nbt_cluster)
+
+
+def local_port_open_any(nbt) -> bool:
+    """Is a tunnel of NBT still recorded (and open)?"""
+    return any(local_port_open(json.loads(r.read_text())["local_port"])
+               for r in nbt.state_dir.glob("*.json"))
+
+
+HOSTILE = "$(touch {canary})`touch {canary}`;touch {canary} x"
+
+
+def test_hostile_slurm_values_are_data(cluster, nbt_cluster):
+    nbt = nbt_cluster
+    canary = cluster.home / "canary"
+    value = HOSTILE.format(canary=canary)
+    # Refused by sbatch, with the value in its own words: it arrived literally.
+    for flag in ("--partition", "--time", "--cpus", "--mem", "--gres", "--constraint",
+                 "--signal"):
+        proc = nbt.run(cluster.alias, *SLURM, flag, value, timeout=120)
+        assert proc.returncode == 1, (flag, proc.stderr)
+        assert "sbatch refused the job" in proc.stderr, (flag, proc.stderr)
+        assert ours(cluster) == [], flag
+    proc = nbt.run(cluster.alias, *SLURM, "--sbatch-arg", "--" + value, timeout=120)
+    assert proc.returncode == 1 and "sbatch refused the job" in proc.stderr, proc.stderr
+    # Accepted (no accounting here): the job carries the values as they were typed.
+    out = start(nbt, "--account", value, "--qos", value, f"--sbatch-arg=--comment={value}")
+    job = out["job_id"]
+    assert job_field(cluster, job, "Comment") == value
+    assert job_field(cluster, job, "Account") == value.lower()  # Slurm lowercases accounts
+    assert api_status(out["url"]) == 200
+    proc = nbt.run(cluster.alias, "--terminate", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not canary.exists()
+    assert ours(cluster) == []
+
+
+def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
+    nbt = nbt_cluster
+    out = start(nbt, "--time", "1")
+    job = out["job_id"]
+    began = time.monotonic()
+    wait_until(lambda: not ours(cluster), 150, interval=1, message=f"job {job} at its time limit")
+    ended = time.monotonic() - began
+    assert [r[1] for r in squeue(cluster, "-t", "all") if r[0] == job] == ["TIMEOUT"]
+    assert api_status(out["url"]) != 200
+    proc = nbt.run(cluster.alias, "--ensure", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["job_id"] != job
+    assert again["local_port"] == out["local_port"] and again["token"] == out["token"]
+    assert again["url"] == out["url"]
+    assert any("restarted Jupyter" in line for line in again["repairs"]), again
+    assert api_status(out["url"]) == 200
+    print(f"measured: --time 1 job ended {ended:.0f}s after the URL was printed")
