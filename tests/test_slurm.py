@@ -297,6 +297,13 @@ def test_hostile_slurm_values_are_data(cluster, nbt_cluster):
     assert ours(cluster) == []
 
 
+def answers(url: str) -> bool:
+    try:
+        return api_status(url) == 200
+    except OSError:  # reset or refused: the tunnel's far end is gone
+        return False
+
+
 def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
     nbt = nbt_cluster
     out = start(nbt, "--time", "1")
@@ -305,7 +312,7 @@ def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
     wait_until(lambda: not ours(cluster), 150, interval=1, message=f"job {job} at its time limit")
     ended = time.monotonic() - began
     assert [r[1] for r in squeue(cluster, "-t", "all") if r[0] == job] == ["TIMEOUT"]
-    assert api_status(out["url"]) != 200
+    assert not answers(out["url"])  # the forward leads nowhere now
     proc = nbt.run(cluster.alias, "--ensure", "--json", timeout=300)
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
@@ -315,3 +322,46 @@ def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
     assert any("restarted Jupyter" in line for line in again["repairs"]), again
     assert api_status(out["url"]) == 200
     print(f"measured: --time 1 job ended {ended:.0f}s after the URL was printed")
+
+
+def test_the_jobs_signal_shuts_jupyter_down_cleanly(cluster, nbt_cluster):
+    # What Slurm does at --signal time (B:TERM@120 by default), done now: TERM to the
+    # batch shell, which is Jupyter itself, so it stops cleanly rather than being killed.
+    out = start(nbt_cluster)
+    job = out["job_id"]
+    assert answers(out["url"])
+    proc = cluster.ssh(f"scancel --batch --signal=TERM {job}")
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: not ours(cluster), 60, interval=0.5, message=f"job {job} ended")
+    assert [r[1] for r in squeue(cluster, "-t", "all") if r[0] == job] == ["COMPLETED"]
+    log = (state_dir(cluster) / "nbtunnel.log").read_text()
+    assert "received signal 15, stopping" in log, log[-2000:]
+    proc = nbt_cluster.run("--status", "--json", timeout=60)
+    (row,) = json.loads(proc.stdout)
+    assert row["server"] == "stopped" and row["job_state"] is None
+
+
+def test_job_options_are_one_word_each():
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "slurm_plugin", Path(__file__).parent.parent / "plugins" / "slurm.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    slurm = plugin.Slurm()
+    blank = {o.dest: None for o in slurm.options}
+
+    def words(**given):
+        return slurm.job_options(argparse.Namespace(**dict(blank, **given)))
+
+    assert words() == ["--signal=B:TERM@120"]
+    assert words(time="8:00:00") == ["--time=8:00:00", "--signal=B:TERM@120"]
+    assert words(time="1") == ["--time=1"]  # a short job: a signal could come at once
+    assert words(time="9:59") == ["--time=9:59"]
+    assert words(signal="none") == []
+    assert words(cpus="4", mem="16G", sbatch_arg=["--exclusive", "-x y"], signal="USR1@60") == [
+        "--cpus-per-task=4", "--mem=16G", "--signal=USR1@60", "--exclusive", "-x y"]
+    assert words(partition="-x") == ["--partition=-x"]  # never an option of its own
+    assert [plugin.job_minutes(t) for t in ("30", "1:30", "2:00:00", "1-0", "1-2:30", "x")] == [
+        30, 1.5, 120, 1440, 1590, None]
