@@ -362,6 +362,6 @@ def test_job_options_are_one_word_each():
     assert words(signal="none") == []
     assert words(cpus="4", mem="16G", sbatch_arg=["--exclusive", "-x y"], signal="USR1@60") == [
         "--cpus-per-task=4", "--mem=16G", "--signal=USR1@60", "--exclusive", "-x y"]
-    assert words(partition="-x") == ["--partition=-x"]  # never an option of its own
+    assert words(partition="-x", signal="none") == ["--partition=-x"]  # never an option
     assert [plugin.job_minutes(t) for t in ("30", "1:30", "2:00:00", "1-0", "1-2:30", "x")] == [
         30, 1.5, 120, 1440, 1590, None]
