@@ -1582,7 +1582,7 @@ def r_session_manager(p, st, session=None):
     """The description of the manager that started the session recorded as ST (else the
     one the local record names for SESSION, else the one asked for)."""
     name = (st or {}).get("manager") or p.get("session_managers", {}).get(session)
-    return p["managers"].get(name) or p["manager"]
+    return (p.get("managers") or {}).get(name) or p.get("manager") or {}
 
 
 def r_how_ended(session):
