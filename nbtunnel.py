@@ -1171,7 +1171,8 @@ def r_batch_ready(session, mgr, row, st, env):
     pub = r_read_json(paths["published"], owned=True)
     if not pub or str(pub.get("job")) != row["job_id"] or not pub.get("port"):
         return None
-    found = r_find_runtime_file(pub["pid"], r_runtime_dirs(env), pub.get("started", 0) - 2)[1]
+    # (a minute's slack: the file's time comes from the file server's clock, not the node's)
+    found = r_find_runtime_file(pub["pid"], r_runtime_dirs(env), pub.get("started", 0) - 60)[1]
     if not found or found.get("port") != pub["port"] or \
             found.get("hostname") not in (None, pub["addr"]):
         return None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import api_status, local_port_open, run_kernel_code, wait_until
-from unattended import run_in_pty
+from unattended import finish, read_line, run_in_pty
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -206,6 +206,7 @@ def test_busy_node_shows_pending_then_starts(cluster, nbt_cluster, holder):
     nbt = nbt_cluster
     result = {}
     argv = nbt.argv(cluster.alias, *SLURM)
+    logins = cluster.auth_count()
     runner = threading.Thread(target=lambda: result.update(
         zip(("code", "output"), run_in_pty(argv, nbt._env(None), timeout=120))))
     runner.start()
@@ -220,6 +221,7 @@ def test_busy_node_shows_pending_then_starts(cluster, nbt_cluster, holder):
     url = re.search(r"http://127\.0\.0\.1:\d+/lab\?token=\w+", output).group(0)
     assert api_status(url) == 200
     assert [r[:2] for r in ours(cluster)] == [[job, "RUNNING"]]
+    assert cluster.auth_count() == logins + 1, "a long wait, still one SSH authentication"
 
 
 def test_pending_start_hits_timeout_and_cancels_its_job(cluster, nbt_cluster, holder):
@@ -324,21 +326,28 @@ def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
     print(f"measured: --time 1 job ended {ended:.0f}s after the URL was printed")
 
 
-def test_the_jobs_signal_shuts_jupyter_down_cleanly(cluster, nbt_cluster):
+def test_the_jobs_signal_stops_jupyter_cleanly_and_watch_resubmits(cluster, nbt_cluster):
     # What Slurm does at --signal time (B:TERM@120 by default), done now: TERM to the
     # batch shell, which is Jupyter itself, so it stops cleanly rather than being killed.
-    out = start(nbt_cluster)
-    job = out["job_id"]
-    assert answers(out["url"])
+    # The job has ended as at a time limit or a preemption: --watch submits a new one.
+    watch = nbt_cluster.popen(cluster.alias, "--json", *SLURM, "--watch", "--interval", "1",
+                              "--timeout", "60")
+    out = json.loads(read_line(watch, 120))
+    job, url = out["job_id"], out["url"]
+    assert answers(url)
     proc = cluster.ssh(f"scancel --batch --signal=TERM {job}")
     assert proc.returncode == 0, proc.stderr
-    wait_until(lambda: not ours(cluster), 60, interval=0.5, message=f"job {job} ended")
+    wait_until(lambda: not [r for r in ours(cluster) if r[0] == job], 60, interval=0.5,
+               message=f"job {job} ended")
     assert [r[1] for r in squeue(cluster, "-t", "all") if r[0] == job] == ["COMPLETED"]
     log = (state_dir(cluster) / "nbtunnel.log").read_text()
     assert "received signal 15, stopping" in log, log[-2000:]
-    proc = nbt_cluster.run("--status", "--json", timeout=60)
-    (row,) = json.loads(proc.stdout)
-    assert row["server"] == "stopped" and row["job_state"] is None
+    wait_until(lambda: answers(url), 90, interval=0.5, message="--watch resubmitted the job")
+    (row,) = [r for r in ours(cluster)]
+    assert row[0] != job and row[1] == "RUNNING"
+    code, _, err = finish(watch)
+    assert code == 0, err
+    assert f"restarted Jupyter on {cluster.alias}" in err
 
 
 def test_job_options_are_one_word_each():
