@@ -326,25 +326,35 @@ def test_time_limit_job_is_resubmitted_by_ensure(cluster, nbt_cluster):
     print(f"measured: --time 1 job ended {ended:.0f}s after the URL was printed")
 
 
-def test_the_jobs_signal_stops_jupyter_cleanly_and_watch_resubmits(cluster, nbt_cluster):
-    # What Slurm does at --signal time (B:TERM@120 by default), done now: TERM to the
-    # batch shell, which is Jupyter itself, so it stops cleanly rather than being killed.
-    # The job has ended as at a time limit or a preemption: --watch submits a new one.
-    watch = nbt_cluster.popen(cluster.alias, "--json", *SLURM, "--watch", "--interval", "1",
-                              "--timeout", "60")
-    out = json.loads(read_line(watch, 120))
-    job, url = out["job_id"], out["url"]
-    assert answers(url)
+def signal_job(cluster, job: str) -> None:
+    """What Slurm does at --signal time (B:TERM@120 by default), done now: SIGTERM to the
+    batch shell, which is Jupyter itself; wait until the job has ended."""
     proc = cluster.ssh(f"scancel --batch --signal=TERM {job}")
     assert proc.returncode == 0, proc.stderr
     wait_until(lambda: not [r for r in ours(cluster) if r[0] == job], 60, interval=0.5,
                message=f"job {job} ended")
     assert [r[1] for r in squeue(cluster, "-t", "all") if r[0] == job] == ["COMPLETED"]
+
+
+def test_the_jobs_signal_stops_jupyter_cleanly_and_watch_resubmits(cluster, nbt_cluster):
+    nbt = nbt_cluster
+    out = start(nbt)
+    url = out["url"]
+    signal_job(cluster, out["job_id"])  # Jupyter stops cleanly, not killed
     log = (state_dir(cluster) / "nbtunnel.log").read_text()
     assert "received signal 15, stopping" in log, log[-2000:]
+    (row,) = json.loads(nbt.run("--status", "--json", timeout=60).stdout)
+    assert row["server"] == "stopped" and row["job_state"] is None
+    # --watch brings it back at the same URL, and again when that job ends (as at a time
+    # limit, a node failure or a preemption).
+    watch = nbt.popen(cluster.alias, "--json", *SLURM, "--watch", "--interval", "1",
+                      "--timeout", "60")
+    again = json.loads(read_line(watch, 120))
+    assert again["url"] == url and again["reused"] is False and answers(url)
+    signal_job(cluster, again["job_id"])
     wait_until(lambda: answers(url), 90, interval=0.5, message="--watch resubmitted the job")
-    (row,) = [r for r in ours(cluster)]
-    assert row[0] != job and row[1] == "RUNNING"
+    (row,) = ours(cluster)
+    assert row[0] not in (out["job_id"], again["job_id"]) and row[1] == "RUNNING"
     code, _, err = finish(watch)
     assert code == 0, err
     assert f"restarted Jupyter on {cluster.alias}" in err
