@@ -78,6 +78,7 @@ REMOTE_COMMAND = "python3 - || python -"
 # Characters no ssh destination needs; ssh would hand them to a ProxyCommand's %h.
 HOST_BAD = re.compile(r"[\s\x00-\x1f\x7f'\"`$;&|<>(){}\\*?!#]")
 SERVER_ALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"]
+LOOPBACK = "127.0.0.1"
 
 # Messages that tests and users rely on.
 MSG_NO_HOST = "no HOST given and {why}; recorded sessions: {sessions}"
@@ -261,17 +262,20 @@ def socket_server_args() -> list:
 
 def destination(info: dict) -> str:
     """Where the tunnel leads on the remote, from the server's INFO (the remote's answer):
-    the path of its Unix socket, or 127.0.0.1:PORT."""
+    the path of its Unix socket, or ADDRESS:PORT as the remote reaches it (127.0.0.1, or a
+    batch job's compute node from the login node; an IPv6 address in brackets)."""
     if info.get("sock"):
         return info["sock"]
-    return "127.0.0.1:%d" % info["port"]
+    address = info.get("address") or LOOPBACK
+    return "%s:%d" % ("[%s]" % address if ":" in address else address, info["port"])
 
 
 def recorded_destination(rec: dict) -> str:
     """The destination of the tunnel that the record REC describes."""
     if rec.get("destination"):
         return rec["destination"]
-    return destination(dict(port=rec.get("remote_port"), sock=rec.get("remote_socket")))
+    return destination(dict(port=rec.get("remote_port"), sock=rec.get("remote_socket"),
+                            address=rec.get("address")))
 
 
 def local_socket_max() -> int:
@@ -617,7 +621,7 @@ def r_files(session):
     d = r_state_dir()
     return {k: os.path.join(d, session + ext) for k, ext in (
         ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock"), ("output", ".out"))}
+        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"))}
 
 
 def r_read_json(path, owned=False):
@@ -784,27 +788,28 @@ def r_wait_dead(pid, timeout):
     return not r_pid_alive(pid)
 
 
-def r_free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+def r_free_port(addr="127.0.0.1"):
+    """A TCP port on ADDR (this host's) that nothing listens on right now."""
     import socket
 
     s = socket.socket()
     try:
-        s.bind(("127.0.0.1", 0))
+        s.bind((addr, 0))
         return s.getsockname()[1]
     finally:
         s.close()
 
 
-def r_run(argv, timeout=30, env=None):
-    """Run ARGV with stdin from /dev/null: (exit status, stdout, stderr); 127 if it cannot start."""
+def r_run(argv, timeout=30, env=None, input=None):
+    """Run ARGV with INPUT (text) on stdin, else /dev/null: (exit status, stdout, stderr);
+    127 if it cannot start."""
     try:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     except OSError as e:
         return 127, "", str(e)
     try:
-        out, err = p.communicate(timeout=timeout)
+        out, err = p.communicate(None if input is None else input.encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         out, err = p.communicate()
@@ -818,15 +823,15 @@ def r_urllib():
     return urllib.request
 
 
-def r_http(port, base_url, path, token, method="GET", timeout=5, sock=None):
-    """(status, JSON body or None) of one request to the server on PORT (or on the Unix
-    socket SOCK), with its TOKEN; OSError (HTTP errors included) or ValueError (a body that
-    is not JSON) if it fails."""
+def r_http(port, base_url, path, token, method="GET", timeout=5, sock=None, host=None):
+    """(status, JSON body or None) of one request to the server on HOST:PORT (HOST is
+    127.0.0.1 unless given), or on the Unix socket SOCK, with its TOKEN; OSError (HTTP
+    errors included) or ValueError (a body that is not JSON) if it fails."""
     import http.client
 
     if sock:
         return r_http_unix(sock, (base_url or "/") + path, token, method, timeout)
-    url = "http://127.0.0.1:%d%s%s" % (port, base_url or "/", path)
+    url = "http://%s:%d%s%s" % (host or "127.0.0.1", port, base_url or "/", path)
     ur = r_urllib()
     req = ur.Request(url, method=method, headers={"Authorization": "token " + token})
     opener = ur.build_opener(ur.ProxyHandler({}))
@@ -1012,9 +1017,10 @@ def r_where(info):
 
 
 def r_api(info, path, method="GET", timeout=5):
-    """r_http to the server INFO, by its port or its socket."""
+    """r_http to the server INFO, by its port (on its address, for a batch job's server on
+    a compute node) or its socket."""
     return r_http(info["port"], info["base_url"], path, info["token"], method=method,
-                  timeout=timeout, sock=info.get("sock"))
+                  timeout=timeout, sock=info.get("sock"), host=info.get("address"))
 
 
 def r_listen_inodes(port):
@@ -1347,11 +1353,338 @@ def r_write_pidfile(path, pid):
     r_write_private(path, "%d %s\n" % (pid, "" if start is None else start))
 
 
+# Batch jobs -----------------------------------------------------------------
+#
+# A batch manager (Slurm, PBS, LSF) runs Jupyter as a job on a compute node.  The
+# helper on the login node submits the constant script R_JOB_SCRIPT on the scheduler's
+# stdin; the job finds its private spec file (argv, token, this code) through the
+# environment that the scheduler hands on from the submission, and r_job, on the
+# compute node, binds Jupyter to the node's own cluster address and publishes where it
+# listens in the session's .job.json file.  The scheduler's commands are the plugin's
+# argv lists, their output read through the format it declares.  Assumptions: the
+# home directory (with the state directory and Jupyter's runtime directory) is shared
+# by the login and compute nodes, as on NFS, and the login node reaches the compute
+# node's address.
+
+R_JOB_BOOT = ('import json,os;p=os.environ.pop("NBT_JOB_SPEC");s=json.load(open(p));'
+              'exec(compile(s["source"],"nbtunnel.py","exec"));r_job(p,s)')
+R_JOB_SCRIPT = "#!/bin/sh\nexec \"$NBT_JOB_PYTHON\" -c '" + R_JOB_BOOT + "'\n"
+R_JOB_NONE = ("", "N/A", "n/a", "None", "NONE", "(null)", "Unknown")  # a field with no value
+
+
+def r_user():
+    """This user's login name."""
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def r_batch_argv(argv, words):
+    """ARGV with each word that is a placeholder (@JOB@, @NAME@, @USER@, @OUTPUT@) filled in."""
+    return [words.get(w[1:-1].lower(), w) if w.startswith("@") and w.endswith("@") else w
+            for w in argv]
+
+
+def r_job_rows(mgr, text):
+    """One dict per job in TEXT, the output of the manager's state or find argv: the
+    fields its format names, and phase (waiting, running, ending or ended)."""
+    sep, fields = mgr["format"]["sep"], mgr["format"]["fields"]
+    rows = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        words = [w.strip() for w in line.split(sep)]
+        if isinstance(fields, dict):  # KEY=VALUE items, named by the scheduler's keys
+            pairs = dict(w.partition("=")[::2] for w in words)
+            row = dict((ours, pairs.get(theirs, "")) for theirs, ours in fields.items())
+        else:
+            row = dict(zip(fields, words + [""] * len(fields)))
+        row = dict((k, None if v in R_JOB_NONE else v) for k, v in row.items())
+        state = row.get("state")
+        row["phase"] = ("waiting" if state in mgr["waiting"] else "running"
+                        if state in mgr["running"] else "ending" if state in mgr["ending"]
+                        else "ended")
+        rows.append(row)
+    return rows
+
+
+def r_job_state(mgr, job_id, env):
+    """The scheduler's row for JOB_ID (phase "ended" once it has left the queue)."""
+    import re
+
+    code, out, err = r_run(r_batch_argv(mgr["state"], dict(job=job_id)), env=env)
+    if code != 0 and not (mgr.get("gone_re") and re.search(mgr["gone_re"], err + out)):
+        raise RemoteFail("scheduler", "%s failed (exit %s): %s" % (
+            mgr["state"][0], code, (err or out).strip() or "no message"))
+    for row in r_job_rows(mgr, out) if code == 0 else []:
+        if row.get("job_id") == job_id:
+            return row
+    return dict(job_id=job_id, state=None, reason=None, phase="ended")
+
+
+def r_find_jobs(mgr, env):
+    """The session's jobs that the scheduler still lists, found by the job's name."""
+    code, out, _ = r_run(r_batch_argv(mgr["find"], dict(name=mgr["job_name"], user=r_user())),
+                         env=env)
+    return r_job_rows(mgr, out) if code == 0 else []
+
+
+def r_batch_job(mgr, st):
+    """(the live job of a session, environment for the scheduler's commands): the job
+    recorded in ST, else one that carries the session's job name (a record lost, or
+    made elsewhere); the job is None when none waits or runs."""
+    env = (st or {}).get("env") or dict(os.environ)
+    if (st or {}).get("job_id"):
+        row = r_job_state(mgr, st["job_id"], env)
+        if row["phase"] in ("waiting", "running"):
+            return row, env
+    live = [r for r in r_find_jobs(mgr, env) if r["phase"] in ("waiting", "running")]
+    return (live[0] if live else None), env
+
+
+def r_batch_ready(session, mgr, row, st, env):
+    """The info of the job ROW's Jupyter once it answers from the login node, else None.
+    What the job published names its address, port and pid; Jupyter's runtime file for
+    that pid must name the same port and address, and gives the token."""
+    paths = r_files(session)
+    pub = r_read_json(paths["published"], owned=True)
+    if not pub or str(pub.get("job")) != row["job_id"] or not pub.get("port"):
+        return None
+    # (a minute's slack: the file's time comes from the file server's clock, not the node's)
+    found = r_find_runtime_file(pub["pid"], r_runtime_dirs(env), pub.get("started", 0) - 60)[1]
+    if not found or found.get("port") != pub["port"] or \
+            found.get("hostname") not in (None, pub["addr"]):
+        return None
+    try:
+        status = r_http(pub["port"], found.get("base_url", "/"), "api/status",
+                        found.get("token", ""), host=pub["addr"])[0]
+    except (OSError, ValueError):
+        return None
+    if status != 200:
+        return None
+    st = st or {}
+    return dict(session=session, pid=pub["pid"], port=pub["port"], address=pub["addr"],
+                token=found.get("token", ""), base_url=found.get("base_url", "/"),
+                log=paths["log"], manager=mgr["name"], app=st.get("app"),
+                root_dir=found.get("root_dir"), started=st.get("started"),
+                options=st.get("options"), node=pub.get("node"))
+
+
+def r_job_fields(row):
+    """What a job row tells the local side."""
+    return dict(job_id=row.get("job_id"), job_state=row.get("state"),
+                reason=row.get("reason"), node=row.get("node"),
+                time_left=row.get("time_left"), expected_start=row.get("expected_start"),
+                phase=row.get("phase"))
+
+
+def r_batch_answer(session, mgr, row, st, env):
+    """The job ROW as the local side sees it: its fields, and its server's info once ready."""
+    out = r_job_fields(row)
+    info = r_batch_ready(session, mgr, row, st, env) if row["phase"] == "running" else None
+    if info:
+        info.update(out)
+    out["ready"] = info
+    return out
+
+
+def r_batch_start(p):
+    """Reattach to the session's job, or submit one: the job's state (and its server's
+    info when it already answers)."""
+    import re
+
+    session, mgr = p["session"], p["manager"]
+    paths = r_files(session)
+    with RemoteLock(paths["lock"], p["timeout"]):
+        st = r_read_json(paths["state"])
+        row, env = r_batch_job(mgr, st)
+        if row:
+            if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
+                st = dict(session=session, manager=mgr["name"], batch=True,
+                          job_id=row["job_id"], job_name=mgr["job_name"], log=paths["log"],
+                          app=p.get("app"), started=time.time(), options=None, env=env)
+                r_write_json(paths["state"], st)
+            out = r_batch_answer(session, mgr, row, st, env)
+            out["reused"] = True
+            return out
+        shell, env = r_login_env(p["env_steps"], p["timeout"])
+        if not r_which(mgr["program"], env):
+            raise RemoteFail("no-manager", "%s is not installed on this host (not on the login "
+                             "PATH); install it or choose another --manager" % mgr["program"])
+        argv, cwd = r_jupyter_argv(p, shell, env)
+        r_remove(paths["published"], paths["log"], paths["output"])
+        import binascii
+        import socket
+
+        token = p.get("token") or binascii.hexlify(os.urandom(24)).decode()
+        r_write_json(paths["spec"], dict(
+            argv=argv, cwd=cwd, log=paths["log"], output=paths["output"],
+            published=paths["published"], token=token, remote_port=p.get("remote_port"),
+            job_env=mgr["job_env"], login_host=socket.gethostname(), source=r_own_source()))
+        output = paths["output"]
+        for old, new in mgr.get("output_escapes", {}).items():
+            output = output.replace(old, new)
+        words = r_batch_argv(mgr["submit"], dict(name=mgr["job_name"], output=output))
+        argv = words[:1] + list(mgr["options"]) + words[1:]  # the plugin's own words win
+        sub_env = dict(env, NBT_JOB_SPEC=paths["spec"],
+                       NBT_JOB_PYTHON=r_which("python3", env) or sys.executable)
+        code, out, err = r_run(argv, env=sub_env, input=R_JOB_SCRIPT)
+        found = re.search(mgr["job_id_re"], out) if code == 0 else None
+        if not found:
+            for row in r_find_jobs(mgr, env):  # refused, yet given an id (Slurm does that)
+                r_run(r_batch_argv(mgr["cancel"], dict(job=row["job_id"])), env=env)
+            r_remove(paths["spec"])
+            raise RemoteFail("job-refused", "%s refused the job: %s" % (
+                argv[0], " / ".join((err or out).strip().splitlines()) or "exit %d" % code))
+        job_id = found.group(1)
+        r_write_json(paths["state"], dict(
+            session=session, manager=mgr["name"], batch=True, job_id=job_id,
+            job_name=mgr["job_name"], log=paths["log"], app=p.get("app"), started=time.time(),
+            options=p.get("options"), env=env))
+        return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
+                    reused=False)
+
+
+def r_op_job(p):
+    """The state of the job P names, with its server's info once that answers.  A job
+    that waits for a reason that never clears is cancelled here and then."""
+    session, mgr, job_id = p["session"], p["manager"], p["job_id"]
+    paths = r_files(session)
+    st = r_read_json(paths["state"]) or {}
+    env = st.get("env") or dict(os.environ)
+    row = r_job_state(mgr, job_id, env)
+    reason = row.get("reason") or ""
+    if row["phase"] == "waiting" and reason in mgr["fatal"]:
+        r_run(r_batch_argv(mgr["cancel"], dict(job=job_id)), env=env)
+        r_wait_job_gone(mgr, job_id, env, 30)
+        r_remove(paths["spec"], paths["state"])
+        text = mgr["reason_text"].get(reason)
+        raise RemoteFail("job-refused", "job %s can never start, so it was cancelled: %s says "
+                         "%s (%s)%s" % (job_id, mgr["state"][0], row.get("state"), reason,
+                                        ": " + text if text else ""))
+    if row["phase"] in ("ending", "ended"):
+        raise RemoteFail("job-ended", "job %s ended (%s) before Jupyter answered" % (
+            job_id, row.get("state") or "gone from the queue"),
+            log_tail=r_tail(paths["log"]) or r_tail(paths["output"]))
+    return r_batch_answer(session, mgr, row, st, env)
+
+
+def r_wait_job_gone(mgr, job_id, env, timeout):
+    """Wait up to TIMEOUT seconds until JOB_ID no longer waits, runs or ends; True if so."""
+    deadline = time.time() + timeout
+    while True:
+        if r_job_state(mgr, job_id, env)["phase"] == "ended":
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.3)
+
+
+def r_batch_stop(p, mgr, st):
+    """Stop the session's job: Jupyter through its API (from this login node), then the
+    scheduler's cancel, waiting until the job has left; say how."""
+    session, timeout = p["session"], p["timeout"]
+    paths = r_files(session)
+    row, env = r_batch_job(mgr, st)
+    info = r_batch_ready(session, mgr, row, st, env) if row and row["phase"] == "running" \
+        else None
+    if info and not p.get("force"):
+        busy = r_busy_kernels(info)
+        if busy:
+            return dict(busy=busy, stopped=False)
+    how = None
+    if info:
+        try:
+            r_http(info["port"], info["base_url"], "api/shutdown", info["token"],
+                   method="POST", host=info["address"])
+            if r_wait_job_gone(mgr, row["job_id"], env, timeout):
+                how = "api"
+        except (OSError, ValueError):
+            pass
+    if row and not how:
+        r_run(r_batch_argv(mgr["cancel"], dict(job=row["job_id"])), env=env)
+        how = "cancel" if r_wait_job_gone(mgr, row["job_id"], env, timeout) else "alive"
+    r_remove(paths["state"], paths["spec"], paths["published"])
+    return dict(stopped=bool(info), how=how, was_recorded=bool(st),
+                job_id=row and row["job_id"])
+
+
+def r_batch_status(session, mgr, st):
+    """The status entry of a batch session: its server's info while it answers, the
+    job's fields in any case."""
+    row, env = r_batch_job(mgr, st)
+    if not row:
+        return dict(session=session, server="stopped", ended=r_how_ended(session),
+                    job_id=(st or {}).get("job_id"), job_state=None, node=None,
+                    time_left=None)
+    out = r_batch_answer(session, mgr, row, st, env)
+    if out["ready"]:
+        return dict(out.pop("ready"), server="running", **out)
+    return dict(out, session=session, server="stopped", ended="died")  # waiting: repairable
+
+
+def r_job(path, spec):
+    """The batch job on the compute node: find the node's cluster address and a free port
+    there, publish them (0600, in the private state directory), then become Jupyter,
+    bound to that address, its token from the spec in its environment (never argv).
+    Jupyter is then the job's own process, which the scheduler's signal reaches."""
+    fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if fd > 2:
+        os.close(fd)
+    if os.path.exists(spec["output"]):
+        os.chmod(spec["output"], 0o600)
+    names = spec.get("job_env") or {}
+    addr = r_node_address(os.environ.get(names.get("submit_host", ""), "") or
+                          spec.get("login_host", ""))
+    port = spec.get("remote_port") or r_free_port(addr)
+    import socket
+
+    env = dict(os.environ, JUPYTER_TOKEN=spec["token"])
+    env.pop("NBT_JOB_PYTHON", None)
+    argv = [w for w in spec["argv"] if not w.startswith(("--ip=", "--port="))]
+    argv += ["--ip=" + addr, "--port=%d" % port]
+    r_write_json(spec["published"], dict(
+        job=os.environ.get(names.get("job", ""), ""), node=os.environ.get(
+            names.get("node", ""), "") or socket.gethostname(), addr=addr, port=port,
+        pid=os.getpid(), started=time.time()))
+    sys.stdout.write("nbtunnel: Jupyter for job %s on %s:%d\n" % (
+        os.environ.get(names.get("job", ""), "?"), addr, port))
+    sys.stdout.flush()
+    try:
+        os.chdir(spec["cwd"])
+        os.execve(argv[0], argv, env)
+    except OSError as e:
+        os.write(2, ("nbtunnel: cannot start %s: %s\n" % (argv[0], e)).encode())
+        os._exit(127)
+
+
+def r_node_address(toward):
+    """This node's own address on the network that reaches host TOWARD (the login node):
+    the source address of a UDP socket connected there (no packet is sent); else what
+    this host's name resolves to."""
+    import socket
+
+    if toward:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect((toward, 9))
+            return s.getsockname()[0]
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return socket.gethostbyname(socket.gethostname())
+
+
 # Operations -----------------------------------------------------------------
 
 def r_op_start(p):
     """Reattach to the live server of the session, or start one; its info."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
+    if mgr.get("batch"):
+        return r_batch_start(p)
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         info = r_probe(session)
@@ -1375,23 +1708,7 @@ def r_op_start(p):
                                  "was not started by nbtunnel; choose another --session"
                                  % (mgr["name"], session))
             r_run_manager(mgr, "stop", session, env)  # ours, whose server is gone
-        argv = list(p["argv"])
-        exe = r_which(argv[0], env) if "/" not in argv[0] else argv[0]
-        if not exe or not os.access(exe, os.X_OK):
-            raise RemoteFail("no-jupyter", "%s not found on this host in the login environment "
-                             "of %s (PATH=%s); install Jupyter or pass --jupyter "
-                             "/path/to/jupyter" % (argv[0], shell, env.get("PATH", "")))
-        argv[0] = exe
-        if os.path.basename(exe) == "jupyter" and len(argv) > 1 and not argv[1].startswith("-"):
-            sub = "jupyter-" + argv[1]
-            if not r_which(sub, env) and not os.path.exists(
-                    os.path.join(os.path.dirname(exe), sub)):
-                raise RemoteFail("no-jupyter", "'jupyter %s' is not installed on this host (no "
-                                 "%s next to %s or on the login PATH)" % (argv[1], sub, exe))
-        cwd = r_home_path(p.get("notebook_dir") or "~")
-        if not os.path.isdir(cwd):
-            raise RemoteFail("no-dir", "notebook directory %r does not exist on this host"
-                             % (cwd,))
+        argv, cwd = r_jupyter_argv(p, shell, env)
         if p.get("sock"):
             r_remove_socket(p["sock"])  # left by a server that was killed (ours: r_kill above)
             info = r_start_server(p, paths, env, argv + ["--sock=" + p["sock"],
@@ -1412,6 +1729,29 @@ def r_op_start(p):
                              "another --remote-port or leave it out" % p["remote_port"])
         raise RemoteFail("launch", "the remote port was taken each time Jupyter started",
                          log_tail=r_tail(paths["log"]))
+
+
+def r_jupyter_argv(p, shell, env):
+    """(Jupyter's argv with its program found on the login PATH, the working directory),
+    else RemoteFail saying what is missing."""
+    argv = list(p["argv"])
+    exe = r_which(argv[0], env) if "/" not in argv[0] else argv[0]
+    if not exe or not os.access(exe, os.X_OK):
+        raise RemoteFail("no-jupyter", "%s not found on this host in the login environment "
+                         "of %s (PATH=%s); install Jupyter or pass --jupyter "
+                         "/path/to/jupyter" % (argv[0], shell, env.get("PATH", "")))
+    argv[0] = exe
+    if os.path.basename(exe) == "jupyter" and len(argv) > 1 and not argv[1].startswith("-"):
+        sub = "jupyter-" + argv[1]
+        if not r_which(sub, env) and not os.path.exists(
+                os.path.join(os.path.dirname(exe), sub)):
+            raise RemoteFail("no-jupyter", "'jupyter %s' is not installed on this host (no "
+                             "%s next to %s or on the login PATH)" % (argv[1], sub, exe))
+    cwd = r_home_path(p.get("notebook_dir") or "~")
+    if not os.path.isdir(cwd):
+        raise RemoteFail("no-dir", "notebook directory %r does not exist on this host"
+                         % (cwd,))
+    return argv, cwd
 
 
 def r_start_server(p, paths, env, argv, cwd):
@@ -1528,6 +1868,9 @@ def r_op_stop(p):
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         st = r_read_json(paths["state"])
+        mgr = r_session_manager(p, st)
+        if mgr.get("batch"):
+            return r_batch_stop(p, mgr, st)
         info = r_probe(session)
         if info and not p.get("force"):
             busy = r_busy_kernels(info)
@@ -1537,13 +1880,18 @@ def r_op_stop(p):
         if how != "alive":  # Jupyter leaves its socket file behind
             r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
         if st:
-            mgr = p["manager"] if p["manager"]["name"] == st.get("manager") else \
-                p["managers"].get(st.get("manager"), p["manager"])
             alive = r_run_manager(mgr, "alive", session, None)
             if alive and alive[0] == 0:
                 r_run_manager(mgr, "stop", session, None)
             r_remove(paths["state"], paths["pid"], paths["spec"])
         return dict(stopped=bool(info), how=how, was_recorded=bool(st))
+
+
+def r_session_manager(p, st, session=None):
+    """The description of the manager that started the session recorded as ST (else the
+    one the local record names for SESSION, else the one asked for)."""
+    name = (st or {}).get("manager") or p.get("session_managers", {}).get(session)
+    return (p.get("managers") or {}).get(name) or p.get("manager") or {}
 
 
 def r_how_ended(session):
@@ -1561,6 +1909,11 @@ def r_op_status(p):
     """One entry per session of P: its server's info, or why it is stopped."""
     out = []
     for session in p["sessions"]:
+        st = r_read_json(r_files(session)["state"])
+        mgr = r_session_manager(p, st, session)
+        if mgr.get("batch"):
+            out.append(r_batch_status(session, mgr, st))
+            continue
         info = r_probe(session)
         if info:
             info["server"] = "running"
@@ -1570,7 +1923,7 @@ def r_op_status(p):
     return out
 
 
-R_OPS = {"start": r_op_start, "stop": r_op_stop, "status": r_op_status}
+R_OPS = {"start": r_op_start, "stop": r_op_stop, "status": r_op_status, "job": r_op_job}
 
 
 def r_main(data):
@@ -1690,8 +2043,11 @@ class SessionManager:
 
 
 
-def describe_manager(manager, session: str) -> dict:
-    """What the remote side needs to know of MANAGER for SESSION, as plain data."""
+def describe_manager(manager, session: str, args=None) -> dict:
+    """What the remote side needs to know of MANAGER for SESSION, as plain data (with
+    ARGS, the options of this run: a batch manager's job options)."""
+    if getattr(manager, "batch", False):
+        return describe_batch(manager, session, args)
     launcher = ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]
     return dict(name=manager.name, program=getattr(manager, "program", ""),
                 start=manager.start(session, launcher), alive=manager.alive(session),
@@ -1718,6 +2074,99 @@ class PidFileManager(SessionManager):
     def log(self, session):
         """What the launcher printed (in @OUTPUT@) before Jupyter's own log took over."""
         return ["cat", "@OUTPUT@"]
+
+
+class BatchManager(SessionManager):
+    """Runs Jupyter as a batch job on a compute node (Slurm, PBS, LSF): the tunnel goes
+    through the login node to the node's address and the port the job published.
+
+    Methods return remote argv lists and attributes are plain data; the remote side
+    runs the commands (in the login environment) and reads their output.  Placeholders,
+    filled in where a whole word is one: @NAME@ (the job's name, ``job_name``), @OUTPUT@
+    (a private file for what the job prints before Jupyter's log takes over), @JOB@ (the
+    job id), @USER@ (the login name).
+
+    - ``submit()``: the command that takes the job script on its stdin and prints the job
+      id (found with ``job_id_re``); ``job_options(args)``: the user's words for it,
+      literal (never filled in), put right after its program so the plugin's own words win.
+    - ``state()`` (with @JOB@) and ``find()`` (with @NAME@, @USER@: the session's jobs, for
+      a reattach without a record) print one line per job in ``state_format``: ``sep``
+      and ``fields``, a list of names for the columns, or a dict from the scheduler's
+      keys to names for KEY=VALUE items.  Names: job_id, state, reason, node, time_left,
+      expected_start.  ``gone_re`` matches state()'s error for a job it has forgotten.
+    - ``waiting``, ``running``, ``ending``: the scheduler's states of each phase; any other
+      means the job has ended.  ``fatal_reasons``: reasons of a waiting job that never
+      clear (the job is cancelled and the start fails with the reason and its
+      ``reason_text``).
+    - ``cancel()`` (with @JOB@) ends the job.  ``job_env``: the job's environment
+      variables that hold its id (``job``), the submitting host (``submit_host``) and the
+      node's name (``node``).  ``output_escapes``: replacements that make a path literal
+      for the submit command.  ``default_timeout``: the default of --timeout while the
+      job waits in the queue (connecting keeps the usual default).
+    """
+
+    batch = True
+    default_timeout = 900.0
+    waiting = running = ending = fatal_reasons = ()
+    reason_text = {}
+    job_id_re = r"\A\s*([0-9]+)"
+    gone_re = ""
+    job_env = {}
+    output_escapes = {}
+    state_format = {"sep": "|", "fields": ["job_id", "state"]}
+
+    def job_name(self, session: str) -> str:
+        """The job's name, by which a reattach finds it."""
+        return "nbtunnel-" + session
+
+    def submit(self) -> list:
+        """argv that submits the job script read from stdin and prints the job id."""
+        raise NotImplementedError
+
+    def job_options(self, args) -> list:
+        """The user's options for the submit command, as literal argv words."""
+        return []
+
+    def state(self) -> list:
+        """argv that prints the line of job @JOB@ in ``state_format``."""
+        raise NotImplementedError
+
+    def find(self) -> list:
+        """argv that prints the lines of @USER@'s live jobs named @NAME@."""
+        raise NotImplementedError
+
+    def cancel(self) -> list:
+        """argv that cancels job @JOB@."""
+        raise NotImplementedError
+
+    def start(self, session, command):
+        """A batch manager starts nothing itself: see ``submit``."""
+        return self.submit()
+
+
+BATCH_METHODS = ("submit", "state", "find", "cancel")
+
+
+def describe_batch(manager, session: str, args=None) -> dict:
+    """What the remote side needs to know of the batch MANAGER for SESSION."""
+    desc = dict(name=manager.name, program=getattr(manager, "program", ""), batch=True,
+                job_name=manager.job_name(session),
+                options=list(manager.job_options(args)) if args is not None else [],
+                format=dict(manager.state_format), waiting=list(manager.waiting),
+                running=list(manager.running), ending=list(manager.ending),
+                fatal=list(manager.fatal_reasons), reason_text=dict(manager.reason_text),
+                job_id_re=manager.job_id_re, gone_re=manager.gone_re,
+                job_env=dict(manager.job_env), output_escapes=dict(manager.output_escapes))
+    for key in BATCH_METHODS:
+        desc[key] = getattr(manager, key)()
+    for key in BATCH_METHODS + ("options",):
+        argv = desc[key]
+        if not (isinstance(argv, list) and (argv or key == "options")
+                and all(isinstance(w, str) for w in argv)):
+            raise Error("manager plugin %s: %s must give an argv list of strings, not %r"
+                        % (manager.name, "job_options()" if key == "options" else key + "()",
+                           argv))
+    return desc
 
 
 class Tmux(SessionManager):
@@ -1964,7 +2413,9 @@ def check_plugin(plugin) -> str:
                         % (kind, name, option))
         if option.flag in flags:
             raise Error("%s plugin %s: option %s is already taken" % (kind, name, option.flag))
-    if kind == "manager":  # its description is plain data: argv lists of strings
+    if kind == "manager" and getattr(plugin, "batch", False):
+        describe_batch(plugin, "nbtunnel")  # raises if an argv is not a list of strings
+    elif kind == "manager":  # its description is plain data: argv lists of strings
         desc = describe_manager(plugin, "nbtunnel")
         for key in ("start", "alive", "stop", "log"):
             argv = desc.get(key)
@@ -2274,7 +2725,7 @@ def control_dir() -> str:
 
 # What the progress line says while the helper works, by operation.
 HELPER_WAIT = {"start": "waiting for Jupyter on %s", "stop": "stopping Jupyter on %s",
-               "status": "asking %s"}
+               "status": "asking %s", "job": None}  # None: the caller's line stays
 
 
 class Connection:
@@ -2365,7 +2816,9 @@ class Connection:
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          self.host, REMOTE_COMMAND)
         prompt = contextlib.nullcontext() if os.path.exists(self.socket) else self.may_prompt()
-        with progress(HELPER_WAIT.get(op, "waiting for %s") % self.host), prompt:
+        text = HELPER_WAIT.get(op, "waiting for %s")
+        shown = progress(text % self.host) if text else contextlib.nullcontext()
+        with shown, prompt:
             try:
                 r = subproc(argv, input=remote_program(op, params), capture_output=True,
                             timeout=timeout)
@@ -2699,7 +3152,7 @@ class Run:
 
     def params(self, session: str, **extra) -> dict:
         """What a remote operation on SESSION is told: this one place builds it."""
-        managers = {n: describe_manager(m, session) for n, m in MANAGERS.items()}
+        managers = {n: describe_manager(m, session, self.args) for n, m in MANAGERS.items()}
         return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
                     managers=managers, **extra)
 
@@ -2761,7 +3214,10 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
         params = dict(params, token=old["token"])
     try:
-        info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+        if getattr(run.manager(), "batch", False):
+            info = batch_start(run, conn, params)
+        else:
+            info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
         dest = destination(info)
         if old is None and not conn.opened_here and not args.local_port:
             port = find_forward(conn, info)  # the record was lost, the forward was not
@@ -2782,6 +3238,9 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
                options=session_values(args))
+    for key in JOB_FIELDS:
+        if info.get(key) is not None:
+            rec[key] = info[key]
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
@@ -2824,6 +3283,69 @@ def check_socket_forward(run: Run, host: str, conn, tunnel, info: dict, local_po
     raise Error(MSG_NO_STREAMLOCAL.format(host=host) + (
         "" if not info.get("reused") else " (stop the running server first: --terminate)"),
         kind="no-streamlocal")
+
+
+MSG_JOB_TIMEOUT = (
+    "job {job} on {host} did not start within {timeout:g}s (still {state}{reason}); "
+    "nbtunnel cancelled it. Ask for less (--time, --cpus, --mem, --partition) or wait longer "
+    "(--timeout SECONDS)"
+)
+
+
+def job_line(answer: dict) -> str:
+    """The progress line of a batch job: id, state, the scheduler's reason, expected start."""
+    if answer.get("phase") == "running":
+        return "job %s running on %s, waiting for Jupyter" % (answer["job_id"],
+                                                              answer.get("node") or "its node")
+    text = "job %s %s" % (answer["job_id"], answer.get("job_state") or "submitted")
+    if answer.get("reason"):
+        text += " (%s)" % answer["reason"]
+    if answer.get("expected_start"):
+        text += ", expected start %s" % answer["expected_start"]
+    return text
+
+
+def batch_start(run: Run, conn: Connection, params: dict) -> dict:
+    """Submit (or find) the session's batch job and wait until its Jupyter answers; its info.
+
+    One short remote operation a second over the shared connection tells how the job
+    fares; a terminal shows it on the progress line.  A job that this run submitted
+    is cancelled when the wait ends early: --timeout, Ctrl-C, or an error."""
+    args, host = run.args, conn.host
+    answer = conn.run_helper("start", params, timeout=args.timeout + 60)
+    reused, job = answer["reused"], answer["job_id"]
+    log.debug("%s job %s on %s", "found" if reused else "submitted", job, host)
+    deadline = time.monotonic() + args.wait_timeout
+    try:
+        with progress(job_line(answer)):
+            while not answer.get("ready"):
+                if time.monotonic() > deadline:
+                    raise Error(MSG_JOB_TIMEOUT.format(
+                        job=job, host=host, timeout=args.wait_timeout,
+                        state=answer.get("job_state") or "waiting", reason=": %s" % answer[
+                            "reason"] if answer.get("reason") else ""), kind="timeout")
+                time.sleep(1)
+                answer = conn.run_helper("job", dict(params, job_id=job),
+                                         timeout=args.timeout + 30)
+                progress.update(job_line(answer))
+    except (Error, KeyboardInterrupt) as e:
+        if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended"):
+            cancel_job(run, conn, params, job)
+        raise
+    info = dict(answer["ready"], reused=reused)
+    return info
+
+
+def cancel_job(run: Run, conn: Connection, params: dict, job) -> None:
+    """Cancel the job JOB this run submitted, and say so (on stderr, even with -q)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop it
+    try:
+        conn.run_helper("stop", dict(params, force=True), timeout=run.args.timeout * 2 + 30)
+        log.error("cancelled job %s on %s", job, conn.host)
+    except Error as e:
+        log.error("could not cancel job %s on %s: %s", job, conn.host, e)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def server_options(old, info: dict) -> dict:
@@ -2964,11 +3486,16 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
     raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
 
 
+JOB_FIELDS = ("job_id", "node", "job_state", "time_left")  # of a batch manager's session
+
+
 def public(rec: dict) -> dict:
-    """The fields of a record that --json shows."""
+    """The fields of a record that --json shows (a batch job's too, when it has them)."""
     keys = ("host", "session", "url", "local_port", "remote_port", "remote_socket", "token",
             "manager", "app", "pid", "log", "tunnel", "plugin", "environment")
-    return {k: rec.get(k) for k in keys}
+    out = {k: rec.get(k) for k in keys}
+    out.update({k: rec[k] for k in JOB_FIELDS if k in rec})
+    return out
 
 
 def find_record(records, host, session):
@@ -2986,7 +3513,8 @@ def ask_host(run: Run, host: str, recs: list, batch: bool = False):
     up = conn.alive()
     # Over the master when it runs; otherwise over a connection of its own that
     # ends with the command: one handshake either way, and nothing left running.
-    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs])
+    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs],
+                        session_managers={r["session"]: r.get("manager") for r in recs})
     try:
         answers = conn.run_helper("status", params, timeout=run.args.timeout + 10)
     except Error as e:
@@ -3056,6 +3584,8 @@ def cmd_status(run: Run, host) -> int:
                 rec["local_port"]) else "down"
             if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
+            for key in JOB_FIELDS if a and "job_id" in a else ():
+                row[key] = a.get(key)
             row["plugin"] = rec.get("plugin") or (
                 MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
             row["backend"] = rec.get("tunnel")
@@ -3067,9 +3597,11 @@ def cmd_status(run: Run, host) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s" % (
+            job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
+                "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
-                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"]))
+                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job))
         if not rows and not args.quiet:
             log.info("no sessions recorded")
     return 0
@@ -3630,7 +4162,12 @@ def build_parser() -> argparse.ArgumentParser:
     for option in SERVER_OPTIONS:
         option.add_to(g)
     g = p.add_argument_group("the tunnel and ssh")
+    longer = ", ".join("%g with --manager %s" % (m.default_timeout, n) for n, m in
+                       sorted(MANAGERS.items()) if getattr(m, "default_timeout", None))
     for option in TUNNEL_OPTIONS:
+        if option.dest == "timeout" and longer:
+            option = copy.copy(option)
+            option.help += "; waiting for a batch job: %s" % longer
         option.add_to(g)
     g = p.add_argument_group("nbtunnel")
     g.add_argument("--plugin", metavar="FILE", action="append", help="load a plugin file")
@@ -3761,8 +4298,10 @@ def resolve(args, cfg, records):
     args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
     args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
                                   else "sshtunnel")
+    # A batch manager waits longer for its queue; connecting keeps the usual bound.
+    args.wait_timeout = args.timeout or getattr(
+        get("manager", args.manager), "default_timeout", None) or DEFAULT_TIMEOUT
     args.timeout = args.timeout or DEFAULT_TIMEOUT
-    get("manager", args.manager)
     get("tunnel", args.tunnel)
     try:
         args.interval = seconds(args.interval)

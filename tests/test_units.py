@@ -200,7 +200,7 @@ def test_config_ssh_option_is_one_per_line():
 
 def test_option_abbreviations_are_off():
     with pytest.raises(SystemExit):
-        nbtunnel.build_parser().parse_args(["h", "--time", "5"])
+        nbtunnel.build_parser().parse_args(["h", "--timeou", "5"])  # (--time is Slurm's)
 
 
 def test_missing_config_file_given_by_option_is_an_error(tmp_path):
