@@ -256,7 +256,6 @@ def test_plugin_locations_and_unknown_manager(nbt, remote, tmp_path):
     assert proc.returncode == 2
     assert known_managers(proc.stderr) == ["fromcli", "fromenv0", "fromenv1", "fromxdg", "nohup", "screen",
                                            "slurm", "tmux"]
-                                           "slurm", "tmux"]
     assert remote.auth_count() == before and "warning" not in proc.stderr
 
 
