@@ -1084,8 +1084,9 @@ R_SOCK_OLD = ("the Jupyter on this host is too old for --unix-socket (it needs J
               "--unix-socket")
 
 
-def r_dir_problem(path):
-    """Why PATH is not a directory of this user that no one else may enter, or None."""
+def r_dir_problem(path, others=0o077):
+    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
+    no one else may enter it), or None."""
     import stat
 
     try:
@@ -1096,10 +1097,11 @@ def r_dir_problem(path):
         return "is a symbolic link"
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory"
-    if st.st_uid != os.getuid():
-        return "belongs to another user (uid %d)" % st.st_uid
-    if st.st_mode & 0o077:
-        return "is open to group or others (mode %03o)" % (st.st_mode & 0o777)
+    if st.st_uid != os.geteuid():
+        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
+    if st.st_mode & others:
+        return "is %s by group or others (mode %04o)" % (
+            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
     return None
 
 
@@ -2662,24 +2664,10 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
 CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
 
 
-def private_dir_problem(path: str, st=None):
+def private_dir_problem(path: str):
     """Why PATH is not a private directory of ours (None when it is: a real directory,
-    not a symlink, owned by us, writable by nobody else)."""
-    try:
-        st = st or os.lstat(path)
-    except OSError as e:
-        return "cannot be examined (%s)" % (e.strerror or e)
-    import stat as stat_
-
-    if stat_.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat_.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.geteuid():
-        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
-    if st.st_mode & 0o022:
-        return "is writable by group or others (mode %04o)" % stat_.S_IMODE(st.st_mode)
-    return None
+    not a symlink, owned by us, writable by nobody else); the remote side's own check."""
+    return r_dir_problem(path, 0o022)
 
 
 def control_dir_candidates() -> list:
