@@ -275,7 +275,7 @@ def recorded_destination(rec: dict) -> str:
     if rec.get("destination"):
         return rec["destination"]
     return destination(dict(port=rec.get("remote_port"), sock=rec.get("remote_socket"),
-                            address=rec.get("address")))
+                            address=rec.get("remote_host")))
 
 
 def local_socket_max() -> int:
@@ -3229,6 +3229,8 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
     for key in JOB_FIELDS:
         if info.get(key) is not None:
             rec[key] = info[key]
+    if info.get("address"):  # where a batch job's server listens, as the login node sees it
+        rec["remote_host"] = info["address"]
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
@@ -3482,7 +3484,7 @@ def public(rec: dict) -> dict:
     keys = ("host", "session", "url", "local_port", "remote_port", "remote_socket", "token",
             "manager", "app", "pid", "log", "tunnel", "plugin", "environment")
     out = {k: rec.get(k) for k in keys}
-    out.update({k: rec[k] for k in JOB_FIELDS if k in rec})
+    out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
     return out
 
 

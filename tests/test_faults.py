@@ -165,6 +165,9 @@ def link_test(nbt, remote, break_link, outage: float) -> str:
         time.sleep(outage)
         proxy.restore()
         wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 90, "link back")
+        # --watch says what it repaired once its own check through the new forward has
+        # passed, a moment after the forward first answers: give it that moment.
+        time.sleep(3)
         assert jupyter_pids(remote) == pids  # the server just kept running
         assert remote.auth_count() > before  # it reconnected
         assert len(masters(config)) == 1 and len(forwards(config)) == 1

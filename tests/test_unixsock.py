@@ -364,27 +364,10 @@ def test_socket_path_too_long_fails_before_launching(nbt, remote):
         shutil.rmtree(remote.home / ("d" * 60), ignore_errors=True)
 
 
-BATCH_PLUGIN = '''
-import nbtunnel
-
-class FakeBatch(nbtunnel.SessionManager):
-    """A batch manager: the server would run on a compute node."""
-    name = "fakebatch"
-    batch = True
-
-    def start(self, session, command):
-        return ["true"]
-
-nbtunnel.register(FakeBatch())
-'''
-
-
 def test_socket_mode_refused_where_it_cannot_work(nbt, remote, tmp_path):
-    plugin = tmp_path / "fakebatch.py"
-    plugin.write_text(BATCH_PLUGIN)
     before = remote.auth_count()
     for args, words in [
-        (["--plugin", str(plugin), "--manager", "fakebatch"],
+        (["--manager", "slurm"],
          ["compute node", "run without --unix-socket"]),
         (["--tunnel", "sshtunnel"], ["cannot forward to a Unix socket", "without --unix-socket"]),
         (["--remote-port", "8899"], ["--remote-port cannot be combined with --unix-socket"]),
