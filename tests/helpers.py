@@ -375,14 +375,20 @@ def masters(config: Path | str) -> list[int]:
     ]
 
 
-def listening_ports(pid: int) -> list[int]:
-    """TCP ports process pid listens on (Linux /proc)."""
-    inodes = set()
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process pid holds open (Linux /proc)."""
+    found = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
             link = os.readlink(f"/proc/{pid}/fd/{fd}")
             if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+                found.add(link[8:-1])
+    return found
+
+
+def listening_ports(pid: int) -> list[int]:
+    """TCP ports process pid listens on (Linux /proc)."""
+    inodes = socket_inodes(pid)
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):

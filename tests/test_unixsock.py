@@ -25,7 +25,15 @@ from pathlib import Path
 import pytest
 
 import nbtunnel
-from helpers import free_local_port, http_get, kill_pids, local_port_open, run_kernel_code, wait_until
+from helpers import (
+    free_local_port,
+    http_get,
+    kill_pids,
+    local_port_open,
+    run_kernel_code,
+    socket_inodes,
+    wait_until,
+)
 from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts
 from remotehost import SSHD
 from test_remote import remote_python36  # noqa: F401 - a fixture: python3 on the remote is 3.6
@@ -67,15 +75,6 @@ def unix_listen_paths(pid: int) -> list[str]:
             paths.append(w[7])
     return paths
 
-
-def socket_inodes(pid: int) -> set[str]:
-    found = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith("socket:["):
-                found.add(link[8:-1])
-    return found
 
 
 def server_pid(remote) -> int:
