@@ -11,23 +11,27 @@
 
 How it works: every step of one command shares one OpenSSH connection (a private
 ControlMaster socket), so you authenticate at most once per command.  The remote
-work is done by a small Python program sent on ssh's stdin (nothing is uploaded);
-it finds a free port, starts Jupyter detached in tmux (or another session manager)
-through your login environment, waits until the server is ready and answers with
-its port and token as JSON.  The tunnel is a forward added to that same master
-connection, which stays in the background until ``--terminate``.
+work is done by the "Remote side" section of this file, sliced from it and sent on
+ssh's stdin (nothing is uploaded): it finds a free port (or a private Unix socket),
+starts Jupyter detached in tmux (or another session manager, or as a batch job on a
+compute node) through your login environment, waits until the server is ready and
+answers with where it listens and its token as JSON.  The tunnel is a forward added
+to that same master connection, which stays in the background until ``--terminate``.
+The token goes only to a listener proven to be the session's own.
 
-Compatibility promise: this one file, with Python 3.8+ and the system ``ssh``, is a
-complete install; the remote needs Python 3.6+, Jupyter and the session manager.
-The command line, output and exit codes follow the documented interface; new
-options may be added, documented ones are not renamed or dropped.
+Compatibility promise: this one file, with Python 3.8+ on Linux or macOS and the
+system ``ssh``, is a complete install; the remote needs a POSIX system with Python
+3.6+, Jupyter and the session manager.  The command line, output and exit codes
+follow the documented interface; new options may be added, documented ones are not
+renamed or dropped.
 
 Plugins are Python files that ``import nbtunnel`` and call ``nbtunnel.register(obj)``
 with an object whose ``kind`` is ``"manager"``, ``"environment"`` or ``"tunnel"``
-(see the base classes ``SessionManager``, ``ShellEnvironment``, ``TunnelBackend``).
-They are loaded from ``plugins/`` beside this file, ``$XDG_CONFIG_HOME/nbtunnel/plugins``,
-``$NBTUNNEL_PLUGIN_PATH`` and ``--plugin FILE``.  Plugins describe commands as argv
-lists; they never run processes themselves.
+(see the base classes ``SessionManager``, ``PidFileManager``, ``BatchManager``,
+``ShellEnvironment``, ``TunnelBackend``); a plugin declares its options once as
+``nbtunnel.Option`` objects.  They are loaded from ``plugins/`` beside this file,
+``$XDG_CONFIG_HOME/nbtunnel/plugins``, ``$NBTUNNEL_PLUGIN_PATH`` and ``--plugin FILE``.
+Plugins describe commands as argv lists and data; they never run processes themselves.
 """
 
 import argparse
