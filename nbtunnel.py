@@ -319,16 +319,18 @@ class Option:
     ``type`` converts one value from text (raise ValueError or UsageError to refuse
     it); ``multiple`` makes it repeatable (one value per line in the config file);
     ``switch`` makes it a flag without a value; ``start`` says it shapes the server
-    itself, so a reattach with another value warns that the running server keeps its own.
+    itself, so a reattach with another value warns that the running server keeps its own;
+    ``sticky`` (the default) lets later runs of the session take it from the record.
     """
 
     def __init__(self, flag: str, help: str, metavar=None, type=str, multiple=False,
-                 short=None, choices=None, switch=False, start=True):
+                 short=None, choices=None, switch=False, start=True, sticky=True):
         if not re.match(r"--[a-z][a-z0-9-]{1,30}\Z", flag):
             raise Error("invalid option name %r: use --lowercase-words" % (flag,))
         self.flag, self.key, self.dest = flag, flag[2:], flag[2:].replace("-", "_")
         self.help, self.metavar, self.type, self.multiple = help, metavar, type, multiple
         self.short, self.choices, self.switch, self.start = short, choices, switch, start
+        self.sticky = sticky  # a later run of the session takes it from the record
 
     def add_to(self, parser) -> None:
         """Add it to PARSER (an argparse parser or group); values are converted later,
@@ -395,7 +397,8 @@ SERVER_OPTIONS = [
 TUNNEL_OPTIONS = [
     Option("--local-port", "local port (default: a free one)", metavar="N", type=port,
            start=False),
-    Option("--tunnel", "tunnel backend (default ssh)", metavar="NAME", start=False),
+    Option("--tunnel", "tunnel backend (default ssh)", metavar="NAME", start=False,
+           sticky=False),  # a foreground tunnel ends with its process: nothing to take over
     Option("--ssh-config", "ssh config file (ssh -F)", metavar="FILE", short="-F", start=False),
     Option("--ssh-option", "ssh option, as ssh -o; repeatable", metavar="OPTION", short="-o",
            multiple=True, start=False),
@@ -4245,7 +4248,8 @@ def apply_record(args, rec) -> None:
         recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
                         app=rec.get("app"))
     for option in session_options():
-        if getattr(args, option.dest, None) is None and recorded.get(option.dest) is not None:
+        if option.sticky and getattr(args, option.dest, None) is None and \
+                recorded.get(option.dest) is not None:
             setattr(args, option.dest, recorded[option.dest])
             args.origin[option.dest] = "record"
 

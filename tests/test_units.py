@@ -167,6 +167,13 @@ def test_host_section_applies_when_host_comes_from_the_only_record():
     assert host == "h1" and args.notebook_dir == "~/cfgdir"
 
 
+def test_a_foreground_tunnel_backend_is_not_taken_from_the_record():
+    """--terminate of a session once served by --tunnel sshtunnel needs no sshtunnel package."""
+    rec = dict(host="h1", session="nbtunnel", options={"tunnel": "sshtunnel", "app": "server"})
+    host, args = resolved(["h1", "--terminate"], "", [rec])
+    assert args.app == "server" and args.tunnel != "sshtunnel"
+
+
 def test_record_fills_what_command_line_and_config_leave_open():
     rec = dict(host="h1", session="nbtunnel", options={"notebook_dir": "/data/nb", "app": "server"})
     host, args = resolved(["h1", "--ensure"], "", [rec])
