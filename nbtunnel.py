@@ -2460,12 +2460,26 @@ register(Setup())
 register(SshForward())
 
 
-def plugin_files(extra=()) -> list:
-    """Plugin files to load, in order: beside this file, user config, env, --plugin."""
-    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")]
+def shipped_plugins() -> str:
+    """The directory of the plugins that come with nbtunnel: the ``nbtunnel_plugins``
+    package that ``pip install`` puts beside this module, else ``plugins/`` beside this
+    file (a checkout, or the file copied with its plugins).  Only one of the two, so that
+    an unrelated ``plugins`` directory in site-packages is never loaded."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "nbtunnel_plugins")
+    return installed if os.path.isdir(installed) else os.path.join(here, "plugins")
+
+
+def plugin_dirs() -> list:
+    """Where plugin files are looked for, in order: shipped, user config, environment."""
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    dirs.append(os.path.join(config, "nbtunnel", "plugins"))
-    dirs += [d for d in os.environ.get("NBTUNNEL_PLUGIN_PATH", "").split(os.pathsep) if d]
+    dirs = [shipped_plugins(), os.path.join(config, "nbtunnel", "plugins")]
+    return dirs + [d for d in os.environ.get("NBTUNNEL_PLUGIN_PATH", "").split(os.pathsep) if d]
+
+
+def plugin_files(extra=()) -> list:
+    """Plugin files to load, in order: shipped, user config, environment, --plugin."""
+    dirs = plugin_dirs()
     found = []
     for d in dirs:
         if os.path.isdir(d):
