@@ -297,7 +297,10 @@ def make_url(port: int, base_url: str, app: str, token: str) -> str:
 
 def seconds(text) -> float:
     """TEXT as a number of seconds above 0 and at most 30 days, else ValueError."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0  # not a number: the message below says what is wanted
     if not 0 < value <= 30 * 86400:  # also refuses nan and inf
         raise ValueError("must be a number of seconds above 0 and at most 30 days")
     return value
@@ -2450,8 +2453,14 @@ def get(kind: str, name: str):
     try:
         return REGISTRIES[kind][name]
     except KeyError:
-        raise UsageError("unknown %s %r; known: %s"
-                         % (kind, name, ", ".join(sorted(REGISTRIES[kind])))) from None
+        pass
+    import difflib
+
+    known = sorted(REGISTRIES[kind])
+    close = difflib.get_close_matches(str(name), known, 1)
+    raise UsageError("unknown %s %r (%s); known: %s" % (
+        kind, name, "did you mean %s?" % close[0] if close else "no loaded plugin provides "
+        "it: see --plugin FILE", ", ".join(known))) from None
 
 
 register(Tmux())
@@ -3505,6 +3514,9 @@ def public(rec: dict) -> dict:
     keys = ("host", "session", "url", "local_port", "remote_port", "remote_socket", "token",
             "manager", "app", "pid", "log", "tunnel", "plugin", "environment")
     out = {k: rec.get(k) for k in keys}
+    # "tunnel" is the backend here but the state in --status (both documented): these
+    # two say which.  A record is written once its tunnel is up; --status looks again.
+    out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
     return out
 
@@ -3573,8 +3585,42 @@ def ask_hosts(run: Run, by_host: dict) -> dict:
     return {h: got[h][:2] for h in hosts}
 
 
+MSG_NO_MANAGER = (
+    "{host} (session {session}): its session manager {manager} is not available here "
+    "(plugin {plugin} is not loaded), so its server state is unknown; reinstall nbtunnel "
+    "with its plugins, or load that plugin with --plugin FILE"
+)
+
+
+def missing_manager(rec: dict):
+    """The message for a record whose session manager plugin is not loaded, or None.
+    Such a session is never reported as stopped: nothing here can ask about it."""
+    name = rec.get("manager") or "tmux"
+    if name in MANAGERS:
+        return None
+    return MSG_NO_MANAGER.format(host=rec["host"], session=rec["session"], manager=name,
+                                 plugin=rec.get("plugin") or name)
+
+
+def nothing_recorded(records: list, host, session) -> str:
+    """What --status says when no record matches HOST (and SESSION): what is recorded,
+    and the recorded host closest to a mistyped one."""
+    import difflib
+
+    if not records:
+        return "no sessions recorded"
+    what = "for %s" % host if host is not None else ""
+    what += "%s session %s" % (" and" if what else "for", session) if session else ""
+    hosts = sorted({r["host"] for r in records})
+    close = difflib.get_close_matches(host, hosts, 1) if host is not None else []
+    listed = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records)
+    return "nothing recorded %s%s; recorded sessions: %s" % (
+        what, " (did you mean %s?)" % close[0] if close else "", listed)
+
+
 def cmd_status(run: Run, host) -> int:
-    """Ask each recorded host about its sessions; one line (or JSON object) each."""
+    """Ask each recorded host about its sessions; one line (or JSON object) each.
+    Sessions whose manager plugin is missing are not asked about: state unknown."""
     args = run.args
     records = [r for r in run.records if host is None or r["host"] == host]
     if args.session_given:
@@ -3582,24 +3628,35 @@ def cmd_status(run: Run, host) -> int:
     by_host = {}
     for rec in records:
         by_host.setdefault(rec["host"], []).append(rec)
-    asked = ask_hosts(run, by_host)
+    asked = ask_hosts(run, {h: [r for r in recs if not missing_manager(r)]
+                            for h, recs in by_host.items()
+                            if any(not missing_manager(r) for r in recs)})
     rows = []
     for h, recs in by_host.items():
-        up, answers = asked[h]
+        up, answers = asked.get(h, (None, {}))
         for rec in recs:
-            a = answers.get(rec["session"])
+            missing = missing_manager(rec)
+            if missing:
+                log.warning("warning: %s", missing)
+            a = None if missing else answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
-            row["tunnel"] = "up" if (held_here or up) and local_port_open(
-                rec["local_port"]) else "down"
+            port_open = local_port_open(rec["local_port"])
+            if port_open and up is None:  # a host not asked: is its master still there?
+                up = run.connection(h, rec).alive()
+            row["tunnel"] = "up" if (held_here or up) and port_open else "down"
             if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
             for key in JOB_FIELDS if a and "job_id" in a else ():
                 row[key] = a.get(key)
+            if missing:
+                row["missing_plugin"] = rec.get("manager")
+                row.update({k: None for k in ("job_state", "time_left") if k in row})  # stale
             row["plugin"] = rec.get("plugin") or (
                 MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
-            row["backend"] = rec.get("tunnel")
+            row["backend"] = row["tunnel_backend"] = rec.get("tunnel")
+            row["tunnel_state"] = row["tunnel"]
             row["environment"] = rec.get("environment", [])
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
@@ -3610,11 +3667,15 @@ def cmd_status(run: Run, host) -> int:
         for r in rows:
             job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
                 "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s" % (
+            gone = ("\tmanager plugin %s not loaded" % r["missing_plugin"]
+                    if "missing_plugin" in r else "")
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
-                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job))
-        if not rows and not args.quiet:
-            log.info("no sessions recorded")
+                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
+                gone))
+    if not rows and not args.quiet:
+        log.info("%s", nothing_recorded(run.records, host,
+                                        args.session if args.session_given else None))
     return 0
 
 
@@ -4142,9 +4203,70 @@ def cmd_print_nginx(run: Run, host: str) -> int:
 
 # Command line ################################################################
 
+MSG_SEE_HELP = " (see nbtunnel --help)"
+ARGPARSE_ERROR = re.compile(r"argument (\S+): (.*)\Z", re.S)
+
+
+def close_option(word: str, known) -> str:
+    """' did you mean --X?' for the option in KNOWN closest to WORD, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word.split("=", 1)[0], sorted(known), 1, 0.6)
+    return "; did you mean %s?" % close[0] if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, not the usage block: the library raises
+    UsageError (exit 2) and main() prints it like any other error."""
+
+    def parse_args(self, args=None, namespace=None):
+        """Like argparse's, with unrecognized words reported by unrecognized()."""
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            raise UsageError(self.unrecognized(extra))
+        return args
+
+    def unrecognized(self, extra: list) -> str:
+        """The message for words the parser did not take: the first one is named."""
+        word = extra[0]
+        if word.startswith("-") and word != "-":
+            return "unrecognized option %s%s%s" % (
+                word.split("=", 1)[0], close_option(word, self._option_string_actions),
+                MSG_SEE_HELP)
+        return "unexpected argument %r: HOST was given already%s" % (word, MSG_SEE_HELP)
+
+    def error(self, message: str):
+        """Turn argparse's message into one line that says what to do, and raise it."""
+        m = ARGPARSE_ERROR.match(message)
+        action = m and self._option_string_actions.get(m.group(1).split("/")[-1])
+        if not action:
+            raise UsageError(message + MSG_SEE_HELP)
+        flag, what = action.option_strings[-1], m.group(2)
+        if what.startswith("expected one argument"):
+            text = "option %s needs a value: %s %s, or %s=VALUE if it starts with -" % (
+                flag, flag, action.metavar or "VALUE", flag)
+        elif what.startswith("invalid choice") and action.choices:
+            import difflib
+
+            value = re.search(r"invalid choice: (.*?)(?: \(choose from|\Z)", what).group(1)
+            close = difflib.get_close_matches(value.strip("'"), list(action.choices), 1)
+            text = "invalid %s %s%s; choose from %s" % (
+                flag, value, " (did you mean %s?)" % close[0] if close else "",
+                ", ".join(action.choices))
+        elif what.startswith("not allowed with argument"):
+            other = what.rsplit(" ", 1)[-1].split("/")[-1]
+            text = "%s cannot be combined with %s" % (flag, other)
+        elif what.startswith("ignored explicit argument"):
+            value = what.split(" ", 3)[-1].strip("'")
+            text = "option %s takes no value (got %s=%s)" % (flag, flag, value)
+        else:
+            text = "%s: %s" % (flag, what)
+        raise UsageError(text + MSG_SEE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="nbtunnel", allow_abbrev=False, description="Start or reattach to Jupyter on a "
         "host you reach over SSH, tunnel it to 127.0.0.1 here, and print the URL.")
     p.add_argument("host", nargs="?", metavar="HOST",
@@ -4364,12 +4486,15 @@ def configure_logging(args) -> None:
 
 def early_options(argv):
     """What must be known before the parser can be built: -v/-q, --config, --plugin."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plugin", action="append", default=[])
     pre.add_argument("--config")
     pre.add_argument("-v", "--verbose", action="store_true")
     pre.add_argument("-q", "--quiet", action="store_true")
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except UsageError:  # e.g. --plugin without a value: the full parser will say so
+        known, _ = pre.parse_known_args([])
     return known
 
 
