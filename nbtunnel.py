@@ -2299,7 +2299,7 @@ class RcFile(ShellEnvironment):
 
     name = "rc"
     order = 10
-    options = [Option("--rc", "remote shell file to source before launching", metavar="FILE")]
+    options = [Option("--rc", "shell file to source first", metavar="FILE")]
 
     def steps(self, args):
         """Source the file in the user's login shell; a missing file is an error."""
@@ -2317,8 +2317,8 @@ class Setup(ShellEnvironment):
 
     name = "setup"
     order = 90
-    options = [Option("--setup", "remote shell command to run before Jupyter starts, in the "
-                      "syntax of your login shell (raw: it is code)", metavar="CMD")]
+    options = [Option("--setup", "command to run last, in your login shell's syntax (it is "
+                      "code)", metavar="CMD")]
 
     def steps(self, args):
         """Evaluate the command; its failure fails the start."""
@@ -4264,35 +4264,88 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(text + MSG_SEE_HELP)
 
 
+# What --help lists as the environment variables nbtunnel reads (this side only).
+ENV_VARS = (("NBTUNNEL_CONFIG", "config file"), ("NBTUNNEL_STATE_DIR", "records"),
+            ("NBTUNNEL_MANAGER", "default --manager"),
+            ("NBTUNNEL_PLUGIN_PATH", "more plugin directories"),
+            ("NBTUNNEL_RUNTIME_DIR", "ssh control sockets"), ("XDG_CONFIG_HOME", None),
+            ("XDG_STATE_HOME", None), ("XDG_RUNTIME_DIR", None))
+EXAMPLES = (
+    ("nbtunnel myserver --open", "start or reattach, open the browser"),
+    ("nbtunnel --status", "every recorded session and its state"),
+    ("nbtunnel myserver --terminate", "stop Jupyter, its session, the tunnel"),
+    ("nbtunnel hpc --conda analysis --module cuda/12.2 --notebook-dir ~/work", ""),
+    ("nbtunnel hpc --manager slurm --partition gpu --gres gpu:1 --time 8:00:00", ""),
+)
+EXIT_CODES = ("0 done; 1 could not do it (unreachable, refused, Jupyter failed); "
+              "2 bad usage or input; 3 --terminate refused: kernels busy (--force)")
+
+
+def names(registry: dict, default=None) -> str:
+    """The plugin names of REGISTRY for --help, DEFAULT marked."""
+    return ", ".join(n + (" (default)" if n == default else "") for n in
+                     sorted(registry, key=lambda n: (n != default, n)))
+
+
+def help_epilog() -> str:
+    """The end of --help: examples, plugins, files, environment, exit codes."""
+    import textwrap
+
+    def item(title, text):
+        return textwrap.fill(text, 79, initial_indent="%-14s" % title, subsequent_indent=" " * 14,
+                             break_on_hyphens=False, break_long_words=False)
+
+    envs = sorted(ENVIRONMENTS.values(), key=lambda e: getattr(e, "order", 50))
+    home = os.path.expanduser("~")
+    tilde = lambda path: "~" + path[len(home):] if path.startswith(home + "/") else path  # noqa: E731
+    lines = ["examples:"] + ["  %-30s %s" % e if e[1] else "  " + e[0] for e in EXAMPLES]
+    lines += ["", "\n".join([
+        item("managers:", names(MANAGERS, "tmux")),
+        item("environments:", ", ".join(e.name for e in envs) + " (set up in this order)"),
+        item("tunnels:", names(TUNNELS, "ssh")),
+        item("config file:", "%s (INI: [DEFAULT] and [host ALIAS] sections, keys are the long "
+             "options without dashes)" % tilde(config_path(argparse.Namespace(config=None))[0])),
+        item("plugins from:", ", ".join(tilde(d) for d in plugin_dirs()[:2]) +
+             ", $NBTUNNEL_PLUGIN_PATH, --plugin FILE"),
+        item("environment:", ", ".join("%s (%s)" % (n, what) if what else n
+                                       for n, what in ENV_VARS)),
+        item("exit codes:", EXIT_CODES)])]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+    """The command-line interface; its errors are UsageError (see Parser)."""
     p = Parser(
-        prog="nbtunnel", allow_abbrev=False, description="Start or reattach to Jupyter on a "
-        "host you reach over SSH, tunnel it to 127.0.0.1 here, and print the URL.")
+        prog="nbtunnel", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [HOST] [--status | --terminate | --ensure | --watch |\n"
+        "                --print-service KIND | --print-nginx] [options]", epilog=help_epilog(),
+        description="Start or reattach to Jupyter on a host you reach over SSH, tunnel it to\n"
+        "127.0.0.1 here, and print the URL.")
     p.add_argument("host", nargs="?", metavar="HOST",
-                   help="ssh destination: host, user@host, ssh://user@host:port or an alias")
+                   help="user@host, ssh://user@host:port or an ssh alias")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--terminate", action="store_true", help="stop the server and the tunnel")
     act.add_argument("--status", action="store_true", help="show recorded sessions")
     act.add_argument("--ensure", action="store_true",
-                     help="for cron: start or repair whatever is missing; silent when all is well")
+                     help="for cron: repair what is missing; silent when all is well")
     p.add_argument("--watch", action="store_true",
-                   help="stay in the foreground and keep the tunnel healthy; Ctrl-C closes the "
-                   "tunnel (with --terminate: also stops the server)")
+                   help="stay in the foreground, keeping server and tunnel up")
     p.add_argument("--interval", metavar="SECONDS", default="5",
-                   help="with --watch: seconds between health checks (default 5)")
-    act.add_argument("--print-service", choices=("cron", "systemd", "launchd"),
-                     help="print a crontab line, systemd unit or launchd plist that keeps "
-                     "the session alive")
+                   help="with --watch: seconds between checks (default 5)")
+    act.add_argument("--print-service", choices=("cron", "systemd", "launchd"), metavar="KIND",
+                     help="print a cron, systemd or launchd unit keeping it alive")
     act.add_argument("--print-nginx", action="store_true",
                      help="print an nginx server block in front of the tunnel")
     p.add_argument("--force", action="store_true",
                    help="with --terminate: even if kernels are busy")
-    p.add_argument("--all", action="store_true", help="with --terminate or --ensure: every "
-                   "recorded session (of HOST), all hosts at once")
+    p.add_argument("--all", action="store_true",
+                   help="with --terminate/--ensure: every session (of HOST)")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
     for option in SERVER_OPTIONS:
+        if option.dest == "manager":
+            option = copy.copy(option)
+            option.help = "session manager: %s" % names(MANAGERS, "tmux")
         option.add_to(g)
     g = p.add_argument_group("the tunnel and ssh")
     longer = ", ".join("%g with --manager %s" % (m.default_timeout, n) for n, m in
@@ -4301,6 +4354,9 @@ def build_parser() -> argparse.ArgumentParser:
         if option.dest == "timeout" and longer:
             option = copy.copy(option)
             option.help += "; waiting for a batch job: %s" % longer
+        elif option.dest == "tunnel":
+            option = copy.copy(option)
+            option.help = "tunnel backend: %s" % names(TUNNELS, "ssh")
         option.add_to(g)
     g = p.add_argument_group("nbtunnel")
     g.add_argument("--plugin", metavar="FILE", action="append", help="load a plugin file")
@@ -4313,12 +4369,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="show every ssh command run")
     g.add_argument("--version", action="version", version="nbtunnel " + __version__)
+    # Plugins' options: one group per manager or tunnel backend, one for the environment
+    # (whose plugins each add one option that its help already explains).
+    env = p.add_argument_group("the remote environment (in your login shell, in this order)")
     groups = {}
-    for plugin, option in plugin_options():
+    for plugin, option in sorted(plugin_options(), key=lambda po: getattr(po[0], "order", 50)):
+        if plugin.kind == "environment":
+            option.add_to(env)
+            continue
         if plugin.name not in groups:
-            groups[plugin.name] = p.add_argument_group(
-                "%s %s plugin" % (plugin.name, plugin.kind),
-                ((type(plugin).__doc__ or "").strip().splitlines() or [None])[0])
+            groups[plugin.name] = p.add_argument_group("with --%s %s" % (plugin.kind,
+                                                                        plugin.name))
         option.add_to(groups[plugin.name])
     return p
 

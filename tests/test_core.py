@@ -73,6 +73,8 @@ def test_json_output_and_state_files_are_private(nbt, remote):
         assert key in info, key
     assert info["host"] == remote.alias and info["session"] == "nbtunnel"
     assert info["manager"] == "tmux" and info["reused"] is False
+    # "tunnel" is the backend here (documented); these two say what they are everywhere.
+    assert info["tunnel_backend"] == info["tunnel"] == "ssh" and info["tunnel_state"] == "up"
     assert f":{info['local_port']}/" in info["url"] and info["token"] in info["url"]
     assert stat.S_IMODE(os.stat(nbt.state_dir).st_mode) == 0o700
     files = [p for p in nbt.state_dir.iterdir() if p.is_file()]
@@ -112,6 +114,9 @@ def test_status_asks_the_remote(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert remote.alias in line and "server=running" in line and "tunnel=up" in line
+    row = nbt.status()[0]  # "tunnel" is the state here (documented), "backend" the backend
+    assert row["tunnel_state"] == row["tunnel"] == "up"
+    assert row["tunnel_backend"] == row["backend"] == info["tunnel_backend"] == "ssh"
 
     # The server dies behind nbtunnel's back: --status must notice (it asks the remote).
     kill_jupyter(remote)

@@ -206,7 +206,7 @@ def test_config_ssh_option_is_one_per_line():
 
 
 def test_option_abbreviations_are_off():
-    with pytest.raises(SystemExit):
+    with pytest.raises(nbtunnel.UsageError):
         nbtunnel.build_parser().parse_args(["h", "--timeou", "5"])  # (--time is Slurm's)
 
 
