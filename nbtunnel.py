@@ -4269,7 +4269,7 @@ ENV_VARS = (("NBTUNNEL_CONFIG", "config file"), ("NBTUNNEL_STATE_DIR", "records"
             ("NBTUNNEL_MANAGER", "default --manager"),
             ("NBTUNNEL_PLUGIN_PATH", "more plugin directories"),
             ("NBTUNNEL_RUNTIME_DIR", "ssh control sockets"), ("XDG_CONFIG_HOME", None),
-            ("XDG_STATE_HOME", None), ("XDG_RUNTIME_DIR", None))
+            ("XDG_STATE_HOME", None), ("XDG_RUNTIME_DIR", None), ("TERM", "dumb: no progress"))
 EXAMPLES = (
     ("nbtunnel myserver --open", "start or reattach, open the browser"),
     ("nbtunnel --status", "every recorded session and its state"),
