@@ -234,7 +234,7 @@ BROKEN = {
 
 
 def known_managers(stderr: str) -> list[str]:
-    match = re.search(r"unknown manager 'nosuch'; known: (.*)", stderr)
+    match = re.search(r"unknown manager 'nosuch' \([^)]*\); known: (.*)", stderr)
     assert match, stderr
     return match.group(1).split(", ")
 
