@@ -2795,19 +2795,15 @@ class Connection(Transport):
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
-    def master_argv(self, *extra) -> list:
-        """ssh that starts the master (it stays in the background: ControlPersist)."""
-        return self.argv("-M", "-o", "ControlPersist=yes",
-                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, *extra)
-
     def open(self) -> None:
         """Start the master unless one runs; this is the only authentication."""
         if self.alive():
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # a socket left by a master that died
-        argv = self.master_argv("-f", "-N", self.host)
+        argv = self.argv("-M", "-o", "ControlPersist=yes",  # it stays in the background
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, "-f", "-N", self.host)
         import tempfile
 
         # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
