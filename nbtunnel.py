@@ -2645,7 +2645,8 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
 
 
 SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
-                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON}
+                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
+                "no-answer": "{host} did not answer within {detail}"}
 
 
 def ssh_error(host: str, kind: str, detail="") -> SshError:
@@ -2845,7 +2846,7 @@ class Connection(Transport):
             try:
                 r = subproc(argv, input=data, capture_output=True, timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise ssh_error(self.host, "no-answer", "no answer within %gs" % timeout) from None
+                raise ssh_error(self.host, "no-answer", "%gs" % timeout) from None
         return r.stdout, r.stderr, r.returncode
 
     def control(self, command: str, *extra) -> None:

@@ -176,8 +176,7 @@ class ParamikoConnection(nbtunnel.Transport):
             stdin.channel.shutdown_write()
             return stdout.read(), stderr.read(), stdout.channel.recv_exit_status()
         except socket.timeout:
-            raise nbtunnel.ssh_error(self.host, "no-answer",
-                                     "no answer within %gs" % timeout) from None
+            raise nbtunnel.ssh_error(self.host, "no-answer", "%gs" % timeout) from None
         except (OSError, paramiko.SSHException) as e:
             raise nbtunnel.ssh_error(self.host, "unreachable", e) from None
 
