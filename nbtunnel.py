@@ -28,10 +28,12 @@ renamed or dropped.
 Plugins are Python files that ``import nbtunnel`` and call ``nbtunnel.register(obj)``
 with an object whose ``kind`` is ``"manager"``, ``"environment"`` or ``"tunnel"``
 (see the base classes ``SessionManager``, ``PidFileManager``, ``BatchManager``,
-``ShellEnvironment``, ``TunnelBackend``); a plugin declares its options once as
-``nbtunnel.Option`` objects.  They are loaded from ``plugins/`` beside this file,
+``ShellEnvironment``, ``TunnelBackend``, ``Transport``); a plugin declares its options once
+as ``nbtunnel.Option`` objects.  They are loaded from ``plugins/`` beside this file,
 ``$XDG_CONFIG_HOME/nbtunnel/plugins``, ``$NBTUNNEL_PLUGIN_PATH`` and ``--plugin FILE``.
-Plugins describe commands as argv lists and data; they never run processes themselves.
+Plugins use only the names in ``__all__``.  Managers and environments describe remote
+commands as argv lists and data and run nothing; a tunnel backend, which works on this
+machine, starts local processes only through ``subproc``.
 """
 
 import argparse
@@ -60,6 +62,10 @@ except ImportError:  # not POSIX: main() refuses to run, with a message that say
     fcntl = None
 
 __version__ = "0.1.0"
+__all__ = [  # the plugin API: what plugins may use (README, "Writing a plugin")
+    "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "register",
+    "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment", "TunnelBackend",
+    "Transport", "describe_manager", "shell_line", "forward_spec", "ssh_error", "subproc"]
 
 log = logging.getLogger("nbtunnel")
 
@@ -158,7 +164,7 @@ class UsageError(Error):
 
 
 class SshError(Error):
-    """ssh itself failed; ``kind`` is one of SSH_KINDS."""
+    """ssh itself failed; ``kind`` is one of SSH_REFUSALS or SSH_LINK."""
 
 
 class RemoteError(Error):
@@ -460,14 +466,14 @@ def classify_ssh_error(host: str, stderr: str) -> SshError:
     text = stderr.strip()
     last = text.splitlines()[-1] if text else "ssh failed without a message"
     if "IDENTIFICATION HAS CHANGED" in text:
-        return SshError(MSG_HOSTKEY_CHANGED.format(host=host), kind="hostkey-changed")
+        return ssh_error(host, "hostkey-changed")
     if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
         found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
         offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
         return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
     if "Permission denied" in text or "Too many authentication failures" in text:
-        return SshError(MSG_AUTH.format(host=host, detail=last), kind="auth")
-    return SshError(MSG_UNREACHABLE.format(host=host, detail=last), kind="unreachable")
+        return ssh_error(host, "auth", last)
+    return ssh_error(host, "unreachable", last)
 
 
 def strict_host_keys(words: list) -> list:
@@ -484,39 +490,6 @@ def strict_host_keys(words: list) -> list:
                         "never connects to a host whose key has changed", out[i])
             out[i] = "StrictHostKeyChecking=accept-new"
     return out
-
-
-def offered_host_key(conn, stderr: str) -> str:
-    """After ssh refused an unknown host key: the fingerprint line of the key the host
-    offers, as ssh's own prompt would show it ("" when not that failure).
-
-    In batch mode ssh does not print it, so ask ssh once more, at debug level, with
-    the same options (jump hosts and aliases included); this is the failure path only."""
-    if "IDENTIFICATION HAS CHANGED" in stderr or not (
-            "Host key verification failed" in stderr or "host key is known" in stderr):
-        return ""
-    argv = ["ssh"] + list(conn.options) + [
-        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no",
-        "-o", "ControlPath=none", "-o", "LogLevel=DEBUG1",
-        "-o", "ConnectTimeout=%d" % max(1, int(conn.timeout)), conn.host, "true"]
-    try:
-        r = subproc(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                    timeout=conn.timeout + 5)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    m = re.search(r"Server host key: (\S+) (\S+)", r.stderr)
-    if not m:
-        return ""
-    kind = m.group(1).replace("ssh-", "").split("-")[0].upper()
-    return "\n%s key fingerprint is %s" % (kind, m.group(2))
-
-
-def refuse_changed_host_key(conn, stderr: str) -> None:
-    """End a master that connected although the host key has changed (the user's
-    ssh_config said StrictHostKeyChecking no): nothing may be sent to that host."""
-    if "IDENTIFICATION HAS CHANGED" in stderr:
-        conn.close()
-        raise SshError(MSG_HOSTKEY_CHANGED.format(host=conn.host), kind="hostkey-changed")
 
 
 # Remote side: begin ##########################################################
@@ -1960,13 +1933,16 @@ def r_main(data):
 
 # Remote side: end ############################################################
 
-# What remote_program() sends (the wire format), four lines of Python:
+
+# Wire format #################################################################
+#
+# What remote_program() sends on the stdin of REMOTE_COMMAND, four lines of Python:
 #   import base64,zlib
 #   R_SOURCE=zlib.decompress(base64.b64decode(b"<the section, padded>")).decode()
 #   exec(compile(R_SOURCE,"nbtunnel.py","exec"))
 #   r_main(b"<base64 of the zlib-compressed JSON parameters>")
 # The section is read from this file (the installed module's file after `pip install`)
-# and compressed once per run.
+# and compressed once per run.  Transport.run_helper() sends it and calls parse_result().
 _REMOTE_CACHE = {}
 
 
@@ -2006,7 +1982,7 @@ def parse_result(host: str, stdout: str, stderr: str, code: int):
     if code == 255:  # ssh's own failure: its words, not the remote shell's
         raise classify_ssh_error(host, stderr)
     if re.search(r"(?i)\bpython3?\b.{0,20}not found|unknown command:? \W?python", stderr):
-        raise SshError(MSG_NO_PYTHON.format(host=host), kind="no-python")
+        raise ssh_error(host, "no-python")
     if "SyntaxError" in stderr:
         raise SshError(MSG_NO_PYTHON.format(host=host) + " (its python3 is too old)",
                        kind="no-python")
@@ -2334,8 +2310,8 @@ class TunnelBackend:
     A backend with ``foreground = True`` holds the forward in this process: after
     printing the URL nbtunnel calls ``serve(conn)``, which returns when the user
     presses Ctrl-C (or on SIGTERM), and then ``close``.  ``connection(host,
-    options, timeout)`` may return an object that replaces the OpenSSH
-    ``Connection`` (same methods), or None to use it.
+    options, timeout)`` may return a ``Transport`` that replaces the OpenSSH
+    ``Connection``, or None to use it.
     """
 
     kind = "tunnel"
@@ -2344,7 +2320,7 @@ class TunnelBackend:
     unix_socket = False  # True: open() also takes a remote Unix socket path as DESTINATION
 
     def connection(self, host: str, options: list, timeout: float):
-        """A replacement for the OpenSSH Connection, or None."""
+        """A Transport that replaces the OpenSSH Connection, or None."""
         return None
 
     def serve(self, conn) -> None:
@@ -2691,6 +2667,17 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, **kw)
 
 
+SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
+                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
+                "no-answer": "{host} did not answer within {detail}"}
+
+
+def ssh_error(host: str, kind: str, detail="") -> SshError:
+    """The SshError of KIND (one of SSH_REFUSALS or SSH_LINK) about HOST, in nbtunnel's words."""
+    text = SSH_MESSAGES.get(kind, "{host}: {detail}")
+    return SshError(text.format(host=host, detail=detail), kind=kind)
+
+
 CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
 
 
@@ -2746,7 +2733,56 @@ HELPER_WAIT = {"start": "waiting for Jupyter on %s", "stop": "stopping Jupyter o
                "status": "asking %s", "job": None}  # None: the caller's line stays
 
 
-class Connection:
+class Transport:
+    """How a command reaches HOST: one connection that all its steps share (the OpenSSH
+    ``Connection``, or what a tunnel backend's ``connection()`` returns).  It has ``host``,
+    ``options`` (ssh argv words), ``timeout``, ``socket`` (control socket or None) and
+    ``opened_here`` (open() connected in this command); it implements open, alive, pipe
+    and close, and run_helper sends the helper through pipe.  Connecting or carrying bytes
+    fails with ``ssh_error(host, kind, detail)``: kind in SSH_REFUSALS or SSH_LINK."""
+
+    socket = None
+    opened_here = False
+
+    def argv(self, *extra) -> list:
+        """The ssh command line of HOST with the user's options, EXTRA appended."""
+        return ["ssh"] + self.options + list(extra)
+
+    def open(self) -> None:
+        """Connect and authenticate, unless connected already."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        """Is the connection up (no new login needed)?"""
+        raise NotImplementedError
+
+    def pipe(self, command: str, data: bytes, timeout: float):
+        """Run the constant COMMAND on HOST with DATA on its stdin, connecting if need be;
+        (stdout bytes, stderr bytes, exit status); a timeout is kind "no-answer"."""
+        raise NotImplementedError
+
+    def run_helper(self, op: str, params: dict, timeout: float):
+        """Run the remote helper's operation OP with PARAMS; its result, or the Error it names."""
+        text = HELPER_WAIT.get(op, "waiting for %s")
+        with progress(text % self.host) if text else contextlib.nullcontext():
+            out, err, code = self.pipe(REMOTE_COMMAND, remote_program(op, params), timeout)
+        return parse_result(self.host, out.decode("utf-8", "replace"),
+                            err.decode("utf-8", "replace"), code)
+
+    def control(self, command: str, *extra) -> None:
+        """Send a control command (forward, cancel, exit) to the master."""
+        raise Error("the connection to %s has no master for ssh -O %s" % (self.host, command))
+
+    def master_pid(self):
+        """Pid of the local process that holds the connection and its forwards, or None."""
+        return None
+
+    def close(self) -> None:
+        """Disconnect, ending every forward the connection holds."""
+        raise NotImplementedError
+
+
+class Connection(Transport):
     """One OpenSSH master connection to HOST, shared by every step of a command."""
 
     def __init__(self, host: str, options: list, key: str, timeout: float):
@@ -2783,19 +2819,15 @@ class Connection:
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
-    def master_argv(self, *extra) -> list:
-        """ssh that starts the master (it stays in the background: ControlPersist)."""
-        return self.argv("-M", "-o", "ControlPersist=yes",
-                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, *extra)
-
     def open(self) -> None:
         """Start the master unless one runs; this is the only authentication."""
         if self.alive():
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # a socket left by a master that died
-        argv = self.master_argv("-f", "-N", self.host)
+        argv = self.argv("-M", "-o", "ControlPersist=yes",  # it stays in the background
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, "-f", "-N", self.host)
         import tempfile
 
         # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
@@ -2807,9 +2839,8 @@ class Connection:
                             timeout=None if not self.batch else self.timeout + 5)
                 code = r.returncode
             except subprocess.TimeoutExpired:
-                raise SshError(MSG_UNREACHABLE.format(
-                    host=self.host, detail="no answer within %gs" % self.timeout),
-                    kind="unreachable") from None
+                raise ssh_error(self.host, "unreachable",
+                                "no answer within %gs" % self.timeout) from None
             except FileNotFoundError:
                 raise SshError("no ssh program found on this machine; install OpenSSH",
                                kind="no-ssh") from None
@@ -2827,24 +2858,19 @@ class Connection:
         line stops redrawing, so the prompt stays readable."""
         return contextlib.nullcontext() if self.batch else progress.frozen_while()
 
-    def run_helper(self, op: str, params: dict, timeout: float) -> dict:
-        """Run the remote helper for OP over the master (if none runs, ssh connects
-        by itself for this one command); return its result."""
+    def pipe(self, command: str, data: bytes, timeout: float):
+        """COMMAND over the master (if none runs, ssh connects by itself for this one
+        command), DATA on its stdin: (stdout, stderr, exit status)."""
         argv = self.argv("-T", "-o", "ControlMaster=no",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         self.host, REMOTE_COMMAND)
+                         self.host, command)
         prompt = contextlib.nullcontext() if os.path.exists(self.socket) else self.may_prompt()
-        text = HELPER_WAIT.get(op, "waiting for %s")
-        shown = progress(text % self.host) if text else contextlib.nullcontext()
-        with shown, prompt:
+        with prompt:
             try:
-                r = subproc(argv, input=remote_program(op, params), capture_output=True,
-                            timeout=timeout)
+                r = subproc(argv, input=data, capture_output=True, timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise SshError("%s did not answer within %gs" % (self.host, timeout),
-                               kind="no-answer") from None
-        out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
-        return parse_result(self.host, out, err, r.returncode)
+                raise ssh_error(self.host, "no-answer", "%gs" % timeout) from None
+        return r.stdout, r.stderr, r.returncode
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -2859,6 +2885,39 @@ class Connection:
         if os.path.exists(self.socket):
             subproc(self.argv("-O", "exit", self.host), stdin=subprocess.DEVNULL,
                     capture_output=True)
+
+
+def offered_host_key(conn, stderr: str) -> str:
+    """After ssh refused an unknown host key: the fingerprint line of the key the host
+    offers, as ssh's own prompt would show it ("" when not that failure).
+
+    In batch mode ssh does not print it, so ask ssh once more, at debug level, with
+    the same options (jump hosts and aliases included); this is the failure path only."""
+    if "IDENTIFICATION HAS CHANGED" in stderr or not (
+            "Host key verification failed" in stderr or "host key is known" in stderr):
+        return ""
+    argv = ["ssh"] + list(conn.options) + [
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no",
+        "-o", "ControlPath=none", "-o", "LogLevel=DEBUG1",
+        "-o", "ConnectTimeout=%d" % max(1, int(conn.timeout)), conn.host, "true"]
+    try:
+        r = subproc(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    timeout=conn.timeout + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"Server host key: (\S+) (\S+)", r.stderr)
+    if not m:
+        return ""
+    kind = m.group(1).replace("ssh-", "").split("-")[0].upper()
+    return "\n%s key fingerprint is %s" % (kind, m.group(2))
+
+
+def refuse_changed_host_key(conn, stderr: str) -> None:
+    """End a master that connected although the host key has changed (the user's
+    ssh_config said StrictHostKeyChecking no): nothing may be sent to that host."""
+    if "IDENTIFICATION HAS CHANGED" in stderr:
+        conn.close()
+        raise ssh_error(conn.host, "hostkey-changed")
 
 
 # State #######################################################################
@@ -3121,8 +3180,8 @@ def lsof_ports(pid: int) -> list:
     if not shutil.which("lsof"):
         return []
     try:
-        r = subprocess.run(["lsof", "-nP", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-Fn"],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        r = subproc(["lsof", "-nP", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-Fn"],
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return []
     return sorted({int(m) for m in re.findall(r"^n.*:(\d+)$", r.stdout, re.MULTILINE)})
@@ -3880,11 +3939,10 @@ def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     if err.kind in SSH_REFUSALS:
         return False
-    if err.kind in ("unreachable", "not-answering"):
-        return True  # the link is down, or the server is there but slow: look again later
     if err.kind == "no-answer":
         conn.close()  # a hung link: drop the master so that the next try reconnects
-        return True
+    if err.kind in SSH_LINK + ("not-answering",):
+        return True  # the link is down, or the server is there but slow: look again later
     return not conn.alive()
 
 

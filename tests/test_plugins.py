@@ -13,6 +13,7 @@ import pytest
 
 from helpers import (
     api_status,
+    free_local_port,
     jupyter_pids,
     kill_jupyter,
     local_port_open,
@@ -457,3 +458,94 @@ def test_sshtunnel_refuses_a_jump_host_before_connecting(nbt, remote):
     assert proc.returncode == 1
     assert "cannot go through proxyjump" in proc.stderr and "--tunnel ssh" in proc.stderr
     assert remote.auth_count() == before and not jupyter_pids(remote)
+
+
+# The plugin API and the transport contract ####################################
+
+
+def plugin_section(readme: str) -> str:
+    """README's "Plugins" section, up to the next top-level section."""
+    return readme.split("\n## Plugins\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.noroot
+def test_readme_plugin_section_names_exactly_the_plugin_api():
+    import nbtunnel
+
+    named = set(re.findall(r"\bnbtunnel\.([A-Za-z_]\w*)", plugin_section((REPO / "README.md").read_text())))
+    named -= {"py", "__all__"}  # the file's name; the list itself
+    assert named == set(nbtunnel.__all__)
+    assert all(hasattr(nbtunnel, name) for name in nbtunnel.__all__)
+
+
+@pytest.mark.noroot
+@pytest.mark.parametrize("path", sorted((REPO / "plugins").glob("*.py")), ids=lambda p: p.name)
+def test_shipped_plugins_use_only_the_plugin_api(path):
+    import ast
+
+    import nbtunnel
+
+    used = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "nbtunnel"}
+    assert used and used <= set(nbtunnel.__all__), used - set(nbtunnel.__all__)
+
+
+def sshtunnel_plugin():
+    import sys
+
+    import nbtunnel
+
+    nbtunnel.load_plugins([str(REPO / "plugins" / "sshtunnel_backend.py")])
+    return sys.modules["nbtunnel_plugin_sshtunnel_backend"]
+
+
+@pytest.mark.noroot
+def test_the_sshtunnel_connection_implements_the_transport():
+    import nbtunnel
+
+    Transport = nbtunnel.Transport
+    conn = sshtunnel_plugin().ParamikoConnection("h", ["-F", "/dev/null"], 5)
+    assert isinstance(conn, Transport) and isinstance(nbtunnel.Connection("h", [], "k", 5), Transport)
+    methods = {n for n, v in vars(Transport).items() if callable(v) and not n.startswith("_")}
+    assert methods >= {"open", "alive", "pipe", "run_helper", "control", "close", "master_pid", "argv"}
+    for name in methods:
+        assert callable(getattr(conn, name)), name
+    for name in ("open", "alive", "pipe", "close"):  # what the base class leaves to each transport
+        assert getattr(type(conn), name) is not getattr(Transport, name), name
+    assert (conn.host, conn.options, conn.timeout, conn.opened_here) == ("h", ["-F", "/dev/null"], 5, False)
+    assert conn.alive() is False and conn.master_pid() is None and conn.socket is None
+    assert conn.argv("-O", "check") == ["ssh", "-F", "/dev/null", "-O", "check"]
+    with pytest.raises(nbtunnel.Error):
+        conn.control("forward", "-L", "1:127.0.0.1:2")
+    conn.close()  # nothing to close: no error
+
+
+def test_sshtunnel_connection_failures_carry_ssh_kinds(remote, tmp_path, monkeypatch):
+    """paramiko's failures are SshErrors of the kind OpenSSH's are, so that --watch can
+    tell a refusal (stop) from a link that is down (retry): helper and forward alike."""
+    import subprocess
+    import types
+
+    import nbtunnel
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    plugin = sshtunnel_plugin()
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    config = remote.write_ssh_config(tmp_path / "config", "nbt-stranger", IdentityFile=stranger)
+    known = remote.ip if remote.port == 22 else f"[{remote.ip}]:{remote.port}"  # the down port: no key of its own
+    config.write_text(config.read_text() + remote.ssh_config_block(
+        remote.down_alias, Port=remote.down_port, HostKeyAlias=known))
+    cases = [("nbt-stranger", "auth", nbtunnel.SSH_REFUSALS),
+             (remote.down_alias, "unreachable", nbtunnel.SSH_LINK)]
+    for alias, kind, group in cases:
+        conn = plugin.ParamikoConnection(alias, ["-F", str(config)], 10)
+        with pytest.raises(nbtunnel.SshError) as failed:
+            conn.run_helper("status", {"sessions": ["s"]}, 30)
+        assert failed.value.kind == kind and kind in group, failed.value
+        assert alias in str(failed.value) and not conn.alive()
+        ssh_conn = types.SimpleNamespace(host=alias, options=["-F", str(config)], timeout=10)
+        with pytest.raises(nbtunnel.SshError) as failed:
+            plugin.SshtunnelBackend().open(ssh_conn, free_local_port(), "127.0.0.1:9")
+        assert failed.value.kind == kind, failed.value
