@@ -2017,7 +2017,8 @@ class SessionManager:
     never inside a shell line.  With ``detach = True`` the helper runs ``start``
     in a new session (setsid) with stdin from /dev/null and output to
     ``@OUTPUT@``, and does not wait for it: for managers that are a plain command
-    (nohup) rather than a program that detaches by itself (tmux, screen).
+    (nohup) rather than a program that detaches by itself (tmux, screen).  Work that no
+    remote command does is a function of the plugin's own, run by ``remote_call``.
     """
 
     kind = "manager"
