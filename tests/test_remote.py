@@ -443,20 +443,6 @@ def test_pidfile_manager_alive_and_stop_whole_group(home, procs):
     assert pid_alive(other.pid)
 
 
-def test_pidfile_manager_class_and_nohup():
-    nbtunnel.load_plugins(nbtunnel.plugin_files())
-    nohup = nbtunnel.get("manager", "nohup")
-    assert isinstance(nohup, nbtunnel.PidFileManager) and nohup.detach
-    desc = nbtunnel.describe_manager(nohup, "s")
-    assert desc["alive"] == [nbtunnel.R_PIDFILE_ALIVE] and desc["stop"] == [nbtunnel.R_PIDFILE_STOP]
-    assert desc["start"] == ["nohup", "@PYTHON@", "-c", nbtunnel.R_LAUNCH_BOOT, "@LAUNCH@"]
-    assert nbtunnel.check_plugin(nohup) == "manager"
-    assert len((REPO / "plugins" / "nohup.py").read_text().splitlines()) < 30
-    for name in ("tmux", "screen", "nohup"):
-        start = nbtunnel.describe_manager(nbtunnel.get("manager", name), "s")["start"]
-        assert "@LAUNCH@" in " ".join(start) and "%r" not in " ".join(start)
-
-
 def free_names(src: str) -> set[str]:
     """Names that SRC (one function) reads but neither binds, imports nor gets from builtins."""
     import builtins
@@ -531,6 +517,20 @@ def test_screen_matches_the_session_name_exactly(home, screens):
     assert nbtunnel.r_run_manager(screen, "stop", "nb", env)[0] == 0
     wait_until(lambda: names() == ["nb.x", "nbtunnel"], 10, message="nb gone, the others left")
     assert not ours()
+
+
+def test_pidfile_manager_class_and_nohup():
+    nbtunnel.load_plugins(nbtunnel.plugin_files())
+    nohup = nbtunnel.get("manager", "nohup")
+    assert isinstance(nohup, nbtunnel.PidFileManager) and nohup.detach
+    desc = nbtunnel.describe_manager(nohup, "s")
+    assert desc["alive"] == [nbtunnel.R_PIDFILE_ALIVE] and desc["stop"] == [nbtunnel.R_PIDFILE_STOP]
+    assert desc["start"] == ["nohup", "@PYTHON@", "-c", nbtunnel.R_LAUNCH_BOOT, "@LAUNCH@"]
+    assert nbtunnel.check_plugin(nohup) == "manager"
+    assert len((REPO / "plugins" / "nohup.py").read_text().splitlines()) < 30
+    for name in ("tmux", "screen", "nohup"):
+        start = nbtunnel.describe_manager(nbtunnel.get("manager", name), "s")["start"]
+        assert "@LAUNCH@" in " ".join(start) and "%r" not in " ".join(start)
 
 
 # A real remote user whose python3 is 3.6 ######################################
