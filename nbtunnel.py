@@ -565,12 +565,31 @@ def r_own_source():
 
 # Files ----------------------------------------------------------------------
 
+def r_dir_problem(path, others=0o077):
+    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
+    no one else may enter it), or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "cannot be examined (%s)" % (e.strerror or e)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
+    if st.st_mode & others:
+        return "is %s by group or others (mode %04o)" % (
+            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
+    return None
+
+
 def r_state_dir():
     """The private directory of nbtunnel's remote files, made 0700 on first use.  One that
     is a symlink, not this user's or writable by others is refused, never repaired: what
     another user could plant there (records, pid files) is not to be trusted."""
-    import stat
-
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     path = os.path.join(base, "nbtunnel")
     try:
@@ -581,19 +600,13 @@ def r_state_dir():
     except OSError as e:
         raise RemoteFail("state-dir", "cannot create the remote state directory %s: %s"
                          % (path, e)) from None
-    st = os.lstat(path)
-    move = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
-    if stat.S_ISLNK(st.st_mode):
-        problem, fix = "is a symbolic link", move
-    elif not stat.S_ISDIR(st.st_mode):
-        problem, fix = "is not a directory", move
-    elif st.st_uid != os.getuid():
-        problem, fix = "belongs to another user (uid %d)" % st.st_uid, move
-    elif st.st_mode & 0o022:
-        problem = "can be written by group or others (mode %03o)" % (st.st_mode & 0o777)
+    problem = r_dir_problem(path, 0o022)
+    if problem is None:
+        return path
+    if problem.startswith("is writable"):  # ours, but open to others: the mode can be mended
         fix = "check what is in it, then chmod 700 %s" % path
     else:
-        return path
+        fix = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
     raise RemoteFail("unsafe-state", "the remote state directory %s %s; nbtunnel keeps its "
                      "records there and trusts only a private directory of yours: %s"
                      % (path, problem, fix))
@@ -624,20 +637,21 @@ def r_read_json(path, owned=False):
 
 
 def r_write_private(path, text):
-    """Write TEXT to PATH through a private temporary file in the same directory, renamed
-    over PATH: readers see the old or the new file, and a symlink at PATH is replaced, not
-    followed."""
+    """Write TEXT to PATH through a private temporary file (0600, made by mkstemp in the
+    same directory) renamed over PATH: a reader sees the old file or the new one, whole,
+    and a symlink planted at PATH is replaced, never followed.  Returns PATH."""
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:40] + ".", suffix=".tmp",
                                dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.rename(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         r_remove(tmp)
         raise
+    return path
 
 
 def r_write_json(path, data):
@@ -733,11 +747,12 @@ def r_pid_is_jupyter(pid):
 
 
 def r_pid_start(pid):
-    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None
-    without /proc.  With the pid, it names one process: a reused pid has another."""
+    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None for a
+    zombie or without /proc.  With the pid, it names one process: a reused pid has another."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
-            return int(f.read().rpartition(b")")[2].split()[19])
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[19]) if fields[0] not in (b"Z", b"X") else None
     except (OSError, ValueError, IndexError, TypeError):
         return None
 
@@ -1006,10 +1021,10 @@ def r_api(info, path, method="GET", timeout=5):
                   timeout=timeout, sock=info.get("sock"), host=info.get("address"))
 
 
-def r_listen_inodes(port):
-    """Inodes of the sockets listening on TCP PORT (IPv4 and IPv6) in this network
-    namespace, or None without /proc/net/tcp."""
-    found, tables = set(), 0
+def r_tcp_listeners():
+    """The TCP sockets listening in this network namespace (IPv4 and IPv6), as {inode:
+    port}, or None without /proc/net/tcp."""
+    found, tables = {}, 0
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(name) as f:
@@ -1019,37 +1034,36 @@ def r_listen_inodes(port):
         tables += 1
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and \
-                    int(fields[1].rpartition(":")[2], 16) == port:
-                found.add(fields[9])
+            if len(fields) > 9 and fields[3] == "0A":  # 0A: LISTEN
+                found[fields[9]] = int(fields[1].rpartition(":")[2], 16)
     return found if tables else None
+
+
+def r_pid_sockets(pid):
+    """Inodes of the sockets among the open files of PID (empty when they cannot be read)."""
+    fds, found = "/proc/%s/fd" % pid, set()
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
 
 
 def r_port_held_by(port, pid):
     """True when a socket listening on PORT is one of PID's open files: only then may a
     request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
     proven and is taken as true: there only the pid checks protect the token."""
-    inodes = r_listen_inodes(port)
-    if inodes is None:
+    listeners = r_tcp_listeners()
+    if listeners is None:
         return True
-    return r_pid_holds(pid, inodes)
-
-
-def r_pid_holds(pid, inodes):
-    """Is one of the socket INODES among the open files of PID?"""
-    fds = "/proc/%d/fd" % pid
-    try:
-        names = os.listdir(fds) if inodes else []
-    except OSError:
-        return False
-    for name in names:
-        try:
-            target = os.readlink(os.path.join(fds, name))
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
+    return any(listeners.get(inode) == port for inode in r_pid_sockets(pid))
 
 
 # Unix sockets (--unix-socket) -----------------------------------------------
@@ -1065,27 +1079,6 @@ R_SOCK_MAX = 107 if sys.platform.startswith("linux") else 103
 R_SOCK_OLD = ("the Jupyter on this host is too old for --unix-socket (it needs Jupyter Server "
               "2, as Notebook 7 and JupyterLab 4 have; %s): upgrade it, or run without "
               "--unix-socket")
-
-
-def r_dir_problem(path, others=0o077):
-    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
-    no one else may enter it), or None."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return "cannot be examined (%s)" % (e.strerror or e)
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.geteuid():
-        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
-    if st.st_mode & others:
-        return "is %s by group or others (mode %04o)" % (
-            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
-    return None
 
 
 def r_socket_path(session, limit):
@@ -1155,9 +1148,7 @@ def r_sock_held_by(path, pid):
     if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.getuid() or dst.st_mode & 0o077:
         return False
     inodes = r_unix_listen_inodes(path)
-    if inodes is None:
-        return True
-    return r_pid_holds(pid, inodes)
+    return True if inodes is None else bool(inodes and inodes & r_pid_sockets(pid))
 
 
 def r_remove_socket(path):
@@ -2005,7 +1996,8 @@ class SessionManager:
     never inside a shell line.  With ``detach = True`` the helper runs ``start``
     in a new session (setsid) with stdin from /dev/null and output to
     ``@OUTPUT@``, and does not wait for it: for managers that are a plain command
-    (nohup) rather than a program that detaches by itself (tmux, screen).
+    (nohup) rather than a program that detaches by itself (tmux, screen).  Work that no
+    remote command does is a function of the plugin's own, run by ``remote_call``.
     """
 
     kind = "manager"
@@ -2029,6 +2021,17 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+
+def remote_call(func, *args: str) -> list:
+    """A remote argv that runs FUNC, a plugin's own function, as `@PYTHON@ -c SOURCE ARGS`:
+    its source (inspect.getsource) and a call FUNC(*ARGS), whose return value is the exit
+    status.  FUNC keeps the remote section's rules: Python 3.6 grammar, standard library
+    only, self-contained (its imports inside it), no @WORD@ placeholders in its text."""
+    import inspect
+    import textwrap
+
+    call = "import sys\nsys.exit(%s(*sys.argv[1:]))\n" % func.__name__
+    return ["@PYTHON@", "-c", textwrap.dedent(inspect.getsource(func)) + call] + list(args)
 
 
 def describe_manager(manager, session: str, args=None) -> dict:
@@ -3009,28 +3012,10 @@ def load_records(directory: str) -> list:
     return records
 
 
-def write_private(directory: str, name: str, text: str) -> str:
-    """Write TEXT to DIRECTORY/NAME through a private temporary file (0600, made by
-    mkstemp in the same directory) renamed over it: a planted symlink is replaced,
-    never followed, and a reader sees the old file or the new one, whole."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix="." + name[:40] + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return os.path.join(directory, name)
-
-
 def save_record(directory: str, rec: dict) -> None:
     """Write REC atomically, readable by the user only."""
-    write_private(directory, record_name(rec["host"], rec["session"]),
-                  json.dumps(rec, indent=1, sort_keys=True))
+    r_write_private(os.path.join(directory, record_name(rec["host"], rec["session"])),
+                    json.dumps(rec, indent=1, sort_keys=True))
 
 
 def drop_record(directory: str, host: str, session: str) -> None:
@@ -3088,24 +3073,12 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def process_start(pid):
-    """When process PID started (Linux: clock ticks since boot, from /proc), or None.
-
-    Together with the pid it names one process: a pid reused later has another start."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, TypeError, ValueError, IndexError):
-        return None
-    return int(fields[19]) if len(fields) > 19 and fields[0] not in ("Z", "X") else None
-
-
 def tunnel_listener(conn, tunnel) -> dict:
     """Which local process holds the tunnel's port: the ssh master, or this process for a
     backend that forwards in the foreground; recorded so that a later run can prove that
     the listener on the port is still ours before it sends the token there."""
     pid = os.getpid() if getattr(tunnel, "foreground", False) else conn.master_pid()
-    return dict(pid=pid, start=process_start(pid) if pid else None)
+    return dict(pid=pid, start=r_pid_start(pid) if pid else None)
 
 
 def listener_ours(rec: dict) -> bool:
@@ -3118,7 +3091,7 @@ def listener_ours(rec: dict) -> bool:
     pid = owner.get("pid") if isinstance(owner, dict) else None
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         pid = os.getpid()  # a server of our own, as in the unit tests, or a record of old
-    elif owner.get("start") is not None and process_start(pid) != owner.get("start"):
+    elif owner.get("start") is not None and r_pid_start(pid) != owner.get("start"):
         return False  # that process is gone; the pid may be someone else's now
     if pid != os.getpid() and os.path.isdir("/proc/%d" % pid) \
             and os.stat("/proc/%d" % pid).st_uid != os.geteuid():
@@ -3156,23 +3129,8 @@ def listening_ports(pid) -> list:
         return []
     if not os.path.isdir("/proc/self/fd"):
         return lsof_ports(pid)
-    try:
-        inodes = set()
-        for fd in os.listdir("/proc/%d/fd" % pid):
-            with contextlib.suppress(OSError):
-                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-    except (OSError, TypeError):
-        return []
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                w = line.split()
-                if len(w) > 9 and w[3] == "0A" and w[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(w[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
+    listeners = r_tcp_listeners() or {}
+    return sorted({listeners[i] for i in r_pid_sockets(pid) if i in listeners})
 
 
 def lsof_ports(pid: int) -> list:
@@ -3190,7 +3148,7 @@ def lsof_ports(pid: int) -> list:
 def find_forward(conn, info: dict):
     """The local port of a forward the master already holds to the server INFO, or None."""
     pid = conn.master_pid()
-    listener = dict(pid=pid, start=process_start(pid))
+    listener = dict(pid=pid, start=r_pid_start(pid))
     for port in listening_ports(pid):
         if api_ok(dict(info, local_port=port, listener=listener), timeout=3):
             return port
@@ -3497,7 +3455,8 @@ def open_page(directory: str, rec: dict) -> str:
     import html
 
     name = record_name(rec["host"], rec["session"])[:-5] + "-open.html"
-    return write_private(directory, name, OPEN_PAGE.format(url=html.escape(rec["url"], quote=True)))
+    return r_write_private(os.path.join(directory, name),
+                           OPEN_PAGE.format(url=html.escape(rec["url"], quote=True)))
 
 
 def open_browser(directory: str, rec: dict) -> None:

@@ -398,18 +398,22 @@ def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
 @pytest.mark.noroot
 def test_remote_code_of_plugins_parses_as_python_36():
     import ast
-    import sys
 
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    ast.parse(sys.modules["nbtunnel_plugin_screen"].EXACT, feature_version=(3, 6))
     nohup = nbtunnel.describe_manager(nbtunnel.get("manager", "nohup"), "x")
     assert (nohup["alive"], nohup["stop"]) == ([nbtunnel.R_PIDFILE_ALIVE], [nbtunnel.R_PIDFILE_STOP])
+    programs = 0
     for name in MANAGERS:
         desc = nbtunnel.describe_manager(nbtunnel.get("manager", name), "x")
         assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}
         assert desc["detach"] is (name == "nohup")
+        for argv in (desc[key] or [] for key in ("alive", "stop", "log")):
+            if argv[:2] == ["@PYTHON@", "-c"]:  # a plugin's function (nbtunnel.remote_call)
+                ast.parse(argv[2], feature_version=(3, 6))
+                programs += 1
+    assert programs == 3  # screen's alive, stop and log
 
 
 @pytest.mark.noroot

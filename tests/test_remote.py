@@ -443,6 +443,82 @@ def test_pidfile_manager_alive_and_stop_whole_group(home, procs):
     assert pid_alive(other.pid)
 
 
+def free_names(src: str) -> set[str]:
+    """Names that SRC (one function) reads but neither binds, imports nor gets from builtins."""
+    import builtins
+
+    tree = ast.parse(src, feature_version=(3, 6))
+    bound = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.FunctionDef):
+            bound |= {node.name} | {a.arg for a in node.args.args}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - bound
+
+
+def test_remote_call_runs_a_plugin_function_alone(tmp_path):
+    def probe(word, code):
+        """A plugin's function, as the remote gets it."""
+        import sys
+
+        sys.stdout.write(word)
+        return int(code)
+
+    argv = nbtunnel.remote_call(probe, "it's $HOME", "3")
+    assert argv[:2] == ["@PYTHON@", "-c"] and argv[3:] == ["it's $HOME", "3"]
+    assert free_names(argv[2]) == set()
+    r = subprocess.run([sys.executable, "-I"] + argv[1:], capture_output=True, text=True, cwd=tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "it's $HOME", "")
+
+
+@pytest.fixture
+def screens(tmp_path, monkeypatch):
+    """A screen socket directory of the test's own; every session in it is quit at the end."""
+    sockets = tmp_path / "screens"
+    sockets.mkdir(mode=0o700)
+    monkeypatch.setenv("SCREENDIR", str(sockets))
+    yield sockets
+    subprocess.run(["screen", "-wipe"], capture_output=True)
+    for name in os.listdir(sockets):
+        subprocess.run(["screen", "-S", name, "-X", "quit"], capture_output=True)
+
+
+@pytest.mark.skipif(not shutil.which("screen"), reason="needs GNU screen")
+def test_screen_matches_the_session_name_exactly(home, screens):
+    """screen -S takes a name as a prefix: "nb" must find neither "nbtunnel" nor "nb.x"."""
+    nbtunnel.load_plugins(nbtunnel.plugin_files())
+    screen = nbtunnel.describe_manager(nbtunnel.get("manager", "screen"), "nb")
+    for key in ("alive", "stop", "log"):
+        assert screen[key][:2] == ["@PYTHON@", "-c"] and free_names(screen[key][2]) == set()
+    env = dict(os.environ)
+
+    def ours():
+        return nbtunnel.r_run_manager(screen, "alive", "nb", env)[0] == 0
+
+    def names():
+        out = subprocess.run(["screen", "-ls"], capture_output=True, text=True).stdout
+        return sorted(re.findall(r"^\s+\d+\.(\S+)\s", out, re.M))
+
+    for name in ("nbtunnel", "nb.x"):
+        subprocess.run(["screen", "-dmS", name, "sleep", "600"], check=True)
+    wait_until(lambda: names() == ["nb.x", "nbtunnel"], 10, message="screens up")
+    assert not ours()
+    assert nbtunnel.r_run_manager(screen, "stop", "nb", env)[0] == 1  # none of that name
+    subprocess.run(["screen", "-dmS", "nb", "sh", "-c", "echo shown-in-nb; sleep 600"], check=True)
+    wait_until(ours, 10, message="screen nb up")
+    wait_until(lambda: "shown-in-nb" in nbtunnel.r_manager_log(screen, "nb", env), 10,
+               message="the window of nb")
+    if os.access(PY36_WRAPPER, os.X_OK):  # the same program under a real Python 3.6
+        argv = [str(PY36_WRAPPER)] + screen["alive"][1:]
+        assert subprocess.run(argv, capture_output=True, env=env).returncode == 0
+    assert nbtunnel.r_run_manager(screen, "stop", "nb", env)[0] == 0
+    wait_until(lambda: names() == ["nb.x", "nbtunnel"], 10, message="nb gone, the others left")
+    assert not ours()
+
+
 def test_pidfile_manager_class_and_nohup():
     nbtunnel.load_plugins(nbtunnel.plugin_files())
     nohup = nbtunnel.get("manager", "nohup")
