@@ -65,7 +65,8 @@ __version__ = "0.1.0"
 __all__ = [  # the plugin API: what plugins may use (README, "Writing a plugin")
     "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "register",
     "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment", "TunnelBackend",
-    "Transport", "describe_manager", "shell_line", "forward_spec", "ssh_error", "subproc"]
+    "Transport", "describe_manager", "shell_line", "forward_spec", "remote_call", "ssh_error",
+    "subproc"]
 
 log = logging.getLogger("nbtunnel")
 
