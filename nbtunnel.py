@@ -212,9 +212,8 @@ def check_ssh_args(args) -> None:
             ("-o", o) for o in args.ssh_option or ()]:
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
             raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
-    origin = getattr(args, "origin", {})
     for what, dest in (("--ssh-config", "ssh_config"), ("-i", "identity")):
-        value = None if origin.get(dest) == "record" else getattr(args, dest)  # checked then
+        value = None if args.source(dest) == "record" else getattr(args, dest)  # checked then
         if value and value != "none" and "%" not in value and not os.path.exists(
                 os.path.expanduser(value)):
             raise UsageError("%s file %r not found on this machine" % (what, value))
@@ -411,12 +410,9 @@ def refuse_changed_host_key(conn, stderr: str) -> None:
 
 
 # Settings ####################################################################
-
 #
-# Every setting of a session is decided once, by resolve(): HOST, then each option from
-# the command line, else the config section of that HOST (over [DEFAULT]), else the
-# session's record, else its default.  The Session it returns remembers where each value
-# came from; everything after it reads the Session, not the parser's Namespace.
+# Every setting of a session is decided once, by resolve(), into a Session that remembers
+# where each came from; everything after it reads the Session, not the parser's Namespace.
 
 BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
             "0": False, "no": False, "false": False, "off": False}
@@ -569,17 +565,13 @@ def config_section(cfg, host) -> dict:
 
 
 class Session:
-    """The settings of one session for one command, decided once by ``resolve``.
-
-    ``host`` (None: --status or --all without one) and ``name``; ``values``: every option
-    of the session as asked for (Option.dest -> value, None when not given), also read as
-    attributes (``session.notebook_dir``; plugins' ``steps(args)`` and ``job_options(args)``
-    are given the Session); ``origin``: where each given value came from, read through
-    ``source``; ``manager`` and ``tunnel``: the plugin objects; ``state``: the state
-    directory and ``records``: what is recorded there; ``timeout`` (connecting, server
-    start-up), ``wait_timeout`` (also a batch job's wait in the queue) and ``interval``
-    (--watch: between health checks); ``no_prompt``:
-    ssh never prompts, even on a terminal (set by --ensure and --watch)."""
+    """The settings of one session for one command, decided once by ``resolve``: ``host``
+    (None: --status or --all without one), ``name``, ``values`` (each option's dest -> the
+    value asked for, None when none was; also read as attributes, as plugins' ``steps(args)``
+    and ``job_options(args)`` do), where each came from (``source``), the ``manager`` and
+    ``tunnel`` plugins (``batch``: a batch manager), the ``state`` directory and its
+    ``records``, ``timeout``, ``wait_timeout`` (for a job in a queue too), ``interval``
+    (--watch) and ``no_prompt`` (ssh never prompts: --ensure, --watch)."""
 
     def __init__(self, host, name: str, values: dict, origin: dict, state: str, records: list,
                  nginx_listen=None):
@@ -588,6 +580,7 @@ class Session:
         self.no_prompt = False
         self.manager = get("manager", values["manager"] or os.environ.get("NBTUNNEL_MANAGER")
                            or "tmux")
+        self.batch = bool(getattr(self.manager, "batch", False))
         self.tunnel = get("tunnel", values["tunnel"] or (
             "ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS else "sshtunnel"))
         self.timeout = values["timeout"] or DEFAULT_TIMEOUT
@@ -595,11 +588,10 @@ class Session:
         self.wait_timeout = values["timeout"] or getattr(
             self.manager, "default_timeout", None) or DEFAULT_TIMEOUT
 
-    def __getattr__(self, name):
-        values = self.__dict__.get("values", {})
-        if name not in values:
+    def __getattr__(self, name):  # an option's value: session.notebook_dir
+        if name not in self.__dict__.get("values", {}):
             raise AttributeError(name)
-        return values[name]
+        return self.values[name]
 
     def source(self, dest: str) -> str:
         """Where the value of DEST (an option's dest, "session" or "state_dir") came from:
@@ -616,10 +608,19 @@ class Session:
         """The session's record as loaded, or None."""
         return find_record(self.records, self.host, self.name)
 
+    def recorded(self, same_name=False) -> dict:
+        """{host: its records} of the recorded sessions (of HOST; named NAME too with
+        SAME_NAME), in record order."""
+        by_host = {}
+        for rec in self.records:
+            if self.host in (None, rec["host"]) and (not same_name or rec["session"] == self.name):
+                by_host.setdefault(rec["host"], []).append(rec)
+        return by_host
+
     def params(self, session=None, **extra) -> dict:
         """What a remote operation on SESSION (default: this one) is told: this one place
         builds it."""
-        managers = {n: describe_manager(m, session or self.name, self) for n, m in MANAGERS.items()}
+        managers = {n: m.describe(session or self.name, self) for n, m in MANAGERS.items()}
         return dict(session=session or self.name, timeout=self.timeout, managers=managers,
                     manager=managers[self.manager.name], **extra)
 
@@ -658,16 +659,13 @@ def resolve_host(args, cfg, records):
 
 def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Session:
     """Decide every setting of a session once: HOST, then each option from the command
-    line (ARGS), the config section of that HOST, the session's record, the default.
-
-    HOST stays None for --status or --all without one, or --terminate with nothing
-    recorded.  A session of --all comes with HOST, NAME, STATE and RECORDS decided."""
+    line (ARGS), the config section of that HOST, the session's record, the default.  HOST
+    stays None for --status or --all without one, or --terminate with nothing recorded;
+    a session of --all comes with HOST, NAME, STATE and RECORDS decided."""
     values = {o.dest: getattr(args, o.dest, None) for o in session_options()}
     origin = {dest: "command line" for dest, value in values.items() if value is not None}
-    fixed = state is not None
-    if not fixed:
-        state = state_dir(args.state_dir or cfg.defaults().get("state-dir", "").strip() or None)
-    loaded = records is None
+    fixed, loaded = state is not None, records is None
+    state = state or state_dir(args.state_dir or cfg.defaults().get("state-dir", "").strip())
     records = load_records(state) if loaded else records
     if host is None and (args.host or not (args.status or args.all)):
         host, name = resolve_host(args, cfg, records)
@@ -686,30 +684,29 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
             name, origin["session"] = value, came
             break
     name = check_session(name or DEFAULT_SESSION)
-    for option in session_options():
-        if values[option.dest] is None and option.key in section:
-            text, origin[option.dest] = section[option.key]
-            values[option.dest] = option.from_config(text)
     rec = find_record(records, host, name) if host is not None and not args.status else None
     recorded = dict((rec or {}).get("options") or {})
     if rec and "options" not in rec:  # a record from before options were recorded
         recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
                         app=rec.get("app"))
     for option in session_options():
-        if option.sticky and values[option.dest] is None and recorded.get(option.dest) is not None:
-            values[option.dest], origin[option.dest] = recorded[option.dest], "record"
-        if values[option.dest] is not None:
-            values[option.dest] = option.convert(values[option.dest], origin[option.dest])
+        dest = option.dest
+        if values[dest] is None and option.key in section:
+            text, origin[dest] = section[option.key]
+            values[dest] = option.from_config(text)
+        elif values[dest] is None and option.sticky and recorded.get(dest) is not None:
+            values[dest], origin[dest] = recorded[dest], "record"
+        if values[dest] is not None:
+            values[dest] = option.convert(values[dest], origin[dest])
     nginx = args.nginx_listen or section.get("nginx-listen", ("",))[0].strip() or None
     session = Session(host, name, values, origin, state, records, nginx)
     check_ssh_args(session)
-    try:
-        session.interval = seconds(args.interval)
-        if session.interval > 3600:
-            raise ValueError("at most 3600")
-    except ValueError:
+    session.interval = 0.0
+    with contextlib.suppress(ValueError):
+        session.interval = float(args.interval)
+    if not 0 < session.interval <= 3600:  # also refuses nan and inf
         raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
-                         % (args.interval,)) from None
+                         % (args.interval,))
     return session
 
 
@@ -1704,11 +1701,11 @@ def r_batch_start(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         row, env = r_batch_job(mgr, st)
+        job = dict(session=session, manager=mgr["name"], kind="batch", job_name=mgr["job_name"],
+                   log=paths["log"], app=p.get("app"), started=time.time(), env=env)
         if row:
             if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
-                st = dict(session=session, manager=mgr["name"], batch=True,
-                          job_id=row["job_id"], job_name=mgr["job_name"], log=paths["log"],
-                          app=p.get("app"), started=time.time(), options=None, env=env)
+                st = dict(job, job_id=row["job_id"], options=None)
                 r_write_json(paths["state"], st)
             out = r_batch_answer(session, mgr, row, st, env)
             out["reused"] = True
@@ -1743,10 +1740,8 @@ def r_batch_start(p):
             raise RemoteFail("job-refused", "%s refused the job: %s" % (
                 argv[0], " / ".join((err or out).strip().splitlines()) or "exit %d" % code))
         job_id = found.group(1)
-        r_write_json(paths["state"], dict(
-            session=session, manager=mgr["name"], batch=True, job_id=job_id,
-            job_name=mgr["job_name"], log=paths["log"], app=p.get("app"), started=time.time(),
-            options=p.get("options"), env=env))
+        r_write_json(paths["state"], dict(job, job_id=job_id, options=p.get("options"),
+                                          env=env, started=time.time()))
         return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
                     reused=False)
 
@@ -1886,11 +1881,9 @@ def r_node_address(toward):
 
 # Operations -----------------------------------------------------------------
 
-def r_op_start(p):
+def r_session_start(p):
     """Reattach to the live server of the session, or start one; its info."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
-    if mgr.get("batch"):
-        return r_batch_start(p)
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         info = r_probe(session)
@@ -2068,29 +2061,24 @@ def r_wait_ready(session, pid, deadline, log):
         time.sleep(0.01)
 
 
-def r_op_stop(p):
+def r_session_stop(p, mgr, st):
     """Stop the server of the session (unless kernels are busy) and end its session."""
     session, timeout = p["session"], p["timeout"]
     paths = r_files(session)
-    with RemoteLock(paths["lock"], timeout):
-        st = r_read_json(paths["state"])
-        mgr = r_session_manager(p, st)
-        if mgr.get("batch"):
-            return r_batch_stop(p, mgr, st)
-        info = r_probe(session)
-        if info and not p.get("force"):
-            busy = r_busy_kernels(info)
-            if busy:
-                return dict(busy=busy, stopped=False)
-        how = r_stop_server(info, timeout) if info else None
-        if how != "alive":  # Jupyter leaves its socket file behind
-            r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
-        if st:
-            alive = r_run_manager(mgr, "alive", session, None)
-            if alive and alive[0] == 0:
-                r_run_manager(mgr, "stop", session, None)
-            r_remove(paths["state"], paths["pid"], paths["spec"])
-        return dict(stopped=bool(info), how=how, was_recorded=bool(st))
+    info = r_probe(session)
+    if info and not p.get("force"):
+        busy = r_busy_kernels(info)
+        if busy:
+            return dict(busy=busy, stopped=False)
+    how = r_stop_server(info, timeout) if info else None
+    if how != "alive":  # Jupyter leaves its socket file behind
+        r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
+    if st:
+        alive = r_run_manager(mgr, "alive", session, None)
+        if alive and alive[0] == 0:
+            r_run_manager(mgr, "stop", session, None)
+        r_remove(paths["state"], paths["pid"], paths["spec"])
+    return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
 def r_session_manager(p, st, session=None):
@@ -2111,21 +2099,42 @@ def r_how_ended(session):
     return "died"
 
 
+def r_session_status(session, mgr, st):
+    """The status entry of a session: its server's info, or why it is stopped."""
+    info = r_probe(session)
+    if info:
+        info["server"] = "running"
+        return info
+    return dict(session=session, server="stopped", ended=r_how_ended(session))
+
+
+# What each kind of manager does for each operation: a session manager (tmux, screen,
+# nohup) runs Jupyter on this host, a batch manager has the scheduler run it as a job.
+R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_session_status),
+           "batch": dict(start=r_batch_start, stop=r_batch_stop, status=r_batch_status)}
+
+
+def r_op_start(p):
+    """Reattach to the live server (or batch job) of the session, or start one."""
+    return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
+
+
+def r_op_stop(p):
+    """Stop the server of the session (unless kernels are busy), end its session or job."""
+    paths = r_files(p["session"])
+    with RemoteLock(paths["lock"], p["timeout"]):
+        st = r_read_json(paths["state"])
+        mgr = r_session_manager(p, st)
+        return R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+
+
 def r_op_status(p):
     """One entry per session of P: its server's info, or why it is stopped."""
     out = []
     for session in p["sessions"]:
         st = r_read_json(r_files(session)["state"])
         mgr = r_session_manager(p, st, session)
-        if mgr.get("batch"):
-            out.append(r_batch_status(session, mgr, st))
-            continue
-        info = r_probe(session)
-        if info:
-            info["server"] = "running"
-            out.append(info)
-        else:
-            out.append(dict(session=session, server="stopped", ended=r_how_ended(session)))
+        out.append(R_KINDS[mgr.get("kind", "session")]["status"](session, mgr, st))
     return out
 
 
@@ -2247,18 +2256,24 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this manager for SESSION, as plain data
+        checked to be argv lists of strings (ARGS: the session's options)."""
+        desc = dict(kind="session", name=self.name, program=getattr(self, "program", ""),
+                    start=self.start(session, ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]),
+                    alive=self.alive(session), stop=self.stop(session), log=self.log(session),
+                    detach=bool(getattr(self, "detach", False)))
+        for key in ("start", "alive", "stop", "log"):
+            check_argv(self, key + "()", desc[key], "return", optional=key != "start")
+        return desc
 
 
-def describe_manager(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of MANAGER for SESSION, as plain data (with
-    ARGS, the options of this run: a batch manager's job options)."""
-    if getattr(manager, "batch", False):
-        return describe_batch(manager, session, args)
-    launcher = ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]
-    return dict(name=manager.name, program=getattr(manager, "program", ""),
-                start=manager.start(session, launcher), alive=manager.alive(session),
-                stop=manager.stop(session), log=manager.log(session),
-                detach=bool(getattr(manager, "detach", False)))
+def check_argv(manager, what: str, argv, verb: str, optional=False, empty=False) -> None:
+    """Raise Error unless ARGV, what WHAT of MANAGER gives, is an argv list of strings."""
+    if not (optional and argv is None) and not (isinstance(argv, list) and (argv or empty)
+                                                and all(isinstance(w, str) for w in argv)):
+        raise Error("manager plugin %s: %s must %s an argv list of strings%s, not %r" % (
+            manager.name, what, verb, " or None" if optional else "", argv))
 
 
 class PidFileManager(SessionManager):
@@ -2349,30 +2364,22 @@ class BatchManager(SessionManager):
         """A batch manager starts nothing itself: see ``submit``."""
         return self.submit()
 
-
-BATCH_METHODS = ("submit", "state", "find", "cancel")
-
-
-def describe_batch(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of the batch MANAGER for SESSION."""
-    desc = dict(name=manager.name, program=getattr(manager, "program", ""), batch=True,
-                job_name=manager.job_name(session),
-                options=list(manager.job_options(args)) if args is not None else [],
-                format=dict(manager.state_format), waiting=list(manager.waiting),
-                running=list(manager.running), ending=list(manager.ending),
-                fatal=list(manager.fatal_reasons), reason_text=dict(manager.reason_text),
-                job_id_re=manager.job_id_re, gone_re=manager.gone_re,
-                job_env=dict(manager.job_env), output_escapes=dict(manager.output_escapes))
-    for key in BATCH_METHODS:
-        desc[key] = getattr(manager, key)()
-    for key in BATCH_METHODS + ("options",):
-        argv = desc[key]
-        if not (isinstance(argv, list) and (argv or key == "options")
-                and all(isinstance(w, str) for w in argv)):
-            raise Error("manager plugin %s: %s must give an argv list of strings, not %r"
-                        % (manager.name, "job_options()" if key == "options" else key + "()",
-                           argv))
-    return desc
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this batch manager for SESSION, checked
+        (with ARGS, the session's options: the job's options)."""
+        desc = dict(kind="batch", name=self.name, program=getattr(self, "program", ""),
+                    job_name=self.job_name(session),
+                    options=list(self.job_options(args)) if args is not None else [],
+                    format=dict(self.state_format), waiting=list(self.waiting),
+                    running=list(self.running), ending=list(self.ending),
+                    fatal=list(self.fatal_reasons), reason_text=dict(self.reason_text),
+                    job_id_re=self.job_id_re, gone_re=self.gone_re,
+                    job_env=dict(self.job_env), output_escapes=dict(self.output_escapes))
+        for key in ("submit", "state", "find", "cancel"):
+            desc[key] = getattr(self, key)()
+            check_argv(self, key + "()", desc[key], "give")
+        check_argv(self, "job_options()", desc["options"], "give", empty=True)
+        return desc
 
 
 class Tmux(SessionManager):
@@ -2619,16 +2626,11 @@ def check_plugin(plugin) -> str:
                         % (kind, name, option))
         if option.flag in flags:
             raise Error("%s plugin %s: option %s is already taken" % (kind, name, option.flag))
-    if kind == "manager" and getattr(plugin, "batch", False):
-        describe_batch(plugin, "nbtunnel")  # raises if an argv is not a list of strings
-    elif kind == "manager":  # its description is plain data: argv lists of strings
-        desc = describe_manager(plugin, "nbtunnel")
-        for key in ("start", "alive", "stop", "log"):
-            argv = desc.get(key)
-            if (key == "start" or argv is not None) and not (
-                    isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)):
-                raise Error("manager plugin %s: %s() must return an argv list of strings%s, "
-                            "not %r" % (name, key, "" if key == "start" else " or None", argv))
+    if kind == "manager" and not callable(getattr(plugin, "describe", None)):
+        base = BatchManager if getattr(plugin, "batch", False) else SessionManager
+        plugin.describe = lambda session, args=None: base.describe(plugin, session, args)
+    if kind == "manager":  # duck-typed too: described as the base class it resembles
+        plugin.describe("nbtunnel")  # plain data: raises if an argv is not a list of strings
     return kind
 
 
@@ -3322,10 +3324,6 @@ class Run:
     def __init__(self, args, session: Session, plugins=()):
         self.args, self.session, self.plugins = args, session, list(plugins)
 
-    def but(self, session: Session) -> "Run":
-        """The same command for another SESSION (one of --all)."""
-        return Run(self.args, session, self.plugins)
-
 
 def start_params(run: Run) -> dict:
     """What the remote "start" operation is told for this session's options."""
@@ -3349,7 +3347,7 @@ def start_params(run: Run) -> dict:
 def check_socket_mode(session: Session) -> None:
     """Refuse --unix-socket where it cannot work: a batch manager (the socket would be on a
     compute node), a tunnel backend that cannot forward to a socket, a --remote-port."""
-    if getattr(session.manager, "batch", False):
+    if session.batch:
         raise UsageError(MSG_SOCKET_BATCH.format(manager=session.manager.name))
     if not getattr(session.tunnel, "unix_socket", False):
         raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=session.tunnel.name))
@@ -3382,7 +3380,7 @@ def bring_up(run: Run, conn: Connection, old, params: dict):
     if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
         params = dict(params, token=old["token"])
     try:
-        if getattr(mgr, "batch", False):
+        if s.batch:
             info = batch_start(run, conn, params)
         else:
             info = conn.run_helper("start", params, timeout=s.timeout * 2 + 30)
@@ -3405,9 +3403,7 @@ def bring_up(run: Run, conn: Connection, old, params: dict):
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
                options=s.asked())
-    for key in JOB_FIELDS:
-        if info.get(key) is not None:
-            rec[key] = info[key]
+    rec.update((k, info[k]) for k in JOB_FIELDS if info.get(k) is not None)
     if info.get("address"):  # where a batch job's server listens, as the login node sees it
         rec["remote_host"] = info["address"]
     was = server_options(old, info) if info["reused"] else None
@@ -3732,12 +3728,7 @@ def ask_hosts(session: Session, by_host: dict) -> dict:
 def cmd_status(run: Run) -> int:
     """Ask each recorded host about its sessions; one line (or JSON object) each."""
     args, s = run.args, run.session
-    records = [r for r in s.records if s.host is None or r["host"] == s.host]
-    if s.source("session") != "default":
-        records = [r for r in records if r["session"] == s.name]
-    by_host = {}
-    for rec in records:
-        by_host.setdefault(rec["host"], []).append(rec)
+    by_host = s.recorded(same_name=s.source("session") != "default")
     asked = ask_hosts(s, by_host)
     rows = []
     for h, recs in by_host.items():
@@ -3798,15 +3789,13 @@ def terminate_session(run: Run) -> dict:
         try:
             result = conn.run_helper("stop", s.params(force=run.args.force),
                                      timeout=s.timeout * 2 + 30)
+            if result.get("busy"):
+                raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
+                                            names=", ".join(result["busy"])), 3)
         except BaseException:
             if conn.opened_here:
                 conn.close()
             raise
-        if result.get("busy"):
-            if conn.opened_here:
-                conn.close()
-            raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
-                                        names=", ".join(result["busy"])), 3)
         close_tunnel(s, conn, rec)
         drop_record(s.state, host, session)
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
@@ -3822,12 +3811,6 @@ def say_terminated(run: Run, results: list) -> None:
                      "stopped" if r["stopped"] else "was not running")
 
 
-def cmd_terminate(run: Run) -> int:
-    """Stop the server of the session and its tunnel (idempotent)."""
-    say_terminated(run, [terminate_session(run)])
-    return 0
-
-
 def every_session(run: Run, cfg, action):
     """--all: ACTION (terminate_session or ensure_session) for every recorded session (of
     HOST), all hosts at once, one connection each: the sessions of one host go one after
@@ -3835,17 +3818,15 @@ def every_session(run: Run, cfg, action):
     worst one."""
     import concurrent.futures
 
-    s, by_host = run.session, {}
-    for rec in s.records:
-        if s.host is None or rec["host"] == s.host:
-            by_host.setdefault(rec["host"], []).append(rec)
+    s = run.session
+    by_host = s.recorded()
 
     def one_host(h):
         done = []
         for rec in by_host[h]:
             try:
                 one = resolve(run.args, cfg, s.records, h, rec["session"], s.state)
-                done.append((rec, action(run.but(one)), None))
+                done.append((rec, action(Run(run.args, one, run.plugins)), None))
             except Error as e:
                 done.append((rec, None, e))
         return done
@@ -3960,12 +3941,6 @@ def say_ensured(run: Run, results: list) -> None:
                 print(line)
 
 
-def cmd_ensure(run: Run) -> int:
-    """For cron: start or repair the server and tunnel of the session; silent when healthy."""
-    say_ensured(run, [ensure_session(run)])
-    return 0
-
-
 def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     if err.kind in SSH_REFUSALS:
@@ -4052,7 +4027,8 @@ def cmd_watch(run: Run) -> int:
         signal.signal(signal.SIGTERM, previous)
     if args.terminate:
         s.records = load_records(s.state)
-        return cmd_terminate(run)
+        say_terminated(run, [terminate_session(run)])
+        return 0
     close_tunnel(s, conn, fresh_record(s) or rec)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
@@ -4411,29 +4387,23 @@ def main(argv=None) -> int:
         if args.watch and (args.status or args.ensure):
             raise UsageError("--watch cannot be combined with --%s"
                              % ("status" if args.status else "ensure"))
-        if args.all:
-            if not (args.terminate or args.ensure) or args.watch:
-                raise UsageError("--all goes with --terminate or --ensure")
-            action, say = ((terminate_session, say_terminated) if args.terminate
-                           else (ensure_session, say_ensured))
-            code, results = every_session(run, cfg, action)
-            say(run, results)
-            return code
-        if args.status:
-            return cmd_status(run)
-        if args.print_service:
-            return cmd_print_service(run)
-        if args.print_nginx:
-            return cmd_print_nginx(run)
-        if args.ensure:
-            return cmd_ensure(run)
-        if args.watch:
-            return cmd_watch(run)
-        if args.terminate and run.session.host is None:
+        if args.all and (not (args.terminate or args.ensure) or args.watch):
+            raise UsageError("--all goes with --terminate or --ensure")
+        for flag, cmd in (("status", cmd_status), ("print_service", cmd_print_service),
+                          ("print_nginx", cmd_print_nginx), ("watch", cmd_watch)):
+            if getattr(args, flag):
+                return cmd(run)
+        if not (args.terminate or args.ensure):
+            return cmd_start(run)
+        if run.session.host is None and not args.all:
             if not args.quiet:
                 log.info("nothing to terminate: no sessions recorded")
             return 0
-        return cmd_terminate(run) if args.terminate else cmd_start(run)
+        action, say = ((terminate_session, say_terminated) if args.terminate
+                       else (ensure_session, say_ensured))
+        code, results = every_session(run, cfg, action) if args.all else (0, [action(run)])
+        say(run, results)
+        return code
     except Error as e:
         text = e.text()
         if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why

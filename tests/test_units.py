@@ -52,7 +52,7 @@ def test_shell_line_round_trips_hostile_words_through_sh():
 
 def test_tmux_start_line_is_safe_in_every_shell():
     """The tmux command line holds only placeholders and constant code: same meaning in any shell."""
-    start = nbtunnel.describe_manager(nbtunnel.Tmux(), "s")["start"]
+    start = nbtunnel.Tmux().describe("s")["start"]
     line = start[-1].replace("@PYTHON@", "/usr/bin/python3").replace("@LAUNCH@", "QUJD+/=")
     assert "\\" not in line and "\n" not in line and "$" not in line and "!" not in line
     assert nbtunnel.REMOTE_COMMAND.count("'") == 0 and '"' not in nbtunnel.REMOTE_COMMAND
