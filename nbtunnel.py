@@ -1701,7 +1701,7 @@ def r_batch_start(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         row, env = r_batch_job(mgr, st)
-        job = dict(session=session, manager=mgr["name"], kind="batch", job_name=mgr["job_name"],
+        job = dict(session=session, manager=mgr["name"], job_name=mgr["job_name"],
                    log=paths["log"], app=p.get("app"), started=time.time(), env=env)
         if row:
             if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
@@ -1811,8 +1811,7 @@ def r_batch_stop(p, mgr, st):
 
 
 def r_batch_status(session, mgr, st):
-    """The status entry of a batch session: its server's info while it answers, the
-    job's fields in any case."""
+    """The job's fields, and its server's info while it answers."""
     row, env = r_batch_job(mgr, st)
     if not row:
         return dict(session=session, server="stopped", ended=r_how_ended(session),
@@ -2100,7 +2099,7 @@ def r_how_ended(session):
 
 
 def r_session_status(session, mgr, st):
-    """The status entry of a session: its server's info, or why it is stopped."""
+    """SESSION's server's info, or why it is stopped."""
     info = r_probe(session)
     if info:
         info["server"] = "running"
@@ -2108,19 +2107,17 @@ def r_session_status(session, mgr, st):
     return dict(session=session, server="stopped", ended=r_how_ended(session))
 
 
-# What each kind of manager does for each operation: a session manager (tmux, screen,
-# nohup) runs Jupyter on this host, a batch manager has the scheduler run it as a job.
 R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_session_status),
            "batch": dict(start=r_batch_start, stop=r_batch_stop, status=r_batch_status)}
 
 
 def r_op_start(p):
-    """Reattach to the live server (or batch job) of the session, or start one."""
+    """Reattach to the session's server (or job), or start one."""
     return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
 
 
 def r_op_stop(p):
-    """Stop the server of the session (unless kernels are busy), end its session or job."""
+    """Stop the session's server (or job) unless kernels are busy."""
     paths = r_files(p["session"])
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
