@@ -63,9 +63,9 @@ except ImportError:  # not POSIX: main() refuses to run, with a message that say
 
 __version__ = "0.1.0"
 __all__ = [  # the plugin API: what plugins may use (README, "Writing a plugin")
-    "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "register",
-    "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment", "TunnelBackend",
-    "Transport", "describe_manager", "shell_line", "forward_spec", "remote_call", "ssh_error",
+    "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "Session",
+    "register", "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment",
+    "TunnelBackend", "Transport", "shell_line", "forward_spec", "remote_call", "ssh_error",
     "subproc"]
 
 log = logging.getLogger("nbtunnel")
@@ -219,9 +219,8 @@ def check_ssh_args(args) -> None:
             ("-o", o) for o in args.ssh_option or ()]:
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
             raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
-    origin = getattr(args, "origin", {})
     for what, dest in (("--ssh-config", "ssh_config"), ("-i", "identity")):
-        value = None if origin.get(dest) == "record" else getattr(args, dest)  # checked then
+        value = None if args.source(dest) == "record" else getattr(args, dest)  # checked then
         if value and value != "none" and "%" not in value and not os.path.exists(
                 os.path.expanduser(value)):
             raise UsageError("%s file %r not found on this machine" % (what, value))
@@ -317,6 +316,80 @@ def port(text) -> int:
     """TEXT as a port number, else UsageError (check_port's message)."""
     return check_port(text, "port")
 
+
+def record_name(host: str, session: str) -> str:
+    """File name of the local record for HOST and SESSION (any HOST is safe)."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
+    digest = hashlib.sha1(host.encode()).hexdigest()[:8]
+    return "%s-%s@%s.json" % (safe, digest, session)
+
+
+def ssh_options(args) -> list:
+    """The user's ssh options as argv words, in ssh's own syntax."""
+    words = []
+    if args.ssh_config:
+        words += ["-F", args.ssh_config]
+    for opt in args.ssh_option or ():
+        words += ["-o", opt]
+    if args.jump:
+        words += ["-J", args.jump]
+    if args.identity:
+        words += ["-i", args.identity]
+    if args.accept_new:
+        words += ["-o", "StrictHostKeyChecking=accept-new"]
+    return strict_host_keys(words)
+
+
+def ssh_values(words) -> dict:
+    """The option values that ssh argv WORDS (as ssh_options makes them) stand for."""
+    values, flags = {}, {"-F": "ssh_config", "-J": "jump", "-i": "identity"}
+    for flag, word in zip(words[::2], words[1::2]):
+        if flag == "-o" and word == "StrictHostKeyChecking=accept-new":
+            values["accept_new"] = True
+        elif flag == "-o":
+            values.setdefault("ssh_option", []).append(word)
+        elif flag in flags:
+            values[flags[flag]] = word
+    return values
+
+
+def classify_ssh_error(host: str, stderr: str) -> SshError:
+    """Turn ssh's stderr into an SshError of a kind, with a message that names HOST."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else "ssh failed without a message"
+    if "IDENTIFICATION HAS CHANGED" in text:
+        return ssh_error(host, "hostkey-changed")
+    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
+        found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
+        offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
+        return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return ssh_error(host, "auth", last)
+    return ssh_error(host, "unreachable", last)
+
+
+def strict_host_keys(words: list) -> list:
+    """ssh option words with StrictHostKeyChecking=no (or off, false) turned into accept-new.
+
+    With "no", OpenSSH still connects to a host whose key has CHANGED (it only turns
+    off forwarding and passwords), and nbtunnel would hand that host its token:
+    accept-new keeps the convenience for unknown hosts and refuses changed keys."""
+    out = list(words)
+    for i in range(1, len(out)):
+        if out[i - 1] == "-o" and re.match(r"\s*stricthostkeychecking\s*[=\s]\s*\"?(no|off|false)"
+                                           r"\"?\s*\Z", out[i], re.IGNORECASE):
+            log.warning("warning: -o %s is used as StrictHostKeyChecking=accept-new: nbtunnel "
+                        "never connects to a host whose key has changed", out[i])
+            out[i] = "StrictHostKeyChecking=accept-new"
+    return out
+
+
+# Settings ####################################################################
+#
+# Every setting of a session is decided once, by resolve(), into a Session that remembers
+# where each came from; everything after it reads the Session, not the parser's Namespace.
 
 BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
             "0": False, "no": False, "false": False, "off": False}
@@ -419,78 +492,199 @@ TUNNEL_OPTIONS = [
     Option("--timeout", "bound on connecting and on server start-up (default %g)"
            % DEFAULT_TIMEOUT, metavar="SECONDS", type=seconds, start=False),
 ]
-# Config keys that are not options of a session: key -> (dest, repeatable).
-RUN_KEYS = {"session": ("session", False), "state-dir": ("state_dir", False),
-            "plugin": ("plugin", True), "nginx-listen": ("nginx_listen", False)}
+# Config keys that are not options of a session.
+RUN_KEYS = ("session", "state-dir", "plugin", "nginx-listen")
 
 
-def record_name(host: str, session: str) -> str:
-    """File name of the local record for HOST and SESSION (any HOST is safe)."""
-    import hashlib
 
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
-    digest = hashlib.sha1(host.encode()).hexdigest()[:8]
-    return "%s-%s@%s.json" % (safe, digest, session)
-
-
-def ssh_options(args) -> list:
-    """The user's ssh options as argv words, in ssh's own syntax."""
-    words = []
-    if args.ssh_config:
-        words += ["-F", args.ssh_config]
-    for opt in args.ssh_option or ():
-        words += ["-o", opt]
-    if args.jump:
-        words += ["-J", args.jump]
-    if args.identity:
-        words += ["-i", args.identity]
-    if args.accept_new:
-        words += ["-o", "StrictHostKeyChecking=accept-new"]
-    return strict_host_keys(words)
+def config_path(args):
+    """The config file to read and whether it must exist (it must when named by --config)."""
+    if args.config:
+        return args.config, True
+    return os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+        "nbtunnel", "config.ini"), False
 
 
-def ssh_values(words) -> dict:
-    """The option values that ssh argv WORDS (as ssh_options makes them) stand for."""
-    values, flags = {}, {"-F": "ssh_config", "-J": "jump", "-i": "identity"}
-    for flag, word in zip(words[::2], words[1::2]):
-        if flag == "-o" and word == "StrictHostKeyChecking=accept-new":
-            values["accept_new"] = True
-        elif flag == "-o":
-            values.setdefault("ssh_option", []).append(word)
-        elif flag in flags:
-            values[flags[flag]] = word
-    return values
+def read_config(path, required: bool = False):
+    """The INI config file as a ConfigParser (missing is fine unless REQUIRED; broken is
+    an error)."""
+    import configparser
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    if required and not os.path.isfile(path):
+        raise UsageError("config file %s not found" % path)
+    if path and os.path.exists(path):
+        try:
+            cfg.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError) as e:
+            raise UsageError("config file %s: %s" % (path, e)) from None
+    return cfg
 
 
-def classify_ssh_error(host: str, stderr: str) -> SshError:
-    """Turn ssh's stderr into an SshError of a kind, with a message that names HOST."""
-    text = stderr.strip()
-    last = text.splitlines()[-1] if text else "ssh failed without a message"
-    if "IDENTIFICATION HAS CHANGED" in text:
-        return ssh_error(host, "hostkey-changed")
-    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
-        found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
-        offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
-        return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
-    if "Permission denied" in text or "Too many authentication failures" in text:
-        return ssh_error(host, "auth", last)
-    return ssh_error(host, "unreachable", last)
+def config_section(cfg, host) -> dict:
+    """The config keys in effect for HOST, each as (text, where): its [host HOST] section
+    over [DEFAULT]."""
+    name, defaults = "host %s" % host, cfg.defaults()
+    section = {k: (v, "config [DEFAULT]") for k, v in defaults.items()}
+    if host and cfg.has_section(name):
+        section.update((k, (v, "config [%s]" % name)) for k, v in cfg[name].items()
+                       if defaults.get(k) != v)
+    if section.get("plugin", ("", "config [DEFAULT]"))[1] != "config [DEFAULT]":
+        raise UsageError("config file: plugin = ... belongs in [DEFAULT] (plugins are loaded "
+                         "before the host is known)")
+    known = {o.key for o in session_options()} | set(RUN_KEYS) | {"host"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UsageError("config file: unknown key %r (known: %s)"
+                         % (unknown[0], ", ".join(sorted(known))))
+    return section
 
 
-def strict_host_keys(words: list) -> list:
-    """ssh option words with StrictHostKeyChecking=no (or off, false) turned into accept-new.
+class Session:
+    """The settings of one session for one command, decided once by ``resolve``: ``host``
+    (None: --status or --all without one), ``name``, ``values`` (each option's dest -> the
+    value asked for, None when none was; also read as attributes, as plugins' ``steps(args)``
+    and ``job_options(args)`` do), where each came from (``source``), the ``manager`` and
+    ``tunnel`` plugins (``batch``: a batch manager), the ``state`` directory and its
+    ``records``, ``timeout``, ``wait_timeout`` (for a job in a queue too), ``interval``
+    (--watch) and ``no_prompt`` (ssh never prompts: --ensure, --watch)."""
 
-    With "no", OpenSSH still connects to a host whose key has CHANGED (it only turns
-    off forwarding and passwords), and nbtunnel would hand that host its token:
-    accept-new keeps the convenience for unknown hosts and refuses changed keys."""
-    out = list(words)
-    for i in range(1, len(out)):
-        if out[i - 1] == "-o" and re.match(r"\s*stricthostkeychecking\s*[=\s]\s*\"?(no|off|false)"
-                                           r"\"?\s*\Z", out[i], re.IGNORECASE):
-            log.warning("warning: -o %s is used as StrictHostKeyChecking=accept-new: nbtunnel "
-                        "never connects to a host whose key has changed", out[i])
-            out[i] = "StrictHostKeyChecking=accept-new"
-    return out
+    def __init__(self, host, name: str, values: dict, origin: dict, state: str, records: list,
+                 nginx_listen=None):
+        self.host, self.name, self.values, self.origin = host, name, values, origin
+        self.state, self.records, self.nginx_listen = state, records, nginx_listen
+        self.no_prompt = False
+        self.manager = get("manager", values["manager"] or os.environ.get("NBTUNNEL_MANAGER")
+                           or "tmux")
+        self.batch = bool(getattr(self.manager, "batch", False))
+        self.tunnel = get("tunnel", values["tunnel"] or (
+            "ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS else "sshtunnel"))
+        self.timeout = values["timeout"] or DEFAULT_TIMEOUT
+        # A batch manager waits longer for its queue; connecting keeps the usual bound.
+        self.wait_timeout = values["timeout"] or getattr(
+            self.manager, "default_timeout", None) or DEFAULT_TIMEOUT
+
+    def __getattr__(self, name):  # an option's value: session.notebook_dir
+        if name not in self.__dict__.get("values", {}):
+            raise AttributeError(name)
+        return self.values[name]
+
+    def source(self, dest: str) -> str:
+        """Where the value of DEST (an option's dest, "session" or "state_dir") came from:
+        "command line", "config [host H]", "config [DEFAULT]", "record" or "default"."""
+        return self.origin.get(dest, "default")
+
+    def asked(self, start_only: bool = False) -> dict:
+        """The options that were asked for (not defaults), as recorded; with START_ONLY,
+        those that shape the server."""
+        return {o.dest: self.values[o.dest] for o in session_options()
+                if o.dest in self.origin and (o.start or not start_only)}
+
+    def record(self):
+        """The session's record as loaded, or None."""
+        return find_record(self.records, self.host, self.name)
+
+    def recorded(self, same_name=False) -> dict:
+        """{host: its records} of the recorded sessions (of HOST; named NAME too with
+        SAME_NAME), in record order."""
+        by_host = {}
+        for rec in self.records:
+            if self.host in (None, rec["host"]) and (not same_name or rec["session"] == self.name):
+                by_host.setdefault(rec["host"], []).append(rec)
+        return by_host
+
+    def params(self, session=None, **extra) -> dict:
+        """What a remote operation on SESSION (default: this one) is told: this one place
+        builds it."""
+        managers = {n: m.describe(session or self.name, self) for n, m in MANAGERS.items()}
+        return dict(session=session or self.name, timeout=self.timeout, managers=managers,
+                    manager=managers[self.manager.name], **extra)
+
+    def connection(self, rec=None, host=None) -> "Connection":
+        """The shared connection to HOST (default: the session's), with the ssh options
+        REC was recorded with unless others were asked for."""
+        host = host or self.host
+        options = ssh_options(self) or (rec or {}).get("ssh_options", [])
+        conn = self.tunnel.connection(host, options, self.timeout)
+        if conn is None:
+            conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
+            if rec and rec.get("socket") and os.path.exists(rec["socket"]):
+                conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+        conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
+        return conn
+
+
+def resolve_host(args, cfg, records):
+    """(HOST, the session name when it comes from the record too) from the command line,
+    the config default, or the only record."""
+    if args.host:
+        return args.host, None
+    if cfg.defaults().get("host"):
+        return cfg.defaults()["host"].strip(), None
+    candidates = records
+    if args.session is not None:
+        candidates = [r for r in records if r["session"] == args.session]
+    if len(candidates) == 1:
+        return candidates[0]["host"], None if args.session else candidates[0]["session"]
+    if args.terminate and not args.watch and not candidates:
+        return None, None
+    sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
+    why = "several sessions are recorded" if candidates else "nothing is recorded"
+    raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
+
+
+def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Session:
+    """Decide every setting of a session once: HOST, then each option from the command
+    line (ARGS), the config section of that HOST, the session's record, the default.  HOST
+    stays None for --status or --all without one, or --terminate with nothing recorded;
+    a session of --all comes with HOST, NAME, STATE and RECORDS decided."""
+    values = {o.dest: getattr(args, o.dest, None) for o in session_options()}
+    origin = {dest: "command line" for dest, value in values.items() if value is not None}
+    fixed, loaded = state is not None, records is None
+    state = state or state_dir(args.state_dir or cfg.defaults().get("state-dir", "").strip())
+    records = load_records(state) if loaded else records
+    if host is None and (args.host or not (args.status or args.all)):
+        host, name = resolve_host(args, cfg, records)
+    if host is not None:
+        check_host(host)
+    section = config_section(cfg, host)
+    text, where = section.get("state-dir", ("", ""))
+    if args.state_dir or text.strip():
+        origin["state_dir"] = "command line" if args.state_dir else where
+    if not (fixed or args.state_dir) and where.startswith("config [host"):
+        state = state_dir(text.strip())  # the host's own state directory: its records
+        records = load_records(state) if loaded else records
+    text, where = section.get("session", ("", ""))
+    for value, came in ((name, "record"), (args.session, "command line"), (text.strip(), where)):
+        if value:
+            name, origin["session"] = value, came
+            break
+    name = check_session(name or DEFAULT_SESSION)
+    rec = find_record(records, host, name) if host is not None and not args.status else None
+    recorded = dict((rec or {}).get("options") or {})
+    if rec and "options" not in rec:  # a record from before options were recorded
+        recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
+                        app=rec.get("app"))
+    for option in session_options():
+        dest = option.dest
+        if values[dest] is None and option.key in section:
+            text, origin[dest] = section[option.key]
+            values[dest] = option.from_config(text)
+        elif values[dest] is None and option.sticky and recorded.get(dest) is not None:
+            values[dest], origin[dest] = recorded[dest], "record"
+        if values[dest] is not None:
+            values[dest] = option.convert(values[dest], origin[dest])
+    nginx = args.nginx_listen or section.get("nginx-listen", ("",))[0].strip() or None
+    session = Session(host, name, values, origin, state, records, nginx)
+    check_ssh_args(session)
+    session.interval = 0.0
+    with contextlib.suppress(ValueError):
+        session.interval = float(args.interval)
+    if not 0 < session.interval <= 3600:  # also refuses nan and inf
+        raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
+                         % (args.interval,))
+    return session
 
 
 # Remote side: begin ##########################################################
@@ -1475,11 +1669,11 @@ def r_batch_start(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         row, env = r_batch_job(mgr, st)
+        job = dict(session=session, manager=mgr["name"], job_name=mgr["job_name"],
+                   log=paths["log"], app=p.get("app"), started=time.time(), env=env)
         if row:
             if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
-                st = dict(session=session, manager=mgr["name"], batch=True,
-                          job_id=row["job_id"], job_name=mgr["job_name"], log=paths["log"],
-                          app=p.get("app"), started=time.time(), options=None, env=env)
+                st = dict(job, job_id=row["job_id"], options=None)
                 r_write_json(paths["state"], st)
             out = r_batch_answer(session, mgr, row, st, env)
             out["reused"] = True
@@ -1514,10 +1708,8 @@ def r_batch_start(p):
             raise RemoteFail("job-refused", "%s refused the job: %s" % (
                 argv[0], " / ".join((err or out).strip().splitlines()) or "exit %d" % code))
         job_id = found.group(1)
-        r_write_json(paths["state"], dict(
-            session=session, manager=mgr["name"], batch=True, job_id=job_id,
-            job_name=mgr["job_name"], log=paths["log"], app=p.get("app"), started=time.time(),
-            options=p.get("options"), env=env))
+        r_write_json(paths["state"], dict(job, job_id=job_id, options=p.get("options"),
+                                          env=env, started=time.time()))
         return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
                     reused=False)
 
@@ -1587,8 +1779,7 @@ def r_batch_stop(p, mgr, st):
 
 
 def r_batch_status(session, mgr, st):
-    """The status entry of a batch session: its server's info while it answers, the
-    job's fields in any case."""
+    """The job's fields, and its server's info while it answers."""
     row, env = r_batch_job(mgr, st)
     if not row:
         return dict(session=session, server="stopped", ended=r_how_ended(session),
@@ -1657,11 +1848,9 @@ def r_node_address(toward):
 
 # Operations -----------------------------------------------------------------
 
-def r_op_start(p):
+def r_session_start(p):
     """Reattach to the live server of the session, or start one; its info."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
-    if mgr.get("batch"):
-        return r_batch_start(p)
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         info = r_probe(session)
@@ -1839,29 +2028,24 @@ def r_wait_ready(session, pid, deadline, log):
         time.sleep(0.01)
 
 
-def r_op_stop(p):
+def r_session_stop(p, mgr, st):
     """Stop the server of the session (unless kernels are busy) and end its session."""
     session, timeout = p["session"], p["timeout"]
     paths = r_files(session)
-    with RemoteLock(paths["lock"], timeout):
-        st = r_read_json(paths["state"])
-        mgr = r_session_manager(p, st)
-        if mgr.get("batch"):
-            return r_batch_stop(p, mgr, st)
-        info = r_probe(session)
-        if info and not p.get("force"):
-            busy = r_busy_kernels(info)
-            if busy:
-                return dict(busy=busy, stopped=False)
-        how = r_stop_server(info, timeout) if info else None
-        if how != "alive":  # Jupyter leaves its socket file behind
-            r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
-        if st:
-            alive = r_run_manager(mgr, "alive", session, None)
-            if alive and alive[0] == 0:
-                r_run_manager(mgr, "stop", session, None)
-            r_remove(paths["state"], paths["pid"], paths["spec"])
-        return dict(stopped=bool(info), how=how, was_recorded=bool(st))
+    info = r_probe(session)
+    if info and not p.get("force"):
+        busy = r_busy_kernels(info)
+        if busy:
+            return dict(busy=busy, stopped=False)
+    how = r_stop_server(info, timeout) if info else None
+    if how != "alive":  # Jupyter leaves its socket file behind
+        r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
+    if st:
+        alive = r_run_manager(mgr, "alive", session, None)
+        if alive and alive[0] == 0:
+            r_run_manager(mgr, "stop", session, None)
+        r_remove(paths["state"], paths["pid"], paths["spec"])
+    return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
 def r_session_manager(p, st, session=None):
@@ -1882,21 +2066,40 @@ def r_how_ended(session):
     return "died"
 
 
+def r_session_status(session, mgr, st):
+    """SESSION's server's info, or why it is stopped."""
+    info = r_probe(session)
+    if info:
+        info["server"] = "running"
+        return info
+    return dict(session=session, server="stopped", ended=r_how_ended(session))
+
+
+R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_session_status),
+           "batch": dict(start=r_batch_start, stop=r_batch_stop, status=r_batch_status)}
+
+
+def r_op_start(p):
+    """Reattach to the session's server (or job), or start one."""
+    return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
+
+
+def r_op_stop(p):
+    """Stop the session's server (or job) unless kernels are busy."""
+    paths = r_files(p["session"])
+    with RemoteLock(paths["lock"], p["timeout"]):
+        st = r_read_json(paths["state"])
+        mgr = r_session_manager(p, st)
+        return R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+
+
 def r_op_status(p):
     """One entry per session of P: its server's info, or why it is stopped."""
     out = []
     for session in p["sessions"]:
         st = r_read_json(r_files(session)["state"])
         mgr = r_session_manager(p, st, session)
-        if mgr.get("batch"):
-            out.append(r_batch_status(session, mgr, st))
-            continue
-        info = r_probe(session)
-        if info:
-            info["server"] = "running"
-            out.append(info)
-        else:
-            out.append(dict(session=session, server="stopped", ended=r_how_ended(session)))
+        out.append(R_KINDS[mgr.get("kind", "session")]["status"](session, mgr, st))
     return out
 
 
@@ -2022,6 +2225,16 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this manager for SESSION, as plain data
+        checked to be argv lists of strings (ARGS: the session's options)."""
+        desc = dict(kind="session", name=self.name, program=getattr(self, "program", ""),
+                    start=self.start(session, ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]),
+                    alive=self.alive(session), stop=self.stop(session), log=self.log(session),
+                    detach=bool(getattr(self, "detach", False)))
+        for key in ("start", "alive", "stop", "log"):
+            check_argv(self, key + "()", desc[key], "return", optional=key != "start")
+        return desc
 
 def remote_call(func, *args: str) -> list:
     """A remote argv that runs FUNC, a plugin's own function, as `@PYTHON@ -c SOURCE ARGS`:
@@ -2035,16 +2248,12 @@ def remote_call(func, *args: str) -> list:
     return ["@PYTHON@", "-c", textwrap.dedent(inspect.getsource(func)) + call] + list(args)
 
 
-def describe_manager(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of MANAGER for SESSION, as plain data (with
-    ARGS, the options of this run: a batch manager's job options)."""
-    if getattr(manager, "batch", False):
-        return describe_batch(manager, session, args)
-    launcher = ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]
-    return dict(name=manager.name, program=getattr(manager, "program", ""),
-                start=manager.start(session, launcher), alive=manager.alive(session),
-                stop=manager.stop(session), log=manager.log(session),
-                detach=bool(getattr(manager, "detach", False)))
+def check_argv(manager, what: str, argv, verb: str, optional=False, empty=False) -> None:
+    """Raise Error unless ARGV, what WHAT of MANAGER gives, is an argv list of strings."""
+    if not (optional and argv is None) and not (isinstance(argv, list) and (argv or empty)
+                                                and all(isinstance(w, str) for w in argv)):
+        raise Error("manager plugin %s: %s must %s an argv list of strings%s, not %r" % (
+            manager.name, what, verb, " or None" if optional else "", argv))
 
 
 class PidFileManager(SessionManager):
@@ -2135,30 +2344,22 @@ class BatchManager(SessionManager):
         """A batch manager starts nothing itself: see ``submit``."""
         return self.submit()
 
-
-BATCH_METHODS = ("submit", "state", "find", "cancel")
-
-
-def describe_batch(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of the batch MANAGER for SESSION."""
-    desc = dict(name=manager.name, program=getattr(manager, "program", ""), batch=True,
-                job_name=manager.job_name(session),
-                options=list(manager.job_options(args)) if args is not None else [],
-                format=dict(manager.state_format), waiting=list(manager.waiting),
-                running=list(manager.running), ending=list(manager.ending),
-                fatal=list(manager.fatal_reasons), reason_text=dict(manager.reason_text),
-                job_id_re=manager.job_id_re, gone_re=manager.gone_re,
-                job_env=dict(manager.job_env), output_escapes=dict(manager.output_escapes))
-    for key in BATCH_METHODS:
-        desc[key] = getattr(manager, key)()
-    for key in BATCH_METHODS + ("options",):
-        argv = desc[key]
-        if not (isinstance(argv, list) and (argv or key == "options")
-                and all(isinstance(w, str) for w in argv)):
-            raise Error("manager plugin %s: %s must give an argv list of strings, not %r"
-                        % (manager.name, "job_options()" if key == "options" else key + "()",
-                           argv))
-    return desc
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this batch manager for SESSION, checked
+        (with ARGS, the session's options: the job's options)."""
+        desc = dict(kind="batch", name=self.name, program=getattr(self, "program", ""),
+                    job_name=self.job_name(session),
+                    options=list(self.job_options(args)) if args is not None else [],
+                    format=dict(self.state_format), waiting=list(self.waiting),
+                    running=list(self.running), ending=list(self.ending),
+                    fatal=list(self.fatal_reasons), reason_text=dict(self.reason_text),
+                    job_id_re=self.job_id_re, gone_re=self.gone_re,
+                    job_env=dict(self.job_env), output_escapes=dict(self.output_escapes))
+        for key in ("submit", "state", "find", "cancel"):
+            desc[key] = getattr(self, key)()
+            check_argv(self, key + "()", desc[key], "give")
+        check_argv(self, "job_options()", desc["options"], "give", empty=True)
+        return desc
 
 
 class Tmux(SessionManager):
@@ -2405,16 +2606,11 @@ def check_plugin(plugin) -> str:
                         % (kind, name, option))
         if option.flag in flags:
             raise Error("%s plugin %s: option %s is already taken" % (kind, name, option.flag))
-    if kind == "manager" and getattr(plugin, "batch", False):
-        describe_batch(plugin, "nbtunnel")  # raises if an argv is not a list of strings
-    elif kind == "manager":  # its description is plain data: argv lists of strings
-        desc = describe_manager(plugin, "nbtunnel")
-        for key in ("start", "alive", "stop", "log"):
-            argv = desc.get(key)
-            if (key == "start" or argv is not None) and not (
-                    isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)):
-                raise Error("manager plugin %s: %s() must return an argv list of strings%s, "
-                            "not %r" % (name, key, "" if key == "start" else " or None", argv))
+    if kind == "manager" and not callable(getattr(plugin, "describe", None)):
+        base = BatchManager if getattr(plugin, "batch", False) else SessionManager
+        plugin.describe = lambda session, args=None: base.describe(plugin, session, args)
+    if kind == "manager":  # duck-typed too: described as the base class it resembles
+        plugin.describe("nbtunnel")  # plain data: raises if an argv is not a list of strings
     return kind
 
 
@@ -2796,12 +2992,12 @@ class Connection(Transport):
         digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
         self.socket = os.path.join(control_dir(), digest)
         self.opened_here = False
-        self.batch = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
+        self.no_prompt = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
 
     def argv(self, *extra) -> list:
         """ssh with the user's options and our control socket."""
         words = ["ssh"] + self.options + ["-S", self.socket]
-        if self.batch:
+        if self.no_prompt:
             words += ["-o", "BatchMode=yes"]
         return words + list(extra)
 
@@ -2838,9 +3034,9 @@ class Connection(Transport):
         with tempfile.TemporaryFile() as err, progress("connecting to %s" % self.host), \
                 self.may_prompt():
             try:
-                r = subproc(argv, stdin=None if not self.batch else subprocess.DEVNULL,
+                r = subproc(argv, stdin=None if not self.no_prompt else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=err,
-                            timeout=None if not self.batch else self.timeout + 5)
+                            timeout=None if not self.no_prompt else self.timeout + 5)
                 code = r.returncode
             except subprocess.TimeoutExpired:
                 raise ssh_error(self.host, "unreachable",
@@ -2860,7 +3056,7 @@ class Connection(Transport):
     def may_prompt(self):
         """Around an ssh that may ask the user something on the terminal: the progress
         line stops redrawing, so the prompt stays readable."""
-        return contextlib.nullcontext() if self.batch else progress.frozen_while()
+        return contextlib.nullcontext() if self.no_prompt else progress.frozen_while()
 
     def pipe(self, command: str, data: bytes, timeout: float):
         """COMMAND over the master (if none runs, ssh connects by itself for this one
@@ -2940,10 +3136,11 @@ def shown(path: str) -> str:
     return path if len(path) <= 160 else "%s...%s" % (path[:80], path[-60:])
 
 
-def state_dir(args) -> str:
-    """The local state directory: created 0700 when missing; refused when it is not a
-    private directory of ours (never chmod-ed: `--state-dir /tmp` must not change /tmp)."""
-    path = args.state_dir or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
+def state_dir(path=None) -> str:
+    """The local state directory PATH (default: $NBTUNNEL_STATE_DIR, else in $XDG_STATE_HOME):
+    created 0700 when missing; refused when it is not a private directory of ours (never
+    chmod-ed: `--state-dir /tmp` must not change /tmp)."""
+    path = path or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "nbtunnel")
     path = os.path.abspath(os.path.expanduser(path))
     try:
@@ -3160,123 +3357,91 @@ def find_forward(conn, info: dict):
 
 
 class Run:
-    """Everything one command needs: options, state directory, plugins."""
+    """One command: ARGS, what it was asked to do (the action and its flags), for SESSION."""
 
-    def __init__(self, args, cfg=None):
-        self.args = args
-        self.batch = False  # True: ssh never prompts, even on a terminal (--ensure, --watch)
-        if cfg is not None and not args.state_dir and cfg.defaults().get("state-dir"):
-            args.state_dir = cfg.defaults()["state-dir"].strip()
-        self.state = state_dir(args)
-        self.records = load_records(self.state)
-
-    def connection(self, host: str, rec=None, tunnel=None) -> Connection:
-        """The shared connection for HOST, with the options it was recorded with."""
-        options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
-        tunnel = tunnel or get("tunnel", self.args.tunnel)
-        conn = tunnel.connection(host, options, self.args.timeout)
-        if conn is None:
-            conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
-            if rec and rec.get("socket") and os.path.exists(rec["socket"]):
-                conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
-        conn.batch = getattr(conn, "batch", False) or self.batch
-        return conn
-
-    def manager(self, name=None) -> SessionManager:
-        """The session manager plugin chosen for this run."""
-        return get("manager", name or self.args.manager)
-
-    def params(self, session: str, **extra) -> dict:
-        """What a remote operation on SESSION is told: this one place builds it."""
-        managers = {n: describe_manager(m, session, self.args) for n, m in MANAGERS.items()}
-        return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
-                    managers=managers, **extra)
+    def __init__(self, args, session: Session, plugins=()):
+        self.args, self.session, self.plugins = args, session, list(plugins)
 
 
 def start_params(run: Run) -> dict:
-    """What the remote "start" operation is told for this run's options."""
-    args = run.args
-    app = args.app or (guess_app(args.jupyter) if args.jupyter is not None else DEFAULT_APP)
-    steps, used = environment_steps(args)
-    mgr, tunnel = run.manager(), get("tunnel", args.tunnel)
-    log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", mgr.name,
-              mgr.source, tunnel.name, tunnel.source, ", ".join(
+    """What the remote "start" operation is told for this session's options."""
+    s = run.session
+    app = s.app or (guess_app(s.jupyter) if s.jupyter is not None else DEFAULT_APP)
+    steps, used = environment_steps(s)
+    log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", s.manager.name,
+              s.manager.source, s.tunnel.name, s.tunnel.source, ", ".join(
                   "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
-    sock = bool(getattr(args, "unix_socket", False))
+    sock = bool(s.unix_socket)
     if sock:
-        check_socket_mode(args, mgr, tunnel)
-    return run.params(args.session, argv=jupyter_argv(app, args.jupyter) + (
-                      socket_server_args() if sock else server_args()),
-                      app=app, notebook_dir=args.notebook_dir,
-                      remote_port=None if sock else args.remote_port, unix_socket=sock,
-                      sock_max=local_socket_max(), env_steps=steps,
-                      environment=[e.name for e in used],
-                      options=session_values(args, start_only=True))
+        check_socket_mode(s)
+    return s.params(argv=jupyter_argv(app, s.jupyter) + (
+                    socket_server_args() if sock else server_args()),
+                    app=app, notebook_dir=s.notebook_dir,
+                    remote_port=None if sock else s.remote_port, unix_socket=sock,
+                    sock_max=local_socket_max(), env_steps=steps,
+                    environment=[e.name for e in used], options=s.asked(start_only=True))
 
 
-def check_socket_mode(args, mgr, tunnel) -> None:
+def check_socket_mode(session: Session) -> None:
     """Refuse --unix-socket where it cannot work: a batch manager (the socket would be on a
     compute node), a tunnel backend that cannot forward to a socket, a --remote-port."""
-    if getattr(mgr, "batch", False):
-        raise UsageError(MSG_SOCKET_BATCH.format(manager=mgr.name))
-    if not getattr(tunnel, "unix_socket", False):
-        raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=tunnel.name))
-    if args.remote_port and args.origin.get("remote_port") != "record":
+    if session.batch:
+        raise UsageError(MSG_SOCKET_BATCH.format(manager=session.manager.name))
+    if not getattr(session.tunnel, "unix_socket", False):
+        raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=session.tunnel.name))
+    if session.remote_port and session.source("remote_port") != "record":
         raise UsageError("--remote-port cannot be combined with --unix-socket (the server "
                          "listens on no port)")
 
 
-def fresh_record(run: Run, host: str, session: str):
-    """The record of HOST/SESSION as it is on disk now (another run may have changed it),
-    or None when there is none or it is damaged (load_records has warned about that)."""
+def fresh_record(session: Session):
+    """The record of SESSION as it is on disk now (another run may have changed it), or
+    None when there is none or it is damaged (load_records has warned about that)."""
+    host, name = session.host, session.name
     try:
-        rec = read_record(os.path.join(run.state, record_name(host, session)))
-        ok = (rec["host"], rec["session"]) == (host, session) and isinstance(rec["token"], str) \
+        rec = read_record(os.path.join(session.state, record_name(host, name)))
+        ok = (rec["host"], rec["session"]) == (host, name) and isinstance(rec["token"], str) \
             and all(isinstance(rec[k], int) for k in ("local_port", "remote_port"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return rec if ok else None
 
 
-def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
+def bring_up(run: Run, conn: Connection, old, params: dict):
     """With the lock held and CONN open: start or reattach, forward, record; (record, info).
 
     A server that has to be started again gets the token of OLD, and the tunnel
     OLD's local port when it is free, so the URL stays the same.
     """
-    args = run.args
-    session = args.session
-    tunnel = get("tunnel", args.tunnel)
+    s = run.session
+    host, session, tunnel, mgr = s.host, s.name, s.tunnel, s.manager
     if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
         params = dict(params, token=old["token"])
     try:
-        if getattr(run.manager(), "batch", False):
+        if s.batch:
             info = batch_start(run, conn, params)
         else:
-            info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+            info = conn.run_helper("start", params, timeout=s.timeout * 2 + 30)
         dest = destination(info)
-        if old is None and not conn.opened_here and not args.local_port:
+        if old is None and not conn.opened_here and not s.local_port:
             port = find_forward(conn, info)  # the record was lost, the forward was not
             old = dict(local_port=port, destination=dest) if port else None
-        local_port = open_tunnel(conn, tunnel, old, dest, args.local_port)
+        local_port = open_tunnel(conn, tunnel, old, dest, s.local_port)
         if info.get("sock"):
-            check_socket_forward(run, host, conn, tunnel, info, local_port)
+            check_socket_forward(s, conn, info, local_port)
     except BaseException:
         if conn.opened_here:
             conn.close()  # leave nothing running after a failure
         raise
     app = info.get("app") or params["app"]
-    mgr = run.manager()
     rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
                environment=params.get("environment", []), plugin=mgr.source, app=app,
                local_port=local_port, remote_port=info["port"], token=info["token"],
                remote_socket=info.get("sock"), destination=dest,
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
-               options=session_values(args))
-    for key in JOB_FIELDS:
-        if info.get(key) is not None:
-            rec[key] = info[key]
+               options=s.asked())
+    rec.update((k, info[k]) for k in JOB_FIELDS if info.get(k) is not None)
     if info.get("address"):  # where a batch job's server listens, as the login node sees it
         rec["remote_host"] = info["address"]
     was = server_options(old, info) if info["reused"] else None
@@ -3286,7 +3451,7 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
     rec["listener"] = tunnel_listener(conn, tunnel)
-    save_record(run.state, rec)
+    save_record(s.state, rec)
     return rec, info
 
 
@@ -3303,7 +3468,7 @@ def forward_answers(port: int, timeout: float = 10.0) -> bool:
         return False
 
 
-def check_socket_forward(run: Run, host: str, conn, tunnel, info: dict, local_port: int):
+def check_socket_forward(session: Session, conn, info: dict, local_port: int):
     """After a forward to the server's Unix socket: fail clearly when it does not reach it.
 
     sshd refuses stream-local forwarding (AllowStreamLocalForwarding no) per connection,
@@ -3313,12 +3478,11 @@ def check_socket_forward(run: Run, host: str, conn, tunnel, info: dict, local_po
     if forward_answers(local_port):
         return
     with contextlib.suppress(Error):
-        tunnel.close(conn, local_port, destination(info))
+        session.tunnel.close(conn, local_port, destination(info))
     if not info.get("reused"):
         with contextlib.suppress(Error):
-            conn.run_helper("stop", run.params(run.args.session, force=True),
-                            timeout=run.args.timeout * 2 + 30)
-    raise Error(MSG_NO_STREAMLOCAL.format(host=host) + (
+            conn.run_helper("stop", session.params(force=True), timeout=session.timeout * 2 + 30)
+    raise Error(MSG_NO_STREAMLOCAL.format(host=session.host) + (
         "" if not info.get("reused") else " (stop the running server first: --terminate)"),
         kind="no-streamlocal")
 
@@ -3349,36 +3513,36 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
     One short remote operation a second over the shared connection tells how the job
     fares; a terminal shows it on the progress line.  A job that this run submitted
     is cancelled when the wait ends early: --timeout, Ctrl-C, or an error."""
-    args, host = run.args, conn.host
-    answer = conn.run_helper("start", params, timeout=args.timeout + 60)
+    s, host = run.session, conn.host
+    answer = conn.run_helper("start", params, timeout=s.timeout + 60)
     reused, job = answer["reused"], answer["job_id"]
     log.debug("%s job %s on %s", "found" if reused else "submitted", job, host)
-    deadline = time.monotonic() + args.wait_timeout
+    deadline = time.monotonic() + s.wait_timeout
     try:
         with progress(job_line(answer)):
             while not answer.get("ready"):
                 if time.monotonic() > deadline:
                     raise Error(MSG_JOB_TIMEOUT.format(
-                        job=job, host=host, timeout=args.wait_timeout,
+                        job=job, host=host, timeout=s.wait_timeout,
                         state=answer.get("job_state") or "waiting", reason=": %s" % answer[
                             "reason"] if answer.get("reason") else ""), kind="timeout")
                 time.sleep(1)
                 answer = conn.run_helper("job", dict(params, job_id=job),
-                                         timeout=args.timeout + 30)
+                                         timeout=s.timeout + 30)
                 progress.update(job_line(answer))
     except (Error, KeyboardInterrupt) as e:
         if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended"):
-            cancel_job(run, conn, params, job)
+            cancel_job(s, conn, params, job)
         raise
     info = dict(answer["ready"], reused=reused)
     return info
 
 
-def cancel_job(run: Run, conn: Connection, params: dict, job) -> None:
+def cancel_job(session: Session, conn: Connection, params: dict, job) -> None:
     """Cancel the job JOB this run submitted, and say so (on stderr, even with -q)."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop it
     try:
-        conn.run_helper("stop", dict(params, force=True), timeout=run.args.timeout * 2 + 30)
+        conn.run_helper("stop", dict(params, force=True), timeout=session.timeout * 2 + 30)
         log.error("cancelled job %s on %s", job, conn.host)
     except Error as e:
         log.error("could not cancel job %s on %s: %s", job, conn.host, e)
@@ -3412,33 +3576,32 @@ def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
                     host, session)
 
 
-def attach(run: Run, host: str, params: dict):
+def attach(run: Run, params: dict):
     """Under the lock: connect, start or reattach, forward, record; (connection, record, info)."""
-    with locked(run.state, host, run.args.session):
-        old = fresh_record(run, host, run.args.session)
-        conn = run.connection(host, old)
+    s = run.session
+    with locked(s.state, s.host, s.name):
+        old = fresh_record(s)
+        conn = s.connection(old)
         conn.open()
-        rec, info = bring_up(run, host, conn, old, params)
+        rec, info = bring_up(run, conn, old, params)
     return conn, rec, info
 
 
-def cmd_start(run: Run, host: str) -> int:
-    """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
-    args = run.args
-    session = args.session
-    conn, rec, info = attach(run, host, start_params(run))
+def cmd_start(run: Run) -> int:
+    """Start or reattach to the server of the session, tunnel it, print the URL."""
+    args, s = run.args, run.session
+    conn, rec, info = attach(run, start_params(run))
     if not args.quiet:
         log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
-                 "reattached to" if info["reused"] else "started", host, session,
+                 "reattached to" if info["reused"] else "started", s.host, s.name,
                  rec["manager"], "socket %s" % info["sock"] if info.get("sock")
                  else "remote port %d" % info["port"], rec["local_port"])
     out = dict(public(rec), reused=info["reused"])
     print(json.dumps(out) if args.json else rec["url"], flush=True)
     if args.open:
-        open_browser(run.state, rec)
-    tunnel = get("tunnel", args.tunnel)
-    if tunnel.foreground:
-        serve_foreground(conn, tunnel, rec["local_port"], recorded_destination(rec))
+        open_browser(s.state, rec)
+    if s.tunnel.foreground:
+        serve_foreground(conn, s.tunnel, rec["local_port"], recorded_destination(rec))
     return 0
 
 
@@ -3548,17 +3711,17 @@ def find_record(records, host, session):
     return None
 
 
-def ask_host(run: Run, host: str, recs: list, batch: bool = False):
+def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False):
     """(master up, {session: answer}, None or the Error) for the sessions RECS of HOST."""
-    conn = run.connection(host, recs[0])
-    conn.batch = conn.batch or batch
+    conn = session.connection(recs[0], host)
+    conn.no_prompt = conn.no_prompt or no_prompt
     up = conn.alive()
     # Over the master when it runs; otherwise over a connection of its own that
     # ends with the command: one handshake either way, and nothing left running.
-    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs],
-                        session_managers={r["session"]: r.get("manager") for r in recs})
+    params = session.params(recs[0]["session"], sessions=[r["session"] for r in recs],
+                            session_managers={r["session"]: r.get("manager") for r in recs})
     try:
-        answers = conn.run_helper("status", params, timeout=run.args.timeout + 10)
+        answers = conn.run_helper("status", params, timeout=session.timeout + 10)
     except Error as e:
         return up, {}, e
     return up, {a["session"]: a for a in answers}, None
@@ -3569,7 +3732,7 @@ def may_need_prompt(err: Error) -> bool:
     return err.kind in ("auth", "hostkey-unknown")
 
 
-def ask_hosts(run: Run, by_host: dict) -> dict:
+def ask_hosts(session: Session, by_host: dict) -> dict:
     """Ask every host at once (one thread and one connection each): {host: (up, answers)}
     in the order of BY_HOST.
 
@@ -3578,14 +3741,14 @@ def ask_hosts(run: Run, by_host: dict) -> dict:
     asked again one after the other, with their prompts."""
     import concurrent.futures
 
-    def one(host, batch):
+    def one(host, no_prompt):
         try:
-            return ask_host(run, host, by_host[host], batch)
+            return ask_host(session, host, by_host[host], no_prompt)
         except Error as e:
             return False, {}, e
 
     hosts = list(by_host)
-    interactive = not run.batch and sys.stdin is not None and sys.stdin.isatty()
+    interactive = not session.no_prompt and sys.stdin is not None and sys.stdin.isatty()
     got = {}
     if len(hosts) == 1:
         got[hosts[0]] = one(hosts[0], False)
@@ -3637,19 +3800,14 @@ def nothing_recorded(records: list, host, session) -> str:
         what, " (did you mean %s?)" % close[0] if close else "", listed)
 
 
-def cmd_status(run: Run, host) -> int:
+def cmd_status(run: Run) -> int:
     """Ask each recorded host about its sessions; one line (or JSON object) each.
     Sessions whose manager plugin is missing are not asked about: state unknown."""
-    args = run.args
-    records = [r for r in run.records if host is None or r["host"] == host]
-    if args.session_given:
-        records = [r for r in records if r["session"] == args.session]
-    by_host = {}
-    for rec in records:
-        by_host.setdefault(rec["host"], []).append(rec)
-    asked = ask_hosts(run, {h: [r for r in recs if not missing_manager(r)]
-                            for h, recs in by_host.items()
-                            if any(not missing_manager(r) for r in recs)})
+    args, s = run.args, run.session
+    by_host = s.recorded(same_name=s.source("session") != "default")
+    asked = ask_hosts(s, {h: [r for r in recs if not missing_manager(r)]
+                          for h, recs in by_host.items()
+                          if any(not missing_manager(r) for r in recs)})
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
@@ -3663,7 +3821,7 @@ def cmd_status(run: Run, host) -> int:
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
             port_open = local_port_open(rec["local_port"])
             if port_open and up is None:  # a host not asked: is its master still there?
-                up = run.connection(h, rec).alive()
+                up = s.connection(rec, host=h).alive()
             row["tunnel"] = "up" if (held_here or up) and port_open else "down"
             if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
@@ -3693,16 +3851,16 @@ def cmd_status(run: Run, host) -> int:
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
                 gone))
     if not rows and not args.quiet:
-        log.info("%s", nothing_recorded(run.records, host,
-                                        args.session if args.session_given else None))
+        log.info("%s", nothing_recorded(s.records, s.host,
+                                        s.name if s.source("session") != "default" else None))
     return 0
 
 
-def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) -> None:
-    """Remove the forward of HOST/SESSION (recorded as REC); end the master too unless
-    another recorded session's tunnel uses it."""
-    others = [r for r in load_records(run.state) if r.get("socket") == conn.socket
-              and (r["host"], r["session"]) != (host, session)]
+def close_tunnel(session: Session, conn: Connection, rec=None) -> None:
+    """Remove the forward of SESSION (recorded as REC); end the master too unless another
+    recorded session's tunnel uses it."""
+    others = [r for r in load_records(session.state) if r.get("socket") == conn.socket
+              and (r["host"], r["session"]) != (session.host, session.name)]
     if not others:
         conn.close()
     elif rec:
@@ -3711,29 +3869,26 @@ def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) 
                                                            recorded_destination(rec))
 
 
-def terminate_session(run: Run, host: str) -> dict:
+def terminate_session(run: Run) -> dict:
     """Stop the server gracefully, end its session, close the tunnel, drop the record;
     the remote's answer (raises exit 3 while kernels are busy and --force is not given)."""
-    args = run.args
-    session = args.session
-    rec = find_record(run.records, host, session)
-    with locked(run.state, host, session):
-        conn = run.connection(host, rec)
+    s = run.session
+    host, session, rec = s.host, s.name, s.record()
+    with locked(s.state, host, session):
+        conn = s.connection(rec)
         conn.open()
         try:
-            params = run.params(session, force=args.force)
-            result = conn.run_helper("stop", params, timeout=args.timeout * 2 + 30)
+            result = conn.run_helper("stop", s.params(force=run.args.force),
+                                     timeout=s.timeout * 2 + 30)
+            if result.get("busy"):
+                raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
+                                            names=", ".join(result["busy"])), 3)
         except BaseException:
             if conn.opened_here:
                 conn.close()
             raise
-        if result.get("busy"):
-            if conn.opened_here:
-                conn.close()
-            raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
-                                        names=", ".join(result["busy"])), 3)
-        close_tunnel(run, conn, host, session, rec)
-        drop_record(run.state, host, session)
+        close_tunnel(s, conn, rec)
+        drop_record(s.state, host, session)
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
 
 
@@ -3747,33 +3902,22 @@ def say_terminated(run: Run, results: list) -> None:
                      "stopped" if r["stopped"] else "was not running")
 
 
-def cmd_terminate(run: Run, host: str) -> int:
-    """Stop the server of HOST/SESSION and its tunnel (idempotent)."""
-    say_terminated(run, [terminate_session(run, host)])
-    return 0
-
-
-def every_session(run: Run, cfg, host, action):
+def every_session(run: Run, cfg, action):
     """--all: ACTION (terminate_session or ensure_session) for every recorded session (of
     HOST), all hosts at once, one connection each: the sessions of one host go one after
     the other over its connection.  Results come in record order; the exit code is the
     worst one."""
     import concurrent.futures
 
-    by_host = {}
-    for rec in run.records:
-        if host is None or rec["host"] == host:
-            by_host.setdefault(rec["host"], []).append(rec)
+    s = run.session
+    by_host = s.recorded()
 
     def one_host(h):
         done = []
         for rec in by_host[h]:
-            sub = argparse.Namespace(**copy.deepcopy(run.pristine))
-            sub.host, sub.session = rec["host"], rec["session"]
             try:
-                subrun = Run(sub, cfg)
-                resolve(sub, cfg, subrun.records)
-                done.append((rec, action(subrun, h), None))
+                one = resolve(run.args, cfg, s.records, h, rec["session"], s.state)
+                done.append((rec, action(Run(run.args, one, run.plugins)), None))
             except Error as e:
                 done.append((rec, None, e))
         return done
@@ -3822,11 +3966,12 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
             % (where, rec["local_port"], moved, rec["url"])]
 
 
-def repair(run: Run, host: str, conn: Connection, old, params: dict):
+def repair(run: Run, conn: Connection, old, params: dict):
     """With the lock held: connect, start or reattach, forward again; (record, lines)."""
+    host = run.session.host
     tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
     conn.open()
-    rec, info = bring_up(run, host, conn, old, params)
+    rec, info = bring_up(run, conn, old, params)
     deadline = time.monotonic() + 10
     while not api_ok(rec):
         if time.monotonic() > deadline:
@@ -3837,7 +3982,7 @@ def repair(run: Run, host: str, conn: Connection, old, params: dict):
     return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
 
 
-def healthy(run: Run, host: str, rec, conn=None) -> bool:
+def healthy(session: Session, rec, conn=None) -> bool:
     """Is the session of REC up and answering, both ends of its tunnel proven ours?
 
     The local end is proven by api_ok.  The remote end of a TCP tunnel could be anyone
@@ -3847,12 +3992,12 @@ def healthy(run: Run, host: str, rec, conn=None) -> bool:
     if not rec:
         return False
     if not rec.get("remote_socket"):
-        conn = conn or run.connection(host, rec)
+        conn = conn or session.connection(rec)
         if not conn.alive():
             return False  # no tunnel without its master
         try:
-            state = conn.run_helper("status", run.params(rec["session"], sessions=[
-                rec["session"]]), timeout=min(run.args.timeout, 15) + 10)[0]
+            state = conn.run_helper("status", session.params(rec["session"], sessions=[
+                rec["session"]]), timeout=min(session.timeout, 15) + 10)[0]
         except Error:
             return False
         if state.get("server") != "running" or (state.get("port"), state.get("pid")) != (
@@ -3861,20 +4006,18 @@ def healthy(run: Run, host: str, rec, conn=None) -> bool:
     return api_ok(rec)
 
 
-def ensure_session(run: Run, host: str):
-    """Start or repair the server and tunnel of HOST/SESSION: (record, repair lines)."""
-    args = run.args
-    session = args.session
-    run.batch = True  # never prompt, even on a terminal
-    progress.silent = True  # and say nothing while all is well
-    rec = fresh_record(run, host, session)
+def ensure_session(run: Run):
+    """Start or repair the server and tunnel of the session: (record, repair lines)."""
+    s = run.session
+    s.no_prompt = True  # never prompt, even on a terminal (and main() keeps the line off)
+    rec = fresh_record(s)
     lines = []
-    if not healthy(run, host, rec):  # no login: one question over the master, one request
+    if not healthy(s, rec):  # no login: one question over the master, one request
         params = start_params(run)
-        with locked(run.state, host, session, timeout=args.timeout * 3 + 60):
-            rec = fresh_record(run, host, session)
-            if not healthy(run, host, rec):  # else a run we waited for has repaired it
-                rec, lines = repair(run, host, run.connection(host, rec), rec, params)
+        with locked(s.state, s.host, s.name, timeout=s.timeout * 3 + 60):
+            rec = fresh_record(s)
+            if not healthy(s, rec):  # else a run we waited for has repaired it
+                rec, lines = repair(run, s.connection(rec), rec, params)
     return rec, lines
 
 
@@ -3889,12 +4032,6 @@ def say_ensured(run: Run, results: list) -> None:
                 print(line)
 
 
-def cmd_ensure(run: Run, host: str) -> int:
-    """For cron: start or repair the server and tunnel of HOST/SESSION; silent when healthy."""
-    say_ensured(run, [ensure_session(run, host)])
-    return 0
-
-
 def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     if err.kind in SSH_REFUSALS:
@@ -3906,46 +4043,44 @@ def link_failure(conn: Connection, err: Error) -> bool:
     return not conn.alive()
 
 
-def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict):
+def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     """With the lock held: find out what broke and repair it; (record, lines), or None
     when the server was shut down on purpose (File > Shut Down, or --terminate)."""
-    args = run.args
-    session = args.session
-    if healthy(run, host, rec, conn):
+    s = run.session
+    host, session = s.host, s.name
+    if healthy(s, rec, conn):
         return rec, []  # another run repaired it meanwhile
     if not conn.alive():
         log.warning("the connection to %s is down; reconnecting", host)
     tunnel_was_up = conn.alive() and local_port_open(rec["local_port"])
     conn.open()
-    state = conn.run_helper("status", run.params(session, sessions=[session]),
-                            timeout=min(args.timeout, 15))[0]
+    state = conn.run_helper("status", s.params(sessions=[session]),
+                            timeout=min(s.timeout, 15))[0]
     if state["server"] != "running" and state.get("ended") != "died":
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
-        close_tunnel(run, conn, host, session, rec)
-        drop_record(run.state, host, session)
+        close_tunnel(s, conn, rec)
+        drop_record(s.state, host, session)
         return None
-    new, lines = repair(run, host, conn, rec, params)
+    new, lines = repair(run, conn, rec, params)
     if tunnel_was_up and not lines and state["server"] == "running":
         lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
     return new, lines
 
 
-def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -> None:
+def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
-    args = run.args
-    session = args.session
+    s = run.session
     failures = 0
     while True:
-        time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else args.interval)
-        current = fresh_record(run, host, session)
-        if healthy(run, host, current, conn):
+        time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else s.interval)
+        current = fresh_record(s)
+        if healthy(s, current, conn):
             rec, failures = current, 0
             continue
         try:
-            with locked(run.state, host, session):
-                result = watch_repair(run, host, conn, fresh_record(run, host, session) or rec,
-                                      params)
+            with locked(s.state, s.host, s.name):
+                result = watch_repair(run, conn, fresh_record(s) or rec, params)
         except Error as e:
             if not link_failure(conn, e):
                 raise
@@ -3961,29 +4096,30 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
         failures = 0
 
 
-def cmd_watch(run: Run, host: str) -> int:
+def cmd_watch(run: Run) -> int:
     """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
-    args = run.args
-    session = args.session
+    args, s = run.args, run.session
+    host, session = s.host, s.name
     params = start_params(run)
-    conn, rec, info = attach(run, host, params)  # may prompt on a terminal; reconnections never do
+    conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never do
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
-             session, args.interval, " and stops the server" if args.terminate else "")
-    run.batch = conn.batch = True
+             session, s.interval, " and stops the server" if args.terminate else "")
+    s.no_prompt = conn.no_prompt = True
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        watch_loop(run, host, conn, rec, params)
+        watch_loop(run, conn, rec, params)
         return 0  # the server was shut down: nothing left to watch
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.terminate:
-        run.records = load_records(run.state)
-        return cmd_terminate(run, host)
-    close_tunnel(run, conn, host, session, fresh_record(run, host, session) or rec)
+        s.records = load_records(s.state)
+        say_terminated(run, [terminate_session(run)])
+        return 0
+    close_tunnel(s, conn, fresh_record(s) or rec)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
 
@@ -4015,12 +4151,13 @@ def program_argv() -> list:
     return [os.path.abspath(sys.executable), os.path.abspath(__file__)]
 
 
-def service_argv(args, host: str, action: str, state: str, rec=None, plugins=()) -> list:
+def service_argv(session: Session, action: str, plugins=()) -> list:
     """The nbtunnel command line a unit runs: ACTION (--ensure or --watch) with every option
-    of the session in effect, and the recorded local port so that the URL stays the same."""
-    rec = rec or {}
-    argv = [host, action, "--session", args.session, "--state-dir", os.path.abspath(state)]
-    values = session_values(args)
+    of SESSION in effect, and the recorded local port so that the URL stays the same."""
+    rec = session.record() or {}
+    argv = [session.host, action, "--session", session.name, "--state-dir",
+            os.path.abspath(session.state)]
+    values = session.asked()
     if rec.get("local_port") and not values.get("local_port"):
         values["local_port"] = rec["local_port"]
     for path_option in ("ssh_config", "identity"):  # relative or ~ means something else
@@ -4181,16 +4318,15 @@ def check_listen(value: str) -> str:
     return value
 
 
-def cmd_print_service(run: Run, host: str) -> int:
-    """Print a crontab line, systemd unit or launchd plist that keeps HOST/SESSION up."""
-    args, kind = run.args, run.args.print_service
-    rec = find_record(run.records, host, args.session)
+def cmd_print_service(run: Run) -> int:
+    """Print a crontab line, systemd unit or launchd plist that keeps the session up."""
+    s, kind = run.session, run.args.print_service
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
-    plugins = [p for p in plugin_files(args.plugin or ()) if os.path.dirname(p) != here]
+    plugins = [p for p in plugin_files(run.plugins) if os.path.dirname(p) != here]
     action = "--ensure" if kind == "cron" else "--watch"
-    argv = program_argv() + service_argv(args, host, action, run.state, rec, plugins)
-    title = "Jupyter on %s (session %s)" % (host, args.session)
-    name = service_name(host, args.session)
+    argv = program_argv() + service_argv(s, action, plugins)
+    title = "Jupyter on %s (session %s)" % (s.host, s.name)
+    name = service_name(s.host, s.name)
     if kind == "cron":
         text = cron_entry(argv, service_env(), title)
     elif kind == "systemd":
@@ -4202,17 +4338,16 @@ def cmd_print_service(run: Run, host: str) -> int:
     return 0
 
 
-def cmd_print_nginx(run: Run, host: str) -> int:
-    """Print an nginx server block in front of the recorded tunnel of HOST/SESSION."""
-    args = run.args
-    rec = find_record(run.records, host, args.session)
-    port = args.local_port or (rec or {}).get("local_port")
+def cmd_print_nginx(run: Run) -> int:
+    """Print an nginx server block in front of the recorded tunnel of the session."""
+    s, rec = run.session, run.session.record()
+    port = s.local_port or (rec or {}).get("local_port")
     if not port:
-        raise UsageError(MSG_NGINX_NO_PORT.format(host=host, session=args.session))
-    listen = check_listen(args.nginx_listen or NGINX_LISTEN)
+        raise UsageError(MSG_NGINX_NO_PORT.format(host=s.host, session=s.name))
+    listen = check_listen(s.nginx_listen or NGINX_LISTEN)
     sys.stdout.write(nginx_server_block(port, listen, "Jupyter on %s (session %s)"
-                                        % (host, args.session)))
-    if rec and not args.quiet:
+                                        % (s.host, s.name)))
+    if rec and not run.args.quiet:
         address = listen if ":" in listen else "127.0.0.1:" + listen
         log.info("once nginx runs, open %s", rec["url"].replace(
             "127.0.0.1:%d" % rec["local_port"], address, 1))
@@ -4402,139 +4537,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_path(args):
-    """The config file to read and whether it must exist (it must when named by --config)."""
-    if args.config:
-        return args.config, True
-    return os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
-        "nbtunnel", "config.ini"), False
-
-
-def read_config(path, required: bool = False):
-    """The INI config file as a ConfigParser (missing is fine unless REQUIRED; broken is
-    an error)."""
-    import configparser
-
-    cfg = configparser.ConfigParser(interpolation=None)
-    if required and not os.path.isfile(path):
-        raise UsageError("config file %s not found" % path)
-    if path and os.path.exists(path):
-        try:
-            cfg.read(path)
-        except (configparser.Error, OSError, UnicodeDecodeError) as e:
-            raise UsageError("config file %s: %s" % (path, e)) from None
-    return cfg
-
-
-def config_section(cfg, host) -> dict:
-    """The config keys in effect for HOST: its [host HOST] section over [DEFAULT]."""
-    name = "host %s" % host
-    section = dict(cfg[name]) if host and cfg.has_section(name) else dict(cfg.defaults())
-    known = {o.key for o in session_options()} | set(RUN_KEYS) | {"host"}
-    unknown = sorted(set(section) - known)
-    if host and cfg.has_section(name) and cfg[name].get("plugin") != cfg.defaults().get("plugin"):
-        raise UsageError("config file: plugin = ... belongs in [DEFAULT] (plugins are loaded "
-                         "before the host is known)")
-    if unknown:
-        raise UsageError("config file: unknown key %r (known: %s)"
-                         % (unknown[0], ", ".join(sorted(known))))
-    return section
-
-
-def apply_config(args, cfg, host) -> None:
-    """Fill what the command line left open from the config section of HOST."""
-    section = config_section(cfg, host)
-    for key, (dest, multiple) in RUN_KEYS.items():
-        if key in section and getattr(args, dest, None) in (None, []):
-            value = section[key]
-            setattr(args, dest, [v.strip() for v in value.splitlines() if v.strip()]
-                    if multiple else value.strip())
-    for option in session_options():
-        if getattr(args, option.dest, None) is None and option.key in section:
-            setattr(args, option.dest, option.from_config(section[option.key]))
-            args.origin[option.dest] = "config file"
-
-
-def apply_record(args, rec) -> None:
-    """Fill what the command line and config left open from the session's record."""
-    recorded = dict((rec or {}).get("options") or {})
-    if rec and "options" not in rec:  # a record from before options were recorded
-        recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
-                        app=rec.get("app"))
-    for option in session_options():
-        if option.sticky and getattr(args, option.dest, None) is None and \
-                recorded.get(option.dest) is not None:
-            setattr(args, option.dest, recorded[option.dest])
-            args.origin[option.dest] = "record"
-
-
-def resolve_host(args, cfg, records):
-    """HOST from the command line, the config default, or the only record."""
-    if args.host:
-        return args.host
-    if cfg.defaults().get("host"):
-        return cfg.defaults()["host"].strip()
-    candidates = records
-    if args.session is not None:
-        candidates = [r for r in records if r["session"] == args.session]
-    if len(candidates) == 1:
-        args.session = candidates[0]["session"]
-        return candidates[0]["host"]
-    if args.terminate and not args.watch and not candidates:
-        return None
-    sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
-    why = "several sessions are recorded" if candidates else "nothing is recorded"
-    raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
-
-
-def resolve(args, cfg, records):
-    """Decide every setting of this run, once: HOST, then each option from the command
-    line, the config section of that HOST, the session's record, the default.  Returns
-    HOST (None for --status without one, or --terminate with nothing recorded)."""
-    args.origin = {o.dest: "command line" for o in session_options()
-                   if getattr(args, o.dest, None) is not None}
-    several = args.status or getattr(args, "all", False)
-    host = None if several and not args.host else resolve_host(args, cfg, records)
-    if host is not None:
-        check_host(host)
-    apply_config(args, cfg, host)
-    args.session_given = args.session is not None
-    args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
-    if host is not None and not args.status:
-        apply_record(args, find_record(records, host, args.session))
-    for option in session_options():
-        value = getattr(args, option.dest, None)
-        if value is not None:
-            setattr(args, option.dest, option.convert(value, args.origin[option.dest]))
-    check_ssh_args(args)
-    args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
-    args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
-                                  else "sshtunnel")
-    # A batch manager waits longer for its queue; connecting keeps the usual bound.
-    args.wait_timeout = args.timeout or getattr(
-        get("manager", args.manager), "default_timeout", None) or DEFAULT_TIMEOUT
-    args.timeout = args.timeout or DEFAULT_TIMEOUT
-    get("tunnel", args.tunnel)
-    try:
-        args.interval = seconds(args.interval)
-        if args.interval > 3600:
-            raise ValueError("at most 3600")
-    except ValueError:
-        raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
-                         % (args.interval,)) from None
-    if args.watch and (args.status or args.ensure):
-        raise UsageError("--watch cannot be combined with --%s"
-                         % ("status" if args.status else "ensure"))
-    return host
-
-
-def session_values(args, start_only: bool = False) -> dict:
-    """The options in effect that were asked for (not defaults), as recorded."""
-    return {o.dest: getattr(args, o.dest) for o in session_options()
-            if o.dest in args.origin and (o.start or not start_only)}
-
-
 TOKEN_WORDS = re.compile(
     r"((?:[?&]|\b)token=|\btoken[\"']?\s*[:=]\s*[\"']?|\btoken\s+)([^\s&\"',;]+)", re.IGNORECASE)
 LONG_HEX = re.compile(r"\b[0-9a-f]{32,}\b")
@@ -4592,36 +4594,31 @@ def main(argv=None) -> int:
         # Plugins bring options of their own, so they are loaded before the parser is
         # built: those of --plugin, else those the config file's [DEFAULT] names.
         plugins = early.plugin or cfg.defaults().get("plugin", "").splitlines()
-        load_plugins(plugin_files([p.strip() for p in plugins if p.strip()]))
+        plugins = [p.strip() for p in plugins if p.strip()]
+        load_plugins(plugin_files(plugins))
         args = build_parser().parse_args(argv)
-        run = Run(args, cfg)
-        run.pristine = copy.deepcopy(vars(args))  # as given, for each session of --all
-        host = resolve(args, cfg, run.records)
-        if args.all:
-            if not (args.terminate or args.ensure) or args.watch:
-                raise UsageError("--all goes with --terminate or --ensure")
-            action, say = ((terminate_session, say_terminated) if args.terminate
-                           else (ensure_session, say_ensured))
-            code, results = every_session(run, cfg, host, action)
-            say(run, results)
-            return code
-        if args.status:
-            return cmd_status(run, host)
-        if args.print_service:
-            return cmd_print_service(run, host)
-        if args.print_nginx:
-            return cmd_print_nginx(run, host)
-        if args.ensure:
-            return cmd_ensure(run, host)
-        if args.watch:
-            return cmd_watch(run, host)
-        if args.terminate:
-            if host is None:
-                if not args.quiet:
-                    log.info("nothing to terminate: no sessions recorded")
-                return 0
-            return cmd_terminate(run, host)
-        return cmd_start(run, host)
+        progress.silent = args.ensure  # for cron: no line even on a terminal
+        run = Run(args, resolve(args, cfg), plugins)
+        if args.watch and (args.status or args.ensure):
+            raise UsageError("--watch cannot be combined with --%s"
+                             % ("status" if args.status else "ensure"))
+        if args.all and (not (args.terminate or args.ensure) or args.watch):
+            raise UsageError("--all goes with --terminate or --ensure")
+        for flag, cmd in (("status", cmd_status), ("print_service", cmd_print_service),
+                          ("print_nginx", cmd_print_nginx), ("watch", cmd_watch)):
+            if getattr(args, flag):
+                return cmd(run)
+        if not (args.terminate or args.ensure):
+            return cmd_start(run)
+        if run.session.host is None and not args.all:
+            if not args.quiet:
+                log.info("nothing to terminate: no sessions recorded")
+            return 0
+        action, say = ((terminate_session, say_terminated) if args.terminate
+                       else (ensure_session, say_ensured))
+        code, results = every_session(run, cfg, action) if args.all else (0, [action(run)])
+        say(run, results)
+        return code
     except Error as e:
         text = e.text()
         if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why

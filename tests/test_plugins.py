@@ -113,7 +113,7 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    desc = nbtunnel.describe_manager(nbtunnel.get("manager", manager), "s.1")
+    desc = nbtunnel.get("manager", manager).describe("s.1")
     state = remote.home / ".local/state/nbtunnel"
     fill = {"@PYTHON@": "/usr/bin/python3", "@PIDFILE@": str(state / "s.1.pid"), "@OUTPUT@": str(state / "s.1.out")}
     argv = [fill.get(w, w) for w in desc["log"]]
@@ -402,11 +402,11 @@ def test_remote_code_of_plugins_parses_as_python_36():
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    nohup = nbtunnel.describe_manager(nbtunnel.get("manager", "nohup"), "x")
+    nohup = nbtunnel.get("manager", "nohup").describe("x")
     assert (nohup["alive"], nohup["stop"]) == ([nbtunnel.R_PIDFILE_ALIVE], [nbtunnel.R_PIDFILE_STOP])
     programs = 0
     for name in MANAGERS:
-        desc = nbtunnel.describe_manager(nbtunnel.get("manager", name), "x")
+        desc = nbtunnel.get("manager", name).describe("x")
         assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}
         assert desc["detach"] is (name == "nohup")
         for argv in (desc[key] or [] for key in ("alive", "stop", "log")):

@@ -204,7 +204,7 @@ def test_launcher_bootstrap_becomes_the_command(home, procs, tmp_path):
             argv=["/bin/sh", "-c", 'echo "in $(pwd) as $NBT_X"; exec sleep 60'],
             env=dict(PATH="/usr/bin:/bin", NBT_X="x y"), cwd=str(work), log=paths["log"],
             pidfile=paths["pid"], source=nbtunnel.remote_source()))
-        desc = nbtunnel.describe_manager(nbtunnel.Tmux(), "l")
+        desc = nbtunnel.Tmux().describe("l")
         assert desc["start"][-1].endswith(nbtunnel.shell_line(["-c", nbtunnel.R_LAUNCH_BOOT,
                                                                "@LAUNCH@"]))
         launch = base64.b64encode(paths["spec"].encode()).decode()
@@ -490,7 +490,7 @@ def screens(tmp_path, monkeypatch):
 def test_screen_matches_the_session_name_exactly(home, screens):
     """screen -S takes a name as a prefix: "nb" must find neither "nbtunnel" nor "nb.x"."""
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    screen = nbtunnel.describe_manager(nbtunnel.get("manager", "screen"), "nb")
+    screen = nbtunnel.get("manager", "screen").describe("nb")
     for key in ("alive", "stop", "log"):
         assert screen[key][:2] == ["@PYTHON@", "-c"] and free_names(screen[key][2]) == set()
     env = dict(os.environ)
@@ -523,13 +523,13 @@ def test_pidfile_manager_class_and_nohup():
     nbtunnel.load_plugins(nbtunnel.plugin_files())
     nohup = nbtunnel.get("manager", "nohup")
     assert isinstance(nohup, nbtunnel.PidFileManager) and nohup.detach
-    desc = nbtunnel.describe_manager(nohup, "s")
+    desc = nohup.describe("s")
     assert desc["alive"] == [nbtunnel.R_PIDFILE_ALIVE] and desc["stop"] == [nbtunnel.R_PIDFILE_STOP]
     assert desc["start"] == ["nohup", "@PYTHON@", "-c", nbtunnel.R_LAUNCH_BOOT, "@LAUNCH@"]
     assert nbtunnel.check_plugin(nohup) == "manager"
     assert len((REPO / "plugins" / "nohup.py").read_text().splitlines()) < 30
     for name in ("tmux", "screen", "nohup"):
-        start = nbtunnel.describe_manager(nbtunnel.get("manager", name), "s")["start"]
+        start = nbtunnel.get("manager", name).describe("s")["start"]
         assert "@LAUNCH@" in " ".join(start) and "%r" not in " ".join(start)
 
 

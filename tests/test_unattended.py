@@ -346,14 +346,14 @@ def test_damaged_records_are_not_used(tmp_path):
 
     import nbtunnel
 
-    run = argparse.Namespace(state=str(tmp_path))
+    session = argparse.Namespace(state=str(tmp_path), host="h", name="s")
     path = tmp_path / nbtunnel.record_name("h", "s")
     good = dict(host="h", session="s", token="t", local_port=1, remote_port=2)
     path.write_text(json.dumps(good))
-    assert nbtunnel.fresh_record(run, "h", "s") == good
+    assert nbtunnel.fresh_record(session) == good
     for bad in ["{", "[]", json.dumps(dict(good, local_port="1")), json.dumps(dict(good, host="other")),
                 json.dumps({k: v for k, v in good.items() if k != "token"})]:
         path.write_text(bad)
-        assert nbtunnel.fresh_record(run, "h", "s") is None, bad
+        assert nbtunnel.fresh_record(session) is None, bad
     path.unlink()
-    assert nbtunnel.fresh_record(run, "h", "s") is None
+    assert nbtunnel.fresh_record(session) is None
