@@ -1556,21 +1556,58 @@ def r_batch_argv(argv, words):
             for w in argv]
 
 
+def r_job_items(fmt, text):
+    """The jobs in TEXT as dicts of the scheduler's own keys (or column names): one line
+    each, or with ``xml`` in the format, each element of that tag (its children by tag,
+    a child with a name attribute as TAG@NAME)."""
+    if fmt.get("xml"):
+        import xml.etree.ElementTree as ET
+
+        return [dict((c.tag + ("@" + c.get("name") if c.get("name") else ""),
+                      (c.text or "").strip()) for c in el)
+                for el in (ET.fromstring(text).iter(fmt["xml"]) if text.strip() else ())]
+    items = []
+    for line in text.splitlines():
+        if line.strip():
+            words = [w.strip() for w in line.split(fmt["sep"])]
+            items.append(dict(w.partition("=")[::2] for w in words)
+                         if isinstance(fmt["fields"], dict) else words)
+    return items
+
+
+def r_time_left(limit, start):
+    """H:MM:SS left of a job started at START (local ISO time) with LIMIT seconds, or None."""
+    try:
+        left = int(float(limit) - (time.time() - time.mktime(time.strptime(
+            start[:19], "%Y-%m-%dT%H:%M:%S"))))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return "%d:%02d:%02d" % (max(left, 0) // 3600, max(left, 0) // 60 % 60, max(left, 0) % 60)
+
+
 def r_job_rows(mgr, text):
     """One dict per job in TEXT, the output of the manager's state or find argv: the
-    fields its format names, and phase (waiting, running, ending or ended)."""
-    sep, fields = mgr["format"]["sep"], mgr["format"]["fields"]
+    fields its format names, and phase (waiting, running, ending or ended).  A field
+    named [NAME, REGEX] takes group 1 of REGEX in the value; time_limit (seconds) and
+    start_time give time_left where the scheduler does not say it."""
+    import re
+
+    fields = mgr["format"]["fields"]
     rows = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        words = [w.strip() for w in line.split(sep)]
-        if isinstance(fields, dict):  # KEY=VALUE items, named by the scheduler's keys
-            pairs = dict(w.partition("=")[::2] for w in words)
-            row = dict((ours, pairs.get(theirs, "")) for theirs, ours in fields.items())
+    for item in r_job_items(mgr["format"], text):
+        if isinstance(fields, dict):  # named by the scheduler's keys
+            row = {}
+            for theirs, ours in fields.items():
+                value = item.get(theirs, "")
+                if isinstance(ours, list):
+                    ours, found = ours[0], re.search(ours[1], value)
+                    value = found.group(1) if found else ""
+                row[ours] = value
         else:
-            row = dict(zip(fields, words + [""] * len(fields)))
+            row = dict(zip(fields, item + [""] * len(fields)))
         row = dict((k, None if v in R_JOB_NONE else v) for k, v in row.items())
+        if not row.get("time_left") and row.get("time_limit") and row.get("start_time"):
+            row["time_left"] = r_time_left(row["time_limit"], row["start_time"])
         state = row.get("state")
         row["phase"] = ("waiting" if state in mgr["waiting"] else "running"
                         if state in mgr["running"] else "ending" if state in mgr["ending"]
@@ -1583,12 +1620,17 @@ def r_job_state(mgr, job_id, env):
     """The scheduler's row for JOB_ID (phase "ended" once it has left the queue)."""
     import re
 
-    code, out, err = r_run(r_batch_argv(mgr["state"], dict(job=job_id)), env=env)
+    code, out, err = r_run(r_batch_argv(mgr["state"], dict(job=job_id, user=r_user())),
+                           env=env)
     if code != 0 and not (mgr.get("gone_re") and re.search(mgr["gone_re"], err + out)):
         raise RemoteFail("scheduler", "%s failed (exit %s): %s" % (
             mgr["state"][0], code, (err or out).strip() or "no message"))
     for row in r_job_rows(mgr, out) if code == 0 else []:
         if row.get("job_id") == job_id:
+            if row["phase"] == "waiting" and not row.get("reason") and mgr.get("reason"):
+                out = r_run(r_batch_argv(mgr["reason"], dict(job=job_id)), env=env)[1]
+                found = re.search(mgr["reason_re"], out, re.M)
+                row["reason"] = found and found.group(1).strip()
             return row
     return dict(job_id=job_id, state=None, reason=None, phase="ended")
 
@@ -1597,7 +1639,8 @@ def r_find_jobs(mgr, env):
     """The session's jobs that the scheduler still lists, found by the job's name."""
     code, out, _ = r_run(r_batch_argv(mgr["find"], dict(name=mgr["job_name"], user=r_user())),
                          env=env)
-    return r_job_rows(mgr, out) if code == 0 else []
+    return [r for r in (r_job_rows(mgr, out) if code == 0 else [])
+            if r.get("name") in (None, mgr["job_name"])]  # when find() cannot ask by name
 
 
 def r_batch_job(mgr, st):
@@ -1723,11 +1766,11 @@ def r_op_job(p):
     env = st.get("env") or dict(os.environ)
     row = r_job_state(mgr, job_id, env)
     reason = row.get("reason") or ""
-    if row["phase"] == "waiting" and reason in mgr["fatal"]:
+    if row["phase"] == "waiting" and (reason in mgr["fatal"] or row["state"] in mgr["fatal"]):
         r_run(r_batch_argv(mgr["cancel"], dict(job=job_id)), env=env)
         r_wait_job_gone(mgr, job_id, env, 30)
         r_remove(paths["spec"], paths["state"])
-        text = mgr["reason_text"].get(reason)
+        text = mgr["reason_text"].get(reason) or mgr["reason_text"].get(row["state"])
         raise RemoteFail("job-refused", "job %s can never start, so it was cancelled: %s says "
                          "%s (%s)%s" % (job_id, mgr["state"][0], row.get("state"), reason,
                                         ": " + text if text else ""))
@@ -2293,10 +2336,16 @@ class BatchManager(SessionManager):
     - ``state()`` (with @JOB@) and ``find()`` (with @NAME@, @USER@: the session's jobs, for
       a reattach without a record) print one line per job in ``state_format``: ``sep``
       and ``fields``, a list of names for the columns, or a dict from the scheduler's
-      keys to names for KEY=VALUE items.  Names: job_id, state, reason, node, time_left,
-      expected_start.  ``gone_re`` matches state()'s error for a job it has forgotten.
+      keys to names for KEY=VALUE items; with ``xml``: the tag of each job's element
+      (fields a dict from child tags, TAG@NAME for a child with that name attribute).
+      A name may be [NAME, REGEX] (group 1 of REGEX in the value).  Names: job_id,
+      state, reason, node, time_left (else from time_limit in seconds and start_time,
+      local ISO), expected_start, name (then rows of other names are not the session's).
+      state() may use @USER@.  ``gone_re`` matches state()'s error for a job it has
+      forgotten.  ``reason()`` (with @JOB@, optional): argv whose output gives a waiting
+      job's reason when its row has none, as group 1 of ``reason_re``.
     - ``waiting``, ``running``, ``ending``: the scheduler's states of each phase; any other
-      means the job has ended.  ``fatal_reasons``: reasons of a waiting job that never
+      means the job has ended.  ``fatal_reasons``: reasons (or states) of a waiting job that never
       clear (the job is cancelled and the start fails with the reason and its
       ``reason_text``).
     - ``cancel()`` (with @JOB@) ends the job.  ``job_env``: the job's environment
@@ -2315,6 +2364,7 @@ class BatchManager(SessionManager):
     job_env = {}
     output_escapes = {}
     state_format = {"sep": "|", "fields": ["job_id", "state"]}
+    reason_re = ""
 
     def job_name(self, session: str) -> str:
         """The job's name, by which a reattach finds it."""
@@ -2340,6 +2390,10 @@ class BatchManager(SessionManager):
         """argv that cancels job @JOB@."""
         raise NotImplementedError
 
+    def reason(self):
+        """argv that tells why job @JOB@ waits (read with ``reason_re``), or None."""
+        return None
+
     def start(self, session, command):
         """A batch manager starts nothing itself: see ``submit``."""
         return self.submit()
@@ -2354,11 +2408,13 @@ class BatchManager(SessionManager):
                     running=list(self.running), ending=list(self.ending),
                     fatal=list(self.fatal_reasons), reason_text=dict(self.reason_text),
                     job_id_re=self.job_id_re, gone_re=self.gone_re,
-                    job_env=dict(self.job_env), output_escapes=dict(self.output_escapes))
+                    job_env=dict(self.job_env), output_escapes=dict(self.output_escapes),
+                    reason=self.reason(), reason_re=self.reason_re)
         for key in ("submit", "state", "find", "cancel"):
             desc[key] = getattr(self, key)()
             check_argv(self, key + "()", desc[key], "give")
         check_argv(self, "job_options()", desc["options"], "give", empty=True)
+        check_argv(self, "reason()", desc["reason"], "give", optional=True)
         return desc
 
 
