@@ -121,7 +121,7 @@ class GridEngineCell(SlurmCluster):
     """RemoteHost whose host is the login node (qmaster, submit host) of a two-host cell."""
 
     slots = 2  # of the one queue, all.q, on the execution host
-    memory = "2G"  # the host's h_vmem, a consumable: more per job can never run
+    memory = "2G"  # the host's mem_req, a consumable: more per job can never run
     queue = "all.q"
     pe = "smp"
 
@@ -306,13 +306,14 @@ scheduler_threads       1
 
         must("-ah", self.node_name)
         must("-as", self.login_name)
-        complexes = re.sub(r"(?m)^h_vmem\s.*$", "h_vmem h_vmem MEMORY <= YES YES 0 0",
-                           must("-sc"))
+        # A site's memory complex (h_vmem stays a plain limit: it caps virtual memory, and
+        # a consumable default would cap Jupyter's).
+        complexes = must("-sc") + "mem_req mem_req MEMORY <= YES YES 0 0\n"
         must("-Mc", self._conf_file("complexes", complexes))
         must("-Ae", self._conf_file("exechost", f"""\
 hostname {self.node_name}
 load_scaling NONE
-complex_values h_vmem={self.memory}
+complex_values mem_req={self.memory}
 user_lists NONE
 xuser_lists NONE
 projects NONE

@@ -149,7 +149,7 @@ def test_job_lifecycle(gecell, nbt_ge):
     cell, nbt = gecell, nbt_ge
     logins = cell.auth_count()
     began = time.monotonic()
-    out = start(nbt, "--runtime", "1:00:00")
+    out = start(nbt, "--runtime", "1:00:00", "--memory", "8G")
     took = time.monotonic() - began
     assert cell.auth_count() == logins + 1, "one SSH authentication per command"
     assert out["reused"] is False and out["manager"] == "gridengine"
@@ -184,9 +184,13 @@ def test_job_lifecycle(gecell, nbt_ge):
     again = start(nbt)
     assert again["reused"] is True and again["url"] == url and again["job_id"] == job
 
-    # Another machine, and no record on the cluster either: found by the job's name.
+    # The local record deleted: still found.
     for rec in nbt.state_dir.glob("*.json"):
         rec.unlink()
+    again = start(nbt)
+    assert again["reused"] is True and again["token"] == token and again["job_id"] == job
+
+    # Another machine, and no record on the cluster either: found by the job's name.
     (d / "nbtunnel.json").unlink()
     other = type(nbt)(cell)
     try:
@@ -278,7 +282,7 @@ def test_ctrl_c_while_pending_cancels_the_job(gecell, nbt_ge, holder):
     (("--queue", "nope"), 'qsub refused the job: Unable to run job: Job was rejected because '
                           'job requests unknown queue "nope".'),
     (("--slots", "3"), "qsub refused the job: Unable to run job: error: no suitable queues."),
-    (("--memory", "100G"), "qsub refused the job: Unable to run job: error: no suitable queues."),
+    (("--memory", "100G", "--memory-resource", "mem_req"), "qsub refused the job: Unable to run job: error: no suitable queues."),
     (("--pe", "mpi"), 'qsub refused the job: Unable to run job: Job was rejected because job '
                       'requests unknown parallel environment "mpi".'),
 ])
@@ -425,7 +429,7 @@ def test_qstat_xml_is_read_through_the_declared_format():
     assert [(r["job_id"], r["state"], r["phase"], r["node"]) for r in rows] == [
         ("2", "r", "running", "node7"), ("3", "qw", "waiting", None)]
     assert rows[0]["time_left"] in ("0:50:00", "0:49:59")
-    assert rows[1]["time_left"] is None
+    assert rows[1].get("time_left") is None
     assert nbtunnel.r_job_rows(mgr, "") == []
     found = re.search(mgr["reason_re"], "job_number:  3\nscheduling info:            "
                       "queue instance \"all.q@n\" dropped because it is full\n", re.M)
