@@ -324,7 +324,7 @@ def test_hostile_grid_engine_values_are_data(gecell, nbt_ge):
         assert "qsub refused the job" in proc.stderr, (flag, proc.stderr)
         assert gecell.jobs() == [], flag
     # A value that looks like an option is still the option's value.
-    proc = nbt.run(gecell.alias, *GE, "--queue", "-b", timeout=120)
+    proc = nbt.run(gecell.alias, *GE, "--queue=-b", timeout=120)
     assert proc.returncode == 1 and 'unknown queue "-b"' in proc.stderr, proc.stderr
     # Accepted: the job carries the value as it was typed (its context variable).
     out = start(nbt, "--qsub-arg=-ac", f"--qsub-arg=note={value}")
