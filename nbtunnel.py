@@ -1563,9 +1563,13 @@ def r_job_items(fmt, text):
     if fmt.get("xml"):
         import xml.etree.ElementTree as ET
 
+        try:
+            root = ET.fromstring(text) if text.strip() else None
+        except ET.ParseError as e:
+            raise RemoteFail("scheduler", "cannot read the scheduler's XML: %s" % e) from None
         return [dict((c.tag + ("@" + c.get("name") if c.get("name") else ""),
                       (c.text or "").strip()) for c in el)
-                for el in (ET.fromstring(text).iter(fmt["xml"]) if text.strip() else ())]
+                for el in (root.iter(fmt["xml"]) if root is not None else ())]
     items = []
     for line in text.splitlines():
         if line.strip():
