@@ -255,8 +255,8 @@ def test_plugin_locations_and_unknown_manager(nbt, remote, tmp_path):
     proc = nbt.run(remote.alias, "--manager", "nosuch", "--plugin", str(cli),
                    env={"NBTUNNEL_PLUGIN_PATH": os.pathsep.join(map(str, envdirs))})
     assert proc.returncode == 2
-    assert known_managers(proc.stderr) == ["fromcli", "fromenv0", "fromenv1", "fromxdg", "nohup", "screen",
-                                           "slurm", "tmux"]
+    assert known_managers(proc.stderr) == ["fromcli", "fromenv0", "fromenv1", "fromxdg",
+                                           "gridengine", "nohup", "screen", "slurm", "tmux"]
     assert remote.auth_count() == before and "warning" not in proc.stderr
 
 
@@ -269,7 +269,8 @@ def test_broken_plugins_warn_and_the_rest_work(nbt, remote, tmp_path):
     env = {"NBTUNNEL_PLUGIN_PATH": str(d)}
     proc = nbt.run(remote.alias, "--manager", "nosuch", env=env)
     assert proc.returncode == 2
-    assert known_managers(proc.stderr) == ["nohup", "privtmux", "screen", "slurm", "tmux"]
+    assert known_managers(proc.stderr) == ["gridengine", "nohup", "privtmux", "screen", "slurm",
+                                           "tmux"]
     for name in BROKEN:
         assert f"warning: plugin {d / name} failed to load and is skipped" in proc.stderr, name
     assert "boom from plugin" in proc.stderr and "SyntaxError" in proc.stderr

@@ -62,7 +62,7 @@ def record(directory: Path, **fields) -> dict:
     (["h", "--terminate", "--status"], ["cannot be combined with", "--terminate", "--status"]),
     (["h", "--status=yes"], ["option --status takes no value (got --status=yes)"]),
     (["h", "--manager", "slurmm"], ["unknown manager 'slurmm'", "did you mean slurm?",
-                                    "nohup, screen, slurm, tmux"]),
+                                    "gridengine, nohup, screen, slurm, tmux"]),
     (["h", "--manager", "pbs"], ["unknown manager 'pbs'", "--plugin", "tmux"]),
     (["h", "--tunnel", "sshtunel"], ["unknown tunnel 'sshtunel'", "did you mean sshtunnel?"]),
     (["h", "--app", "LAB"], ["invalid choice for --app", "lab, nbclassic, notebook, server"]),
@@ -100,7 +100,7 @@ def test_help_is_short_with_examples_plugins_paths_environment_and_exit_codes(tm
     assert all(len(line) <= 80 for line in lines if str(tmp_path) not in line), out
     assert len(out.split("\n\n")[0].splitlines()) <= 2  # the usage line is not the whole parser
     assert "examples:" in out and out.count("\n  nbtunnel ") >= 3
-    assert "managers:     tmux (default), nohup, screen, slurm" in out
+    assert "managers:     tmux (default), gridengine, nohup, screen, slurm" in out
     assert "tunnels:      ssh (default), sshtunnel" in out
     assert "rc, modules, conda, setup" in out
     assert "~/.config/nbtunnel/config.ini" not in out  # XDG_CONFIG_HOME is set: its real path
@@ -215,7 +215,7 @@ def test_pip_install_ships_the_plugins(tmp_path):
     assert help_.returncode == 0, help_.stderr
     for flag in ("--time TIME", "--partition NAME", "--gres", "--conda ENV", "--module NAME"):
         assert flag in help_.stdout, flag
-    assert "managers:     tmux (default), nohup, screen, slurm" in help_.stdout
+    assert "managers:     tmux (default), gridengine, nohup, screen, slurm" in help_.stdout
     assert "nbtunnel_plugins" in help_.stdout  # where they were found
     bad = run("h", "--manager", "slurm", "--time", "10:00", "--timeout", "x", program=command,
               tmp=tmp_path)
