@@ -39,18 +39,16 @@ class GridEngine(nbtunnel.BatchManager):
     name = "gridengine"
     program = "qsub"
     default_timeout = 900.0
-    options = [
-        Opt("--queue", "queue (qsub -q, e.g. gpu.q or gpu.q@node3)", "NAME"),
+    options = [  # one line each in --help
+        Opt("--queue", "queue (qsub -q)", "NAME"),
         Opt("--runtime", "run time limit (qsub -l h_rt=, e.g. 8:00:00)", "TIME"),
-        Opt("--pe", "parallel environment for --slots (qsub -pe NAME N; default smp)", "NAME"),
-        Opt("--slots", "slots, in the parallel environment --pe (qsub -pe NAME N)", "N"),
-        Opt("--memory", "memory (qsub -l h_vmem=, or the complex --memory-resource; "
-            "per slot, as Grid Engine counts it)", "SIZE"),
-        Opt("--memory-resource", "the site's memory complex for --memory (default h_vmem; "
-            "e.g. mem_free, m_mem_free)", "NAME"),
+        Opt("--pe", "parallel environment for --slots (default smp)", "NAME"),
+        Opt("--slots", "slots (qsub -pe PE N)", "N"),
+        Opt("--memory", "memory per slot (qsub -l h_vmem=, or --mem-complex)", "SIZE"),
+        Opt("--mem-complex", "the site's memory complex (default h_vmem)", "NAME"),
         Opt("--project", "project to charge (qsub -P)", "NAME"),
-        Opt("--qsub-arg", "one more qsub argument, as one word (--qsub-arg=-R, "
-            "--qsub-arg=y); repeatable", "ARG", multiple=True),
+        Opt("--qsub-arg", "one more qsub argument, one word; repeatable", "ARG",
+            multiple=True),
     ]
 
     waiting = ("qw", "hqw", "hRwq", "Rq", "t", "Rt", "s", "ts", "S", "tS", "T", "tT",
@@ -91,7 +89,7 @@ class GridEngine(nbtunnel.BatchManager):
         if val("runtime") is not None:
             resources.append("h_rt=" + val("runtime"))
         if val("memory") is not None:
-            resources.append("%s=%s" % (val("memory_resource") or "h_vmem", val("memory")))
+            resources.append("%s=%s" % (val("mem_complex") or "h_vmem", val("memory")))
         for resource in resources:
             words += ["-l", resource]
         if val("slots") is not None or val("pe") is not None:

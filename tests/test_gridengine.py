@@ -285,7 +285,7 @@ def test_ctrl_c_while_pending_cancels_the_job(gecell, nbt_ge, holder):
                           'job requests unknown queue "nope" / Exiting.'),
     (("--slots", "3"), "qsub refused the job: Unable to run job: error: no suitable queues / "
                        "Exiting."),
-    (("--memory", "100G", "--memory-resource", "mem_req"),
+    (("--memory", "100G", "--mem-complex", "mem_req"),
      "qsub refused the job: Unable to run job: error: no suitable queues / Exiting."),
     (("--pe", "mpi"), 'qsub refused the job: Unable to run job: job rejected: the requested '
                       'parallel environment "mpi" does not exist / Exiting.'),
@@ -394,7 +394,7 @@ def test_job_options_are_words_of_their_own():
     assert words() == []
     assert words(queue="gpu.q", runtime="8:00:00", memory="4G", slots="4", project="p1") == [
         "-q", "gpu.q", "-l", "h_rt=8:00:00", "-l", "h_vmem=4G", "-pe", "smp", "4", "-P", "p1"]
-    assert words(memory="4G", memory_resource="mem_free", pe="mpi") == [
+    assert words(memory="4G", mem_complex="mem_free", pe="mpi") == [
         "-l", "mem_free=4G", "-pe", "mpi", "1"]
     assert words(queue="-b", qsub_arg=["-R", "y"]) == ["-q", "-b", "-R", "y"]
 
