@@ -1557,9 +1557,7 @@ def r_batch_argv(argv, words):
 
 
 def r_job_items(fmt, text):
-    """The jobs in TEXT as dicts of the scheduler's own keys (or column names): one line
-    each, or with ``xml`` in the format, each element of that tag (its children by tag,
-    a child with a name attribute as TAG@NAME)."""
+    """The jobs in TEXT: lines, or XML elements (children by TAG or TAG@NAME)."""
     if fmt.get("xml"):
         import xml.etree.ElementTree as ET
 
@@ -1580,7 +1578,7 @@ def r_job_items(fmt, text):
 
 
 def r_time_left(limit, start):
-    """H:MM:SS left of a job started at START (local ISO time) with LIMIT seconds, or None."""
+    """H:MM:SS left of LIMIT seconds from START (local ISO time), or None."""
     try:
         left = int(float(limit) - (time.time() - time.mktime(time.strptime(
             start[:19], "%Y-%m-%dT%H:%M:%S"))))
@@ -1590,10 +1588,8 @@ def r_time_left(limit, start):
 
 
 def r_job_rows(mgr, text):
-    """One dict per job in TEXT, the output of the manager's state or find argv: the
-    fields its format names, and phase (waiting, running, ending or ended).  A field
-    named [NAME, REGEX] takes group 1 of REGEX in the value; time_limit (seconds) and
-    start_time give time_left where the scheduler does not say it."""
+    """One dict per job in TEXT (state or find output): the fields its format names, and
+    phase (waiting, running, ending or ended).  See BatchManager."""
     import re
 
     fields = mgr["format"]["fields"]
@@ -1644,7 +1640,7 @@ def r_find_jobs(mgr, env):
     code, out, _ = r_run(r_batch_argv(mgr["find"], dict(name=mgr["job_name"], user=r_user())),
                          env=env)
     return [r for r in (r_job_rows(mgr, out) if code == 0 else [])
-            if r.get("name") in (None, mgr["job_name"])]  # when find() cannot ask by name
+            if r.get("name") in (None, mgr["job_name"])]
 
 
 def r_batch_job(mgr, st):
