@@ -1328,6 +1328,30 @@ def r_run_manager(mgr, what, session, env, launch=""):
     return r_run(argv, env=env)
 
 
+def r_manager_start(mgr, session, env, launch):
+    """Run the manager's start, up to three times while it fails because the server that
+    its sessions share was exiting (tmux's, its last session just ended: "server exited
+    unexpectedly") and has gone since: (status, out, err)."""
+    for attempt in range(3):
+        got = r_run_manager(mgr, "start", session, env, launch)
+        if got[0] == 0 or attempt == 2 or not r_server_gone(mgr, session, env, 5):
+            return got
+
+
+def r_server_gone(mgr, session, env, timeout):
+    """True once nothing listens on the socket of the manager's shared server (tmux leaves
+    the file), waiting up to TIMEOUT for the one there now to go (without /proc: True)."""
+    got = r_run_manager(mgr, "server", session, env)
+    path = got[1].strip() if got and got[0] == 0 else ""
+    if not path or not os.path.exists(path):
+        return False
+    old, deadline = r_unix_listen_inodes(path), time.time() + timeout
+    while old and time.time() < deadline:
+        time.sleep(0.02)
+        old &= r_unix_listen_inodes(path)
+    return not old
+
+
 def r_manager_log(mgr, session, env):
     """The last lines of what the session printed, as its manager shows them."""
     got = r_run_manager(mgr, "log", session, env)
@@ -1776,8 +1800,8 @@ def r_start_server(p, paths, env, argv, cwd):
     import base64
 
     started = time.time()
-    rc, out, err = r_run_manager(mgr, "start", session, env,
-                                 base64.b64encode(paths["spec"].encode()).decode())
+    rc, out, err = r_manager_start(mgr, session, env,
+                                   base64.b64encode(paths["spec"].encode()).decode())
     if rc != 0:
         r_remove(paths["spec"])
         raise RemoteFail("launch", "%s could not start the session: %s"
@@ -1831,6 +1855,8 @@ def r_wait_runtime_file(p, paths, env, started, deadline):
                     raise RemoteFail("no-sock", R_SOCK_OLD % ("it said: " + refused),
                                      log_tail=text)
                 if "already in use" in text or "Address in use" in text:
+                    # the manager may not have noticed: end the session, freeing its name
+                    r_run_manager(p["manager"], "stop", p["session"], env)
                     return None, None, None
                 raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
         time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
@@ -2050,6 +2076,11 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+    def server(self, session: str):
+        """argv that prints the path of the Unix socket of the one server that all sessions
+        share (tmux has one; screen and nohup have none), or None."""
+        return None
+
 
 
 def describe_manager(manager, session: str, args=None) -> dict:
@@ -2061,6 +2092,7 @@ def describe_manager(manager, session: str, args=None) -> dict:
     return dict(name=manager.name, program=getattr(manager, "program", ""),
                 start=manager.start(session, launcher), alive=manager.alive(session),
                 stop=manager.stop(session), log=manager.log(session),
+                server=getattr(manager, "server", lambda session: None)(session),
                 detach=bool(getattr(manager, "detach", False)))
 
 
@@ -2178,6 +2210,10 @@ def describe_batch(manager, session: str, args=None) -> dict:
     return desc
 
 
+TMUX_SOCKET = ('import os;print(os.path.join(os.path.realpath(os.environ.get("TMUX_TMPDIR") '
+               'or "/tmp"),"tmux-%d"%os.getuid(),"default"))')
+
+
 class Tmux(SessionManager):
     """tmux: the session survives logout; `tmux attach -t NAME` shows it."""
 
@@ -2204,6 +2240,10 @@ class Tmux(SessionManager):
     def log(self, session):
         """The text of the session's pane."""
         return ["tmux", "capture-pane", "-p", "-J", "-t", "=" + self.target(session) + ":"]
+
+    def server(self, session):
+        """tmux's default socket: $TMUX_TMPDIR (else /tmp), then tmux-UID/default."""
+        return ["@PYTHON@", "-c", TMUX_SOCKET]
 
 
 class ShellEnvironment:
@@ -2426,7 +2466,7 @@ def check_plugin(plugin) -> str:
         describe_batch(plugin, "nbtunnel")  # raises if an argv is not a list of strings
     elif kind == "manager":  # its description is plain data: argv lists of strings
         desc = describe_manager(plugin, "nbtunnel")
-        for key in ("start", "alive", "stop", "log"):
+        for key in ("start", "alive", "stop", "log", "server"):
             argv = desc.get(key)
             if (key == "start" or argv is not None) and not (
                     isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)):
