@@ -1490,6 +1490,30 @@ def r_run_manager(mgr, what, session, env, launch=""):
     return r_run(argv, env=env)
 
 
+def r_manager_start(mgr, session, env, launch):
+    """Run the manager's start, up to three times while it fails because the server that
+    its sessions share was exiting (tmux's, its last session just ended: "server exited
+    unexpectedly") and has gone since: (status, out, err)."""
+    for attempt in range(3):
+        got = r_run_manager(mgr, "start", session, env, launch)
+        if got[0] == 0 or attempt == 2 or not r_server_gone(mgr, session, env, 5):
+            return got
+
+
+def r_server_gone(mgr, session, env, timeout):
+    """True once nothing listens on the socket of the manager's shared server (tmux leaves
+    the file), waiting up to TIMEOUT for the one there now to go (without /proc: True)."""
+    got = r_run_manager(mgr, "server", session, env)
+    path = got[1].strip() if got and got[0] == 0 else ""
+    if not path or not os.path.exists(path):
+        return False
+    old, deadline = r_unix_listen_inodes(path), time.time() + timeout
+    while old and time.time() < deadline:
+        time.sleep(0.02)
+        old &= r_unix_listen_inodes(path)
+    return not old
+
+
 def r_manager_log(mgr, session, env):
     """The last lines of what the session printed, as its manager shows them."""
     got = r_run_manager(mgr, "log", session, env)
@@ -1976,8 +2000,8 @@ def r_start_server(p, paths, env, argv, cwd):
     import base64
 
     started = time.time()
-    rc, out, err = r_run_manager(mgr, "start", session, env,
-                                 base64.b64encode(paths["spec"].encode()).decode())
+    rc, out, err = r_manager_start(mgr, session, env,
+                                   base64.b64encode(paths["spec"].encode()).decode())
     if rc != 0:
         r_remove(paths["spec"])
         raise RemoteFail("launch", "%s could not start the session: %s"
@@ -2031,6 +2055,8 @@ def r_wait_runtime_file(p, paths, env, started, deadline):
                     raise RemoteFail("no-sock", R_SOCK_OLD % ("it said: " + refused),
                                      log_tail=text)
                 if "already in use" in text or "Address in use" in text:
+                    # the manager may not have noticed: end the session, freeing its name
+                    r_run_manager(p["manager"], "stop", p["session"], env)
                     return None, None, None
                 raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
         time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
@@ -2268,16 +2294,23 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+    def server(self, session: str):
+        """argv that prints the path of the Unix socket of the one server that all sessions
+        share (tmux has one; screen and nohup have none), or None."""
+        return None
+
     def describe(self, session: str, args=None) -> dict:
         """What the remote side needs to know of this manager for SESSION, as plain data
         checked to be argv lists of strings (ARGS: the session's options)."""
         desc = dict(kind="session", name=self.name, program=getattr(self, "program", ""),
                     start=self.start(session, ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]),
                     alive=self.alive(session), stop=self.stop(session), log=self.log(session),
+                    server=getattr(self, "server", lambda session: None)(session),
                     detach=bool(getattr(self, "detach", False)))
-        for key in ("start", "alive", "stop", "log"):
+        for key in ("start", "alive", "stop", "log", "server"):
             check_argv(self, key + "()", desc[key], "return", optional=key != "start")
         return desc
+
 
 def remote_call(func, *args: str) -> list:
     """A remote argv that runs FUNC, a plugin's own function, as `@PYTHON@ -c SOURCE ARGS`:
@@ -2418,6 +2451,10 @@ class BatchManager(SessionManager):
         return desc
 
 
+TMUX_SOCKET = ('import os;print(os.path.join(os.path.realpath(os.environ.get("TMUX_TMPDIR") '
+               'or "/tmp"),"tmux-%d"%os.getuid(),"default"))')
+
+
 class Tmux(SessionManager):
     """tmux: the session survives logout; `tmux attach -t NAME` shows it."""
 
@@ -2444,6 +2481,10 @@ class Tmux(SessionManager):
     def log(self, session):
         """The text of the session's pane."""
         return ["tmux", "capture-pane", "-p", "-J", "-t", "=" + self.target(session) + ":"]
+
+    def server(self, session):
+        """tmux's default socket: $TMUX_TMPDIR (else /tmp), then tmux-UID/default."""
+        return ["@PYTHON@", "-c", TMUX_SOCKET]
 
 
 class ShellEnvironment:

@@ -264,6 +264,61 @@ def test_remote_port_taken_every_time_is_a_clear_error(nbt, remote):
         kill_squatters(remote)
 
 
+# What an exiting tmux server does to a client that connects in its last moments: its
+# socket still listens, so connect() succeeds, but the server no longer answers and its
+# exit closes the connection (tmux 3.3: "server exited unexpectedly"); after that the
+# socket file stays, refusing connections, and the next client starts a new server.
+# This listener, on the remote user's default tmux socket, does the same to every client
+# until it has turned away a new-session, then stops listening: that start always meets
+# the dying server. It prints the tmux command of each client it turned away.
+DYING_TMUX = """
+import os, socket, struct, sys
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(16)
+print("listening", flush=True)
+while True:
+    conn = s.accept()[0]
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    argv = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\\0")
+    conn.close()
+    print(argv[1].decode() if len(argv) > 1 else "?", flush=True)
+    if b"new-session" in argv:
+        break
+s.close()
+"""
+
+
+def dying_tmux_server(remote) -> subprocess.Popen:
+    """The listener above on the remote user's tmux socket, in the remote's namespace."""
+    path = f"/tmp/tmux-{remote.uid}/default"
+    argv = ["runuser", "-u", remote.user, "--", "/usr/bin/python3", "-c", DYING_TMUX, path]
+    proc = subprocess.Popen(remote._in_netns(argv), stdout=subprocess.PIPE, text=True, cwd="/")
+    assert read_line(proc, 30) == "listening\n"
+    return proc
+
+
+def test_start_meets_a_tmux_server_that_is_exiting(nbt, remote):
+    """The tmux server of a session that just ended (Jupyter died, --terminate, the port
+    taken) is still exiting when the next start runs: the start waits until it is gone and
+    starts a new one, instead of failing with tmux's "server exited unexpectedly"."""
+    fake = dying_tmux_server(remote)
+    try:
+        proc = nbt.run(remote.alias, "--json")
+        turned_away = fake.communicate(timeout=30)[0].split()
+        assert "new-session" in turned_away, turned_away  # the start did meet it
+        assert proc.returncode == 0, proc.stderr
+        assert_single(nbt, remote, json.loads(proc.stdout))
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+            fake.wait()
+
+
 def test_two_ensure_runs_at_once(nbt, remote):
     procs = [nbt.popen(remote.alias, "--ensure") for _ in range(2)]
     results = [p.communicate(timeout=180) for p in procs]

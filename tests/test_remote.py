@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -156,8 +157,10 @@ def run_sliced(argv: list[str], home: Path, stdin: bytes, env: dict | None = Non
 def test_sliced_program_runs_alone_under_python_isolated(home):
     program = nbtunnel.remote_program("status", {"sessions": ["nbtunnel", "other"]})
     # Sent on stdin once per command over the shared connection: small, not minimal (the
-    # Unix-socket, batch-job and manager-strategy functions brought it from 15.2 to 24 kB).
-    assert len(program) < 25000 and b"\n" in program and program.count(b"\n") == 4
+    # Unix-socket and batch-job functions brought it from 15.2 to about 21 kB; the manager
+    # strategies, the retry of a start that met an exiting tmux server and the second
+    # scheduler's XML state to about 25 kB).
+    assert len(program) < 26000 and b"\n" in program and program.count(b"\n") == 4
     r = run_sliced(["python3", "-I", "-"], home, program)
     assert r.returncode == 0, r.stderr
     result = nbtunnel.parse_result("h", r.stdout.decode(), r.stderr.decode(), r.returncode)
@@ -531,6 +534,74 @@ def test_pidfile_manager_class_and_nohup():
     for name in ("tmux", "screen", "nohup"):
         start = nbtunnel.get("manager", name).describe("s")["start"]
         assert "@LAUNCH@" in " ".join(start) and "%r" not in " ".join(start)
+
+
+# A manager's shared server ####################################################
+
+
+def unix_listener(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.listen(4)
+    return sock
+
+
+def test_start_is_tried_again_once_the_shared_server_has_gone(home, tmp_path):
+    """The first start fails while a server listens on the manager's socket; that server
+    stops listening (and leaves its socket file, as tmux does) a moment later: the start
+    is tried again after it has, and only then."""
+    path, tries = tmp_path / "server.sock", tmp_path / "tries"
+    listener = unix_listener(path)
+    fail_once = (f"echo x >> {tries}; test $(wc -l < {tries}) -gt 1 || "
+                 "{ echo 'server exited unexpectedly' >&2; exit 1; }")
+    mgr = dict(name="m", start=["sh", "-c", fail_once], server=["echo", str(path)])
+    timer = threading.Timer(0.5, listener.close)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        assert nbtunnel.r_manager_start(mgr, "s", None, "") == (0, "", "")
+    finally:
+        timer.join()
+    assert tries.read_text() == "x\nx\n" and time.monotonic() - t0 >= 0.5 and path.exists()
+    # A start that fails for good is tried three times at most.
+    mgr["start"] = ["sh", "-c", f"echo x >> {tries}; echo no >&2; exit 1"]
+    tries.unlink()
+    assert nbtunnel.r_manager_start(mgr, "s", None, "") == (1, "", "no\n")
+    assert tries.read_text() == "x\nx\nx\n"
+
+
+def test_a_shared_server_that_stays_or_was_never_there_is_not_gone(tmp_path):
+    path = tmp_path / "server.sock"
+    mgr = dict(name="m", server=["echo", str(path)])
+    assert not nbtunnel.r_server_gone(mgr, "s", None, 0.3)  # no socket file: no server
+    with unix_listener(path):
+        t0 = time.monotonic()
+        assert not nbtunnel.r_server_gone(mgr, "s", None, 0.3)  # it stays
+        assert time.monotonic() - t0 >= 0.3
+    assert nbtunnel.r_server_gone(mgr, "s", None, 0.3)  # its file is left, no one listens
+    assert not nbtunnel.r_server_gone(dict(name="screen", server=None), "s", None, 0.3)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.parametrize("tmpdir", [None, "with space"])
+def test_tmux_server_socket_is_the_one_tmux_uses(tmp_path, tmpdir):
+    env = dict(os.environ, TMUX_TMPDIR=str(tmp_path / tmpdir)) if tmpdir else dict(os.environ)
+    env.pop("TMUX", None)
+    if tmpdir:
+        (tmp_path / tmpdir).mkdir()
+    argv = nbtunnel.Tmux().describe("s")["server"]
+    ours = subprocess.run([sys.executable if w == "@PYTHON@" else w for w in argv], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    tmux = ["tmux", "-f", "/dev/null"]
+    label = ["-L", f"nbt-socket-{os.getpid()}"]  # a private server: same directory, own name
+    subprocess.run([*tmux, *label, "new-session", "-d", "sleep 60"], env=env, check=True)
+    try:
+        theirs = subprocess.run([*tmux, *label, "display", "-p", "#{socket_path}"], env=env,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    finally:
+        subprocess.run([*tmux, *label, "kill-server"], env=env)
+    Path(theirs).unlink(missing_ok=True)  # the server leaves its socket file
+    assert theirs == os.path.join(os.path.dirname(ours), label[1])
 
 
 # A real remote user whose python3 is 3.6 ######################################
