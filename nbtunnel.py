@@ -656,11 +656,12 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
         state = state_dir(text.strip())  # the host's own state directory: its records
         records = load_records(state) if loaded else records
     text, where = section.get("session", ("", ""))
-    for value, came in ((name, "record"), (args.session, "command line"), (text.strip(), where)):
-        if value:
+    for value, came in ((name, "record"), (args.session, "command line"),
+                        (text.strip() or None, where)):
+        if value is not None:  # an empty --session= is refused, not taken as the default
             name, origin["session"] = value, came
             break
-    name = check_session(name or DEFAULT_SESSION)
+    name = check_session(DEFAULT_SESSION if name is None else name)
     rec = find_record(records, host, name) if host is not None and not args.status else None
     recorded = dict((rec or {}).get("options") or {})
     if rec and "options" not in rec:  # a record from before options were recorded
@@ -2925,13 +2926,15 @@ class Progress:
                     self._draw()
 
     def _line(self) -> str:
-        text = "nbtunnel: %s (%.1f s)" % (self.texts[-1], time.monotonic() - self.started)
+        """The line, cut to the terminal's width (never wrap: \r only returns to the last
+        row), the text cut and never the time it has waited."""
+        clock = " (%.1f s)" % (time.monotonic() - self.started)
         try:
             width = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, AttributeError, ValueError):
             width = 0
         width = width or 80  # a terminal that tells no size says 0
-        return text[:max(10, width - 1)]  # never wrap: \r only returns to the last row
+        return ("nbtunnel: " + self.texts[-1])[:max(10, width - 1 - len(clock))] + clock
 
     def _draw(self):
         if self.out is None or not self.texts or self.frozen:
