@@ -3905,9 +3905,8 @@ def cmd_status(run: Run) -> int:
     Sessions whose manager plugin is missing are not asked about: state unknown."""
     args, s = run.args, run.session
     by_host = s.recorded(same_name=s.source("session") != "default")
-    asked = ask_hosts(s, {h: [r for r in recs if not missing_manager(r)]
-                          for h, recs in by_host.items()
-                          if any(not missing_manager(r) for r in recs)})
+    askable = {h: [r for r in recs if not missing_manager(r)] for h, recs in by_host.items()}
+    asked = ask_hosts(s, {h: recs for h, recs in askable.items() if recs})
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
