@@ -24,6 +24,7 @@ from unattended import (
     proxy_config,
     read_line,
     start,
+    wait_logged,
     wait_watched,
     watch,
 )
@@ -104,9 +105,10 @@ def test_jupyter_killed_under_watch(nbt, remote):
     info = nbt.status()[0]
     assert info["url"] == url
     assert_single(nbt, remote, info)
+    said = wait_logged(
+        proc, f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}", 30)
     code, _, err = finish(proc)
-    assert code == 0
-    assert f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}" in err, err
+    assert code == 0, said + err
 
 
 # The tunnel ###################################################################
@@ -135,9 +137,10 @@ def test_local_tunnel_killed_under_watch(nbt, remote):
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
     assert jupyter_pids(remote) == pids
     assert_single(nbt, remote, nbt.status()[0])
+    said = wait_logged(proc, f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port", 30)
     code, _, err = finish(proc)
-    assert code == 0
-    assert f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port" in err and url in err, err
+    assert code == 0, said + err
+    assert url in said + err, said + err
 
 
 def watch_through(nbt, proxy, config) -> tuple[subprocess.Popen, str]:
