@@ -3638,6 +3638,7 @@ def start_remote(conn: Connection, params: dict, timeout: float) -> dict:
                 # not known (no answer): a server may run that nobody else knows of
                 e.started = {} if info is None and "token" not in params else \
                     info if info and not info.get("reused") else None
+                e.reused = bool(info and info.get("reused"))
         raise
 
 
@@ -3801,7 +3802,10 @@ def attach(run: Run, params: dict):
         if s.local_port and not (old and old.get("local_port") == s.local_port):
             check_local_port(s.local_port)  # before anything starts over there
         conn = s.connection(old)
-        conn.open()
+        try:
+            conn.open()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(MSG_NOTHING_LEFT.format(host=s.host)) from None
         rec, info = bring_up(run, conn, old, params)
     return conn, rec, info
 
@@ -4881,4 +4885,7 @@ def main(argv=None) -> int:
 sys.modules.setdefault("nbtunnel", sys.modules[__name__])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for number in STOP_SIGNALS:  # done: a late Ctrl-C must not turn the exit into a traceback
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)
