@@ -180,3 +180,24 @@ def test_local_port_taken_during_the_start_stops_the_server(nbt, remote):
     assert "mux_client_forward" not in text
     assert "Traceback" not in text
     assert_nothing_left(nbt, remote)
+
+
+# What the progress line says ##################################################
+
+
+@pytest.mark.noroot
+def test_cancelling_a_job_says_so_not_stopping_jupyter():
+    """A pending job that is cancelled ran no Jupyter: the line names the job."""
+    seen = []
+
+    class Recorder(nbtunnel.Transport):
+        host, options, timeout = "hpc", [], 5
+
+        def pipe(self, command, data, timeout):
+            seen.append(list(nbtunnel.progress.texts))
+            answer = json.dumps(dict(ok=True, result=dict(stopped=False)))
+            return ("\n" + nbtunnel.RESULT_MARK + answer + "\n").encode(), b"", 0
+
+    session = type("S", (), {"timeout": 5})()
+    nbtunnel.cancel_job(session, Recorder(), {}, "42")
+    assert seen == [["cancelling job 42 on hpc"]]
