@@ -142,6 +142,22 @@ def test_reattach_interrupted_keeps_the_running_server(nbt, remote):
     assert row["server"] == "running"
 
 
+def test_terminate_finds_a_session_known_only_to_the_remote(nbt, remote):
+    """A start killed outright (SIGKILL: no cleanup can run) after the remote start:
+    the remote's own record lets --terminate of that session stop it all the same."""
+    proc, err = started(nbt)
+    err.wait_for(HELPER)
+    wait_until(lambda: remote.tmux_sessions() == ["s"], 30, message="tmux session s")
+    proc.kill()
+    proc.wait(timeout=30)
+    wait_until(lambda: jupyter_pids(remote), 60, message="the server finished starting")
+    assert nbt.status() == []  # nothing recorded here
+    done = nbt.run(remote.alias, "--session", "s", "--terminate", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stopped"] is True
+    assert_nothing_left(nbt, remote)
+
+
 # A local port that is taken ###################################################
 
 
