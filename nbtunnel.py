@@ -3672,9 +3672,11 @@ def undo_start(session: Session, conn: Connection, params: dict, err: BaseExcept
             conn.close()  # leave nothing running after a failure
     if isinstance(err, KeyboardInterrupt):
         return KeyboardInterrupt(note)
-    if isinstance(err, Error) and started is not None:
-        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail) \
-            if type(err) in (Error, SshError, RemoteError) else err
+    if started is None:
+        return err
+    if type(err) in (Error, SshError, RemoteError):
+        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail)
+    log.error("%s", note)  # beside the message of an error nobody foresaw
     return err
 
 
