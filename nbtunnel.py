@@ -124,6 +124,15 @@ MSG_SOCKET_TUNNEL = (
     "--unix-socket cannot be used with --tunnel {tunnel}: it cannot forward to a Unix "
     "socket; use --tunnel ssh (OpenSSH), or run without --unix-socket"
 )
+MSG_LOCAL_PORT = (
+    "local port {port} is in use on this machine; choose another with --local-port or "
+    "leave it out"
+)
+MSG_UNDONE = "the Jupyter this command started on {host} (session {session}) was stopped again"
+MSG_NOTHING_LEFT = "nothing is left running on {host}"
+MSG_REUSED_KEPT = "the server that already ran on {host} (session {session}) keeps running"
+MSG_KEPT = ("Jupyter on {host} (session {session}) had started and is recorded; it keeps "
+            "running (--terminate stops it)")
 MSG_BUSY = (
     "not terminating {session} on {host}: {n} kernel(s) busy ({names}); "
     "wait for them or pass --force"
@@ -2967,6 +2976,30 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(argv, **kw)
 
 
+def spawn(argv, **kw) -> subprocess.Popen:
+    """Start one local process and return at once; logged like subproc."""
+    log.debug("+ %s", shlex.join(argv))
+    return subprocess.Popen(argv, **kw)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals(handler):
+    """Route Ctrl-C, SIGTERM and SIGHUP (the terminal closed) to HANDLER while the block
+    runs; only the main thread may, elsewhere (--all's workers) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {n: signal.signal(n, handler) for n in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for n, h in old.items():
+            signal.signal(n, h)
+
+
 SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
                 "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
                 "no-answer": "{host} did not answer within {detail}"}
@@ -3043,6 +3076,7 @@ class Transport:
 
     socket = None
     opened_here = False
+    unfinished = None  # (ssh process, timeout) of a helper whose wait was interrupted
 
     def argv(self, *extra) -> list:
         """The ssh command line of HOST with the user's options, EXTRA appended."""
@@ -3061,13 +3095,32 @@ class Transport:
         (stdout bytes, stderr bytes, exit status); a timeout is kind "no-answer"."""
         raise NotImplementedError
 
-    def run_helper(self, op: str, params: dict, timeout: float):
-        """Run the remote helper's operation OP with PARAMS; its result, or the Error it names."""
+    def run_helper(self, op: str, params: dict, timeout: float, wait=None):
+        """Run the remote helper's operation OP with PARAMS; its result, or the Error it
+        names.  WAIT is what the progress line says meanwhile (by default, as OP says)."""
         text = HELPER_WAIT.get(op, "waiting for %s")
-        with progress(text % self.host) if text else contextlib.nullcontext():
+        wait = wait or (text % self.host if text else None)
+        with progress(wait) if wait else contextlib.nullcontext():
             out, err, code = self.pipe(REMOTE_COMMAND, remote_program(op, params), timeout)
         return parse_result(self.host, out.decode("utf-8", "replace"),
                             err.decode("utf-8", "replace"), code)
+
+    def finish_helper(self):
+        """After an interrupted run_helper: wait until the remote operation has ended and
+        return its result (raise its Error); None when nothing is known of it."""
+        (proc, timeout), self.unfinished = self.unfinished or (None, 0), None
+        if proc is None:
+            return None
+        with contextlib.suppress(OSError):  # a program cut short runs nothing there
+            proc.stdin.close()
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None
+        return parse_result(self.host, out.decode("utf-8", "replace"),
+                            err.decode("utf-8", "replace"), proc.returncode)
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -3144,6 +3197,9 @@ class Connection(Transport):
             except FileNotFoundError:
                 raise SshError("no ssh program found on this machine; install OpenSSH",
                                kind="no-ssh") from None
+            except BaseException:  # interrupted: a master that got going must not stay
+                self.close()
+                raise
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
         refuse_changed_host_key(self, text)
@@ -3164,13 +3220,22 @@ class Connection(Transport):
         argv = self.argv("-T", "-o", "ControlMaster=no",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          self.host, command)
-        prompt = contextlib.nullcontext() if os.path.exists(self.socket) else self.may_prompt()
-        with prompt:
+        # Over a master, ssh cannot prompt: it runs in a session of its own, so a Ctrl-C at
+        # the terminal reaches nbtunnel alone, which may then let the operation finish.
+        shared = os.path.exists(self.socket)
+        with contextlib.nullcontext() if shared else self.may_prompt():
+            proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=shared)
             try:
-                r = subproc(argv, input=data, capture_output=True, timeout=timeout)
+                out, err = proc.communicate(data, timeout=timeout)
             except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
                 raise ssh_error(self.host, "no-answer", "%gs" % timeout) from None
-        return r.stdout, r.stderr, r.returncode
+            except BaseException:
+                self.unfinished = (proc, timeout)
+                raise
+        return out, err, proc.returncode
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -3509,35 +3574,44 @@ def fresh_record(session: Session):
 
 def bring_up(run: Run, conn: Connection, old, params: dict):
     """With the lock held and CONN open: start or reattach, forward, record; (record, info).
+    All of it or nothing: a server this run started is stopped when a later step fails.
 
     A server that has to be started again gets the token of OLD, and the tunnel
     OLD's local port when it is free, so the URL stays the same.
     """
     s = run.session
-    host, session, tunnel, mgr = s.host, s.name, s.tunnel, s.manager
     if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
         params = dict(params, token=old["token"])
+    info = started = local_port = None  # what this run started and has not recorded yet
     try:
         if s.batch:
             info = batch_start(run, conn, params)
         else:
-            info = conn.run_helper("start", params, timeout=s.timeout * 2 + 30)
+            info = start_remote(conn, params, s.timeout * 2 + 30)
+        started = None if info["reused"] else info
         dest = destination(info)
         if old is None and not conn.opened_here and not s.local_port:
             port = find_forward(conn, info)  # the record was lost, the forward was not
             old = dict(local_port=port, destination=dest) if port else None
-        local_port = open_tunnel(conn, tunnel, old, dest, s.local_port)
+        local_port = open_tunnel(conn, s.tunnel, old, dest, s.local_port)
         if info.get("sock"):
             check_socket_forward(s, conn, info, local_port)
-    except BaseException:
-        if conn.opened_here:
-            conn.close()  # leave nothing running after a failure
-        raise
+        rec = new_record(s, conn, old, params, info, local_port)
+        save_record(s.state, rec)
+    except BaseException as e:
+        raise undo_start(s, conn, params, e, info, getattr(e, "started", started),
+                         local_port) from None
+    return rec, info
+
+
+def new_record(s: Session, conn: Connection, old, params: dict, info: dict, local_port: int):
+    """The record of the server INFO, tunnelled from LOCAL_PORT."""
+    host, session, tunnel, mgr = s.host, s.name, s.tunnel, s.manager
     app = info.get("app") or params["app"]
     rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
                environment=params.get("environment", []), plugin=mgr.source, app=app,
                local_port=local_port, remote_port=info["port"], token=info["token"],
-               remote_socket=info.get("sock"), destination=dest,
+               remote_socket=info.get("sock"), destination=destination(info),
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
                options=s.asked())
@@ -3551,8 +3625,62 @@ def bring_up(run: Run, conn: Connection, old, params: dict):
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
     rec["listener"] = tunnel_listener(conn, tunnel)
-    save_record(s.state, rec)
-    return rec, info
+    return rec
+
+
+def start_remote(conn: Connection, params: dict, timeout: float) -> dict:
+    """The remote "start"; interrupted, it is first let finish (a start cut off halfway
+    would go on there unseen), and the KeyboardInterrupt carries its info as "started"
+    when it started a server."""
+    try:
+        return conn.run_helper("start", params, timeout=timeout)
+    except KeyboardInterrupt as e:
+        with signals(signal.SIG_IGN), progress("interrupted: waiting for %s" % conn.host):
+            with contextlib.suppress(Error):
+                info = conn.finish_helper()
+                # not known (no answer): a server may run that nobody else knows of
+                e.started = {} if info is None and "token" not in params else \
+                    info if info and not info.get("reused") else None
+                e.reused = bool(info and info.get("reused"))
+        raise
+
+
+def undo_start(session: Session, conn: Connection, params: dict, err: BaseException,
+               info, started, forward) -> BaseException:
+    """After a start failed or was interrupted: stop the server STARTED by this run (its
+    forward on local port FORWARD too) and the connection opened for it; ERR again, its
+    message saying what is left.  Further signals wait until this is done.  INFO is
+    the server found running, when the start got that far."""
+    host = session.host
+    kept = info.get("reused") if info else getattr(err, "reused", False)
+    note = (MSG_REUSED_KEPT if kept else MSG_NOTHING_LEFT).format(host=host,
+                                                                 session=session.name)
+    with signals(signal.SIG_IGN):
+        if started is not None and forward:
+            with contextlib.suppress(Error):
+                session.tunnel.close(conn, forward, destination(started))
+        if started is not None and session.batch:
+            cancel_job(session, conn, params, started.get("job_id"))
+            note = "job %s was cancelled" % started.get("job_id")
+        elif started is not None:
+            try:
+                conn.run_helper("stop", dict(params, force=True),
+                                timeout=session.timeout * 2 + 30)
+                note = MSG_UNDONE.format(host=host, session=session.name)
+            except Error as e:
+                note = "the Jupyter it started on %s (session %s) could not be stopped: %s; " \
+                    "stop it with --terminate --session %s" % (host, session.name, e,
+                                                                 session.name)
+        if conn.opened_here:
+            conn.close()  # leave nothing running after a failure
+    if isinstance(err, KeyboardInterrupt):
+        return KeyboardInterrupt(note)
+    if started is None:
+        return err
+    if type(err) in (Error, SshError, RemoteError):
+        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail)
+    log.error("%s", note)  # beside the message of an error nobody foresaw
+    return err
 
 
 def forward_answers(port: int, timeout: float = 10.0) -> bool:
@@ -3574,14 +3702,9 @@ def check_socket_forward(session: Session, conn, info: dict, local_port: int):
     sshd refuses stream-local forwarding (AllowStreamLocalForwarding no) per connection,
     while `ssh -O forward` still succeeds; the remote has just proven the socket is the
     server's, so a forward that gets no answer is sshd's refusal.  A server started for
-    this run is stopped again: a run without --unix-socket must find none."""
+    this run is stopped again (undo_start): a run without --unix-socket must find none."""
     if forward_answers(local_port):
         return
-    with contextlib.suppress(Error):
-        session.tunnel.close(conn, local_port, destination(info))
-    if not info.get("reused"):
-        with contextlib.suppress(Error):
-            conn.run_helper("stop", session.params(force=True), timeout=session.timeout * 2 + 30)
     raise Error(MSG_NO_STREAMLOCAL.format(host=session.host) + (
         "" if not info.get("reused") else " (stop the running server first: --terminate)"),
         kind="no-streamlocal")
@@ -3614,7 +3737,7 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
     fares; a terminal shows it on the progress line.  A job that this run submitted
     is cancelled when the wait ends early: --timeout, Ctrl-C, or an error."""
     s, host = run.session, conn.host
-    answer = conn.run_helper("start", params, timeout=s.timeout + 60)
+    answer = start_remote(conn, params, s.timeout + 60)
     reused, job = answer["reused"], answer["job_id"]
     log.debug("%s job %s on %s", "found" if reused else "submitted", job, host)
     deadline = time.monotonic() + s.wait_timeout
@@ -3633,6 +3756,7 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
     except (Error, KeyboardInterrupt) as e:
         if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended"):
             cancel_job(s, conn, params, job)
+        e.reused = reused  # for undo_start's message
         raise
     info = dict(answer["ready"], reused=reused)
     return info
@@ -3640,14 +3764,13 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
 
 def cancel_job(session: Session, conn: Connection, params: dict, job) -> None:
     """Cancel the job JOB this run submitted, and say so (on stderr, even with -q)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop it
-    try:
-        conn.run_helper("stop", dict(params, force=True), timeout=session.timeout * 2 + 30)
-        log.error("cancelled job %s on %s", job, conn.host)
-    except Error as e:
-        log.error("could not cancel job %s on %s: %s", job, conn.host, e)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with signals(signal.SIG_IGN):  # a second Ctrl-C must not stop it
+        try:
+            conn.run_helper("stop", dict(params, force=True), timeout=session.timeout * 2 + 30,
+                            wait="cancelling job %s on %s" % (job, conn.host))
+            log.error("cancelled job %s on %s", job, conn.host)
+        except Error as e:
+            log.error("could not cancel job %s on %s: %s", job, conn.host, e)
 
 
 def server_options(old, info: dict) -> dict:
@@ -3681,25 +3804,51 @@ def attach(run: Run, params: dict):
     s = run.session
     with locked(s.state, s.host, s.name):
         old = fresh_record(s)
+        if s.local_port and not (old and old.get("local_port") == s.local_port):
+            check_local_port(s.local_port)  # before anything starts over there
         conn = s.connection(old)
-        conn.open()
+        try:
+            conn.open()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(MSG_NOTHING_LEFT.format(host=s.host)) from None
         rec, info = bring_up(run, conn, old, params)
     return conn, rec, info
 
 
+def check_local_port(port: int) -> None:
+    """Error unless 127.0.0.1:PORT can be bound here now, as ssh would bind it."""
+    import socket
+
+    with contextlib.closing(socket.socket()) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise Error(MSG_LOCAL_PORT.format(port=port), kind="local-port") from None
+            raise Error("local port %d cannot be used here: %s; choose another with "
+                        "--local-port or leave it out" % (port, e.strerror),
+                        kind="local-port") from None
+
+
 def cmd_start(run: Run) -> int:
-    """Start or reattach to the server of the session, tunnel it, print the URL."""
+    """Start or reattach to the server of the session, tunnel it, print the URL.  SIGTERM
+    and SIGHUP (the terminal closed) stop a start like Ctrl-C: all of it, or nothing."""
     args, s = run.args, run.session
-    conn, rec, info = attach(run, start_params(run))
-    if not args.quiet:
-        log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
-                 "reattached to" if info["reused"] else "started", s.host, s.name,
-                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
-                 else "remote port %d" % info["port"], rec["local_port"])
-    out = dict(public(rec), reused=info["reused"])
-    print(json.dumps(out) if args.json else rec["url"], flush=True)
-    if args.open:
-        open_browser(s.state, rec)
+    with signals(interrupt):
+        conn, rec, info = attach(run, start_params(run))
+        try:  # from here on, the session is recorded: an interrupt leaves it
+            if not args.quiet:
+                log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
+                         "reattached to" if info["reused"] else "started", s.host, s.name,
+                         rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                         else "remote port %d" % info["port"], rec["local_port"])
+            out = dict(public(rec), reused=info["reused"])
+            print(json.dumps(out) if args.json else rec["url"], flush=True)
+            if args.open:
+                open_browser(s.state, rec)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(MSG_KEPT.format(host=s.host, session=s.name)) from None
     if s.tunnel.foreground:
         serve_foreground(conn, s.tunnel, rec["local_port"], recorded_destination(rec))
     return 0
@@ -3785,6 +3934,8 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
             return port
         except Error as e:
             error = e
+    if wanted:
+        check_local_port(wanted)  # taken since it was checked (a race): say so plainly
     raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
 
 
@@ -4724,8 +4875,8 @@ def main(argv=None) -> int:
             text = text.splitlines()[0]
         log.error("error: %s", text)
         return e.code
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as e:
+        log.error("interrupted%s", "; %s" % e if str(e) else "")
         return 130
     except Exception as e:  # a bug, or an OS error nobody foresaw: one line, not a traceback
         log.debug("traceback:", exc_info=True)
@@ -4738,4 +4889,7 @@ def main(argv=None) -> int:
 sys.modules.setdefault("nbtunnel", sys.modules[__name__])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for number in STOP_SIGNALS:  # done: a late Ctrl-C must not turn the exit into a traceback
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)
