@@ -675,8 +675,13 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
             values[dest], origin[dest] = recorded[dest], "record"
         if values[dest] is not None:
             values[dest] = option.convert(values[dest], origin[dest])
+    pending = {}
+    if (args.ensure or args.watch) and rec and isinstance(rec.get("options"), dict):
+        pending = repeat_recorded(values, origin, rec)
     nginx = args.nginx_listen or section.get("nginx-listen", ("",))[0].strip() or None
     session = Session(host, name, values, origin, state, records, nginx)
+    session.pending, session.cfg = pending, cfg
+    drop_other_plugins(session)
     check_ssh_args(session)
     session.interval = 0.0
     with contextlib.suppress(ValueError):
@@ -685,6 +690,101 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
         raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
                          % (args.interval,))
     return session
+
+
+def recorded_start_options(rec: dict) -> dict:
+    """The start options REC's server was started with (its manager included)."""
+    start = {o.dest for o in session_options() if o.start}
+    return dict({k: v for k, v in (rec.get("options") or {}).items() if k in start},
+                manager=rec.get("manager"))
+
+
+def repeat_recorded(values: dict, origin: dict, rec: dict) -> dict:
+    """A repair (--ensure, --watch, the units) restarts a server exactly as it last ran:
+    REC's start options replace those in VALUES (and ORIGIN).  Returns what a deliberate
+    start would use instead, {dest: (value, where from)}: it applies at the next one."""
+    recorded, pending = recorded_start_options(rec), {}
+    for option in session_options():
+        dest, was = option.dest, recorded.get(option.dest)
+        if not option.start or origin.get(dest) == "record" or values[dest] == was:
+            continue
+        if values[dest] is not None and (dest != "manager" or was is not None):
+            pending[dest] = (values[dest], origin[dest])
+        values[dest] = was
+        if was is None:
+            origin.pop(dest, None)
+        else:
+            origin[dest] = "record"
+    return pending
+
+
+def option_owner(option):
+    """The manager or tunnel plugin that OPTION belongs to, or None (the core's, or an
+    environment plugin's: those apply to every session)."""
+    for plugin, one in plugin_options():
+        if one.dest == option.dest and plugin.kind in ("manager", "tunnel"):
+            return plugin
+    return None
+
+
+def option_applies(option, names: dict) -> bool:
+    """Does OPTION mean anything for a session run by NAMES (its manager and tunnel)?"""
+    owner = option_owner(option)
+    return owner is None or owner.name == names.get(owner.kind)
+
+
+MSG_OTHER_PLUGIN = (
+    "{flag} is an option of the {kind} plugin {plugin}, and this session runs with --{kind} "
+    "{using}: leave {flag} out, or add --{kind} {plugin}"
+)
+
+
+def drop_other_plugins(session: Session) -> None:
+    """Refuse an option of a manager or tunnel plugin that does not serve SESSION when it
+    was given on the command line; ignore it from the config file (a [DEFAULT] may hold
+    Slurm keys for several hosts) or from an older record."""
+    names = dict(manager=session.manager.name, tunnel=session.tunnel.name)
+    session.pending = {dest: value for dest, value in session.pending.items()
+                       if all(option_applies(o, names) for o in session_options()
+                              if o.dest == dest)}
+    for option in session_options():
+        dest = option.dest
+        if session.values[dest] is None or option_applies(option, names):
+            continue
+        if session.source(dest) == "command line":
+            owner = option_owner(option)
+            raise UsageError(MSG_OTHER_PLUGIN.format(flag=option.flag, kind=owner.kind,
+                                                     plugin=owner.name, using=names[owner.kind]))
+        session.values[dest] = None
+        session.origin.pop(dest, None)
+
+
+def config_pending(cfg, rec: dict) -> dict:
+    """What the config file would change at the next deliberate start of the session of
+    REC: {dest: (value, where from)}; {} for an unreadable section."""
+    try:
+        section = config_section(cfg, rec["host"])
+    except UsageError:
+        return {}
+    recorded, pending = recorded_start_options(rec), {}
+    names = dict(manager=rec.get("manager") or "tmux", tunnel=rec.get("tunnel") or "ssh")
+    for option in session_options():
+        if option.start and option.key in section and option_applies(option, names):
+            text, where = section[option.key]
+            try:
+                value = option.convert(option.from_config(text), where)
+            except UsageError:
+                continue
+            if value != recorded.get(option.dest):
+                pending[option.dest] = (value, where)
+    return pending
+
+
+def pending_text(pending: dict) -> str:
+    """PENDING as a message shows it: notebook-dir B (config [host h]), ..."""
+    flags = {o.dest: o for o in session_options()}
+    return ", ".join("%s %s (%s)" % (flags[d].key, " ".join(flags[d].words(v)[1::2]) or "on",
+                                    where) for d, (v, where) in sorted(pending.items()))
 
 
 # Remote side: begin ##########################################################
@@ -3623,12 +3723,16 @@ def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
     if was is None:
         return
     changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+
+    def value(v):
+        return "not set" if v is None else json.dumps(v)
+
     if changed:
         log.warning("warning: the server on %s (session %s) runs with other options than asked "
                     "(%s); it keeps its own. To restart it with these, run: nbtunnel.py %s "
                     "--session %s --terminate, then this command again", host, session,
-                    ", ".join("%s %s, asked %s" % (flags.get(k, k), json.dumps(was.get(k)),
-                                                   json.dumps(now.get(k))) for k in changed),
+                    ", ".join("%s %s, asked %s" % (flags.get(k, k), value(was.get(k)),
+                                                   value(now.get(k))) for k in changed),
                     host, session)
 
 
@@ -3891,6 +3995,11 @@ def cmd_status(run: Run) -> int:
             row["backend"] = row["tunnel_backend"] = rec.get("tunnel")
             row["tunnel_state"] = row["tunnel"]
             row["environment"] = rec.get("environment", [])
+            pending = config_pending(s.cfg, rec) if "options" in rec else {}
+            keys = {o.dest: o.key for o in session_options()}
+            row["pending"] = {keys[d]: dict(value=v, source=where)
+                              for d, (v, where) in sorted(pending.items())}
+            row["pending_text"] = pending_text(pending)
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
@@ -3902,10 +4011,12 @@ def cmd_status(run: Run) -> int:
                 "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
             gone = ("\tmanager plugin %s not loaded" % r["missing_plugin"]
                     if "missing_plugin" in r else "")
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s" % (
+            pending = ("\tpending: %s at next start" % r["pending_text"]
+                       if r["pending_text"] else "")
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
-                gone))
+                gone, pending))
     if not rows and not args.quiet:
         log.info("%s", nothing_recorded(s.records, s.host,
                                         s.name if s.source("session") != "default" else None))
@@ -4035,7 +4146,13 @@ def repair(run: Run, conn: Connection, old, params: dict):
                                                  port=rec["local_port"], log=rec.get("log")),
                         kind="not-answering")
         time.sleep(0.3)
-    return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    lines = repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    if old and not info["reused"]:  # started again as it last ran, whatever changed since
+        pending = run.session.pending
+        lines = ["%s, as it last ran%s: %s" % (lines[0].rsplit(": ", 1)[0], (
+            "; %s will apply when you start it yourself" % pending_text(pending))
+            if pending else "", rec["url"])]
+    return rec, lines
 
 
 def healthy(session: Session, rec, conn=None) -> bool:

@@ -1,0 +1,68 @@
+"""Repairs repeat how a session last ran; a session ended on purpose stays ended; options of
+a plugin that does not serve the session are refused.  End to end against the test remote."""
+
+from __future__ import annotations
+
+import os
+
+from helpers import http_get, wait_until
+from unattended import api_status, ensure, finish, jupyter_pids, start, watch
+
+
+def root_has(info: dict, name: str) -> bool:
+    """Does the server of INFO serve NAME at the top of its notebook directory?"""
+    port = info["local_port"]
+    status, _ = http_get(f"http://127.0.0.1:{port}/api/contents/{name}",
+                         headers={"Authorization": f"token {info['token']}"})
+    return status == 200
+
+
+def kill_servers(remote) -> None:
+    for pid in jupyter_pids(remote):
+        os.kill(pid, 9)
+    wait_until(lambda: not jupyter_pids(remote), 15, message="jupyter killed")
+
+
+def two_dirs(remote) -> None:
+    for d in ("dirA", "dirB"):
+        remote.run(["mkdir", "-p", str(remote.home / d)], check=True)
+        remote.run(["touch", str(remote.home / d / f"in-{d}")], check=True)
+
+
+def test_a_repair_restarts_as_it_ran_and_a_config_change_waits(nbt, remote):
+    two_dirs(remote)
+    info = start(nbt, "--notebook-dir", "dirA")
+    assert root_has(info, "in-dirA")
+    nbt.config_file.write_text(f"[host {remote.alias}]\nnotebook-dir = dirB\n")
+    kill_servers(remote)
+    # As cron runs it: stdin /dev/null, no terminal, output captured.
+    proc = ensure(nbt)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith(f"restarted Jupyter on {remote.alias} (session nbtunnel)"), line
+    assert "as it last ran" in line and "notebook-dir dirB" in line, line
+    row = nbt.status()[0]
+    assert row["token"] == info["token"] and api_status(row["url"]) == 200
+    assert root_has(row, "in-dirA") and not root_has(row, "in-dirB")
+    assert row["pending"] == {"notebook-dir": {"value": "dirB", "source": f"config [host {remote.alias}]"}}
+    text = nbt.run("--status")
+    assert "pending: notebook-dir dirB (config" in text.stdout and "at next start" in text.stdout
+    # --watch repairs the same way.
+    kill_servers(remote)
+    proc, url = watch(nbt)
+    assert root_has(nbt.status()[0], "in-dirA")
+    finish(proc)
+    # A deliberate start (after --terminate) takes the config file.
+    assert nbt.run("--terminate").returncode == 0
+    again = start(nbt)
+    assert root_has(again, "in-dirB")
+    assert nbt.status()[0]["pending"] == {}
+
+
+def test_reattach_warning_names_an_unset_option_plainly(nbt, remote):
+    two_dirs(remote)
+    start(nbt)
+    proc = nbt.run(remote.alias, "--notebook-dir", "dirB")
+    assert proc.returncode == 0, proc.stderr
+    assert "--notebook-dir not set, asked \"dirB\"" in proc.stderr, proc.stderr
+    assert "null" not in proc.stderr
