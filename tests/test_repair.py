@@ -66,3 +66,23 @@ def test_reattach_warning_names_an_unset_option_plainly(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     assert "--notebook-dir not set, asked \"dirB\"" in proc.stderr, proc.stderr
     assert "null" not in proc.stderr
+
+
+def test_an_option_of_another_manager_is_refused(nbt, remote):
+    before = remote.auth_count()
+    proc = nbt.run(remote.alias, "--time", "1:00")
+    assert proc.returncode == 2, proc.stderr
+    assert "--time" in proc.stderr and "slurm" in proc.stderr and "--manager tmux" in proc.stderr
+    assert remote.auth_count() == before and not jupyter_pids(remote)
+    assert nbt.run(remote.alias, "--print-service", "cron", "--partition", "gpu").returncode == 2
+
+
+def test_config_keys_of_another_manager_are_ignored(nbt, remote):
+    nbt.config_file.write_text("[DEFAULT]\ntime = 1:00\npartition = gpu\n")
+    info = start(nbt)
+    assert info["manager"] == "tmux"
+    cron = nbt.run(remote.alias, "--print-service", "cron")
+    assert cron.returncode == 0 and "--time" not in cron.stdout and "--partition" not in cron.stdout
+    again = nbt.run(remote.alias)  # a reattach: nothing to warn about
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    assert nbt.status()[0]["pending"] == {}
