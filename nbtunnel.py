@@ -662,6 +662,7 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
             break
     name = check_session(name or DEFAULT_SESSION)
     rec = find_record(records, host, name) if host is not None and not args.status else None
+    rec = None if rec and rec.get("ended") else rec  # ended on purpose: nothing to take over
     recorded = dict((rec or {}).get("options") or {})
     if rec and "options" not in rec:  # a record from before options were recorded
         recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
@@ -912,7 +913,8 @@ def r_files(session):
     d = r_state_dir()
     return {k: os.path.join(d, session + ext) for k, ext in (
         ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"))}
+        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"),
+        ("ended", ".ended"))}
 
 
 def r_read_json(path, owned=False):
@@ -1002,6 +1004,9 @@ class RemoteLock:
                     raise RemoteFail("locked",
                                      "another nbtunnel is busy with this session") from None
                 time.sleep(0.1)
+        if fcntl and not os.fstat(self.fd).st_nlink:  # removed by its holder
+            os.close(self.fd)
+            return self.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -2199,9 +2204,12 @@ def r_session_manager(p, st, session=None):
 
 
 def r_how_ended(session):
-    """Why SESSION has no live server: shutdown (asked through Jupyter's API, e.g. File >
-    Shut Down), died (killed or crashed: it may be restarted) or none (nothing recorded)."""
-    st = r_read_json(r_files(session)["state"])
+    """Why SESSION has no live server: terminated, shutdown (through Jupyter's API, e.g.
+    File > Shut Down), died (killed or crashed: it may be restarted) or none."""
+    paths = r_files(session)
+    st, ended = r_read_json(paths["state"]), r_read_json(paths["ended"])
+    if ended:
+        return ended.get("how")
     if not st:
         return "none"
     if "Shutting down on /api/shutdown request" in r_tail(st.get("log") or "", 40):
@@ -2223,7 +2231,12 @@ R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_
 
 
 def r_op_start(p):
-    """Reattach to the session's server (or job), or start one."""
+    """Reattach to the session's server (or job), or start one (a repair: not if it ended
+    on purpose)."""
+    how = r_how_ended(p["session"])
+    if p.get("repair") and how in ("terminated", "shutdown"):
+        raise RemoteFail("ended", how)
+    r_remove(r_files(p["session"])["ended"])
     return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
 
 
@@ -2233,7 +2246,11 @@ def r_op_stop(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         mgr = r_session_manager(p, st)
-        return R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+        out = R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+        if not out.get("busy"):
+            r_write_json(paths["ended"], dict(how="terminated", at=time.time()))
+            r_remove(paths["log"], paths["output"], paths["lock"])
+        return out
 
 
 def r_op_status(p):
@@ -3380,6 +3397,33 @@ def drop_record(directory: str, host: str, session: str) -> None:
             os.unlink(os.path.join(directory, name))
 
 
+ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)"}
+
+
+def save_ended(directory: str, host: str, session: str, how: str) -> dict:
+    """Remember that HOST/SESSION ended on purpose (HOW, a key of ENDED), in place of its
+    record: a repair must not start it again and --status says so.  Only that is kept (no
+    token, no port): the next deliberate start begins afresh and replaces it."""
+    drop_record(directory, host, session)
+    rec = dict(host=host, session=session, ended=how, ended_at=int(time.time()))
+    save_record(directory, rec)
+    return rec
+
+
+def ended_record(session) -> dict:
+    """The record of SESSION (a Session) when it says the session ended on purpose, else None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        rec = read_record(os.path.join(session.state, record_name(session.host, session.name)))
+        if isinstance(rec, dict) and rec.get("ended"):
+            return rec
+    return None
+
+
+def start_again(host: str, session: str) -> str:
+    """The command that starts an ended session again."""
+    return "nbtunnel %s --session %s" % (shlex.quote(host), session)
+
+
 @contextlib.contextmanager
 def locked(directory: str, host: str, session: str, timeout=None):
     """Serialise nbtunnel runs on one host and session (start, terminate, ensure).
@@ -3860,6 +3904,7 @@ def public(rec: dict) -> dict:
     # two say which.  A record is written once its tunnel is up; --status looks again.
     out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
+    out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
     return out
 
 
@@ -3965,18 +4010,26 @@ def cmd_status(run: Run) -> int:
     Sessions whose manager plugin is missing are not asked about: state unknown."""
     args, s = run.args, run.session
     by_host = s.recorded(same_name=s.source("session") != "default")
-    asked = ask_hosts(s, {h: [r for r in recs if not missing_manager(r)]
-                          for h, recs in by_host.items()
-                          if any(not missing_manager(r) for r in recs)})
+    def ask(rec):  # an ended session needs no question: nothing runs
+        return not missing_manager(rec) and not rec.get("ended")
+
+    asked = ask_hosts(s, {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
+                          if any(ask(r) for r in recs)})
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
         for rec in recs:
+            if rec.get("ended"):
+                rows.append(dict(public(rec), server="stopped", tunnel="down",
+                                 tunnel_state="down", pending={}, pending_text=""))
+                continue
             missing = missing_manager(rec)
             if missing:
                 log.warning("warning: %s", missing)
             a = None if missing else answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
+            if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
+                row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
             port_open = local_port_open(rec["local_port"])
@@ -4013,6 +4066,11 @@ def cmd_status(run: Run) -> int:
                     if "missing_plugin" in r else "")
             pending = ("\tpending: %s at next start" % r["pending_text"]
                        if r["pending_text"] else "")
+            if r["ended"]:
+                print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
+                    r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
+                    start_again(r["host"], r["session"])))
+                continue
             print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
@@ -4030,7 +4088,7 @@ def close_tunnel(session: Session, conn: Connection, rec=None) -> None:
               and (r["host"], r["session"]) != (session.host, session.name)]
     if not others:
         conn.close()
-    elif rec:
+    elif rec and "local_port" in rec:
         with contextlib.suppress(Error):
             get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
                                                            recorded_destination(rec))
@@ -4055,7 +4113,7 @@ def terminate_session(run: Run) -> dict:
                 conn.close()
             raise
         close_tunnel(s, conn, rec)
-        drop_record(s.state, host, session)
+        save_ended(s.state, host, session, "terminated")
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
 
 
@@ -4138,7 +4196,12 @@ def repair(run: Run, conn: Connection, old, params: dict):
     host = run.session.host
     tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
     conn.open()
-    rec, info = bring_up(run, conn, old, params)
+    try:
+        rec, info = bring_up(run, conn, old, params)
+    except Error as e:  # the remote knows it ended on purpose (shut down, or another laptop)
+        if e.kind != "ended":
+            raise
+        return ended_on_purpose(run, conn, old, str(e).rsplit(": ", 1)[-1])
     deadline = time.monotonic() + 10
     while not api_ok(rec):
         if time.monotonic() > deadline:
@@ -4153,6 +4216,17 @@ def repair(run: Run, conn: Connection, old, params: dict):
             "; %s will apply when you start it yourself" % pending_text(pending))
             if pending else "", rec["url"])]
     return rec, lines
+
+
+def ended_on_purpose(run: Run, conn: Connection, old, how: str):
+    """Close what is left of a session that ended on purpose (HOW) and remember that;
+    (its record, one line saying so)."""
+    s = run.session
+    with contextlib.suppress(Error):
+        close_tunnel(s, conn, old)
+    rec = save_ended(s.state, s.host, s.name, how)
+    return rec, ["Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)"
+                 % (s.host, s.name, ENDED.get(how, how), start_again(s.host, s.name))]
 
 
 def healthy(session: Session, rec, conn=None) -> bool:
@@ -4185,10 +4259,14 @@ def ensure_session(run: Run):
     s.no_prompt = True  # never prompt, even on a terminal (and main() keeps the line off)
     rec = fresh_record(s)
     lines = []
+    if ended_record(s):  # ended on purpose: it stays so, and nothing needs a login
+        return ended_record(s), lines
     if not healthy(s, rec):  # no login: one question over the master, one request
-        params = start_params(run)
+        params = dict(start_params(run), repair=True)
         with locked(s.state, s.host, s.name, timeout=s.timeout * 3 + 60):
             rec = fresh_record(s)
+            if ended_record(s):
+                return ended_record(s), lines
             if not healthy(s, rec):  # else a run we waited for has repaired it
                 rec, lines = repair(run, s.connection(rec), rec, params)
     return rec, lines
@@ -4233,9 +4311,13 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
         close_tunnel(s, conn, rec)
-        drop_record(s.state, host, session)
+        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
+                   else "terminated")
         return None
     new, lines = repair(run, conn, rec, params)
+    if new.get("ended"):
+        log.info("%s", lines[0])
+        return None
     if tunnel_was_up and not lines and state["server"] == "running":
         lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
     return new, lines
@@ -4273,8 +4355,23 @@ def cmd_watch(run: Run) -> int:
     """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
     args, s = run.args, run.session
     host, session = s.host, s.name
-    params = start_params(run)
-    conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never do
+    ended = ended_record(s)
+    if ended:
+        log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
+                 host, session, ENDED.get(ended["ended"], ended["ended"]),
+                 start_again(host, session))
+        return 0
+    params = dict(start_params(run), repair=True)
+    try:
+        conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
+    except Error as e:
+        if e.kind != "ended":
+            raise
+        with locked(s.state, host, session):
+            conn = s.connection(fresh_record(s))
+            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
+                                            str(e).rsplit(": ", 1)[-1])[1][0])
+        return 0
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
@@ -4368,6 +4465,8 @@ def cron_entry(argv: list, env: dict, title: str) -> str:
         "# %s: start or repair it every %d minutes; quiet while all is well." % (
             title, SERVICE_INTERVAL),
         "# Install with: crontab -e (paste the last line), then check: crontab -l",
+        "# Remove with: crontab -e (delete that line). --terminate alone keeps the line, which "
+        "then leaves the session ended until you start it yourself.",
         "# cron has no ssh-agent: ssh needs a key without a passphrase (-i) or SSH_AUTH_SOCK "
         "set to a running agent's socket.",
         "*/%d * * * * %s" % (SERVICE_INTERVAL, " ".join(words)), ""])
@@ -4401,6 +4500,9 @@ def systemd_unit(argv: list, env: dict, title: str, name: str) -> str:
         "# Save as ~/.config/systemd/user/%s.service, then run:" % name,
         "#   systemctl --user daemon-reload && systemctl --user enable --now %s" % name,
         "#   loginctl enable-linger \"$USER\"   # keep it running while you are logged out",
+        "# Remove with: systemctl --user disable --now %s && rm ~/.config/systemd/user/%s.service"
+        % (name, name),
+        "# After --terminate or File > Shut Down it leaves the session ended until you start it.",
         "# Without a terminal ssh cannot ask for a passphrase: use a key without one, or an",
         "# ssh-agent and Environment=SSH_AUTH_SOCK=... below.",
         "[Unit]",
@@ -4441,9 +4543,10 @@ def launchd_plist(argv: list, env: dict, title: str, label: str, home: str) -> s
     except (TypeError, ValueError) as e:  # XML cannot hold most control characters
         raise UsageError("cannot write a launchd plist for these options: %s" % e) from None
     comment = ("<!-- %s.\n     Save as ~/Library/LaunchAgents/%s.plist and run: launchctl load -w "
-               "~/Library/LaunchAgents/%s.plist\n     ssh runs without a terminal: a key with "
-               "a passphrase must be in your ssh-agent. -->\n"
-               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label))
+               "~/Library/LaunchAgents/%s.plist\n     Remove with: launchctl unload -w ~/Library/"
+               "LaunchAgents/%s.plist, then delete that file.\n     ssh runs without a "
+               "terminal: a key with a passphrase must be in your ssh-agent. -->\n"
+               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label, label))
     head, sep, body = text.partition("<plist")
     return head + comment + sep + body
 

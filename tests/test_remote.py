@@ -156,8 +156,9 @@ def run_sliced(argv: list[str], home: Path, stdin: bytes, env: dict | None = Non
 def test_sliced_program_runs_alone_under_python_isolated(home):
     program = nbtunnel.remote_program("status", {"sessions": ["nbtunnel", "other"]})
     # Sent on stdin once per command over the shared connection: small, not minimal (the
-    # Unix-socket, batch-job and manager-strategy functions brought it from 15.2 to 24 kB).
-    assert len(program) < 25000 and b"\n" in program and program.count(b"\n") == 4
+    # Unix-socket, batch-job and manager-strategy functions brought it from 15.2 to 24 kB,
+    # remembering a session ended on purpose to 25.1 kB).
+    assert len(program) < 25500 and b"\n" in program and program.count(b"\n") == 4
     r = run_sliced(["python3", "-I", "-"], home, program)
     assert r.returncode == 0, r.stderr
     result = nbtunnel.parse_result("h", r.stdout.decode(), r.stderr.decode(), r.returncode)

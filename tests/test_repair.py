@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from helpers import http_get, wait_until
+from helpers import http_get, http_request, wait_until
 from unattended import api_status, ensure, finish, jupyter_pids, start, watch
 
 
@@ -86,3 +86,73 @@ def test_config_keys_of_another_manager_are_ignored(nbt, remote):
     again = nbt.run(remote.alias)  # a reattach: nothing to warn about
     assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
     assert nbt.status()[0]["pending"] == {}
+
+
+# Ended on purpose #############################################################
+
+
+def test_terminate_sticks_for_cron(nbt, remote):
+    cron = nbt.run(remote.alias, "--print-service", "cron")
+    assert cron.returncode == 0 and "Remove with" in cron.stdout, cron.stdout
+    info = start(nbt)
+    assert nbt.run("--terminate").returncode == 0
+    assert not jupyter_pids(remote)
+    # The remote keeps only what a later run needs: that the session ended on purpose.
+    state = remote.home / ".local/state/nbtunnel"
+    assert sorted(p.name for p in state.iterdir() if p.is_file()) == ["nbtunnel.ended"]
+    before = remote.auth_count()
+    proc = ensure(nbt)  # what the installed cron line runs
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc
+    assert not jupyter_pids(remote) and remote.auth_count() == before
+    row = nbt.status()[0]
+    assert row["ended"] == "terminated" and row["server"] == "stopped" and row["url"] is None
+    text = nbt.run("--status").stdout
+    assert f"ended: terminated by you; start it again with: nbtunnel {remote.alias} --session nbtunnel" in text
+    watched = nbt.run(remote.alias, "--watch", "--interval", "1")
+    assert watched.returncode == 0 and "not starting it again" in watched.stderr
+    assert not jupyter_pids(remote)
+    # A deliberate start brings it back; then repairs work again.
+    again = start(nbt)
+    assert again["token"] != info["token"] and api_status(again["url"]) == 200
+    assert nbt.status()[0]["ended"] is None
+
+
+def test_terminate_from_another_laptop_sticks(nbt, remote, tmp_path):
+    start(nbt)
+    other = tmp_path / "other-state"
+    other.mkdir(mode=0o700)
+    for f in nbt.state_dir.glob("*.json"):
+        (other / f.name).write_bytes(f.read_bytes())
+        os.chmod(other / f.name, 0o600)
+    assert nbt.run("--terminate").returncode == 0
+    proc = ensure(nbt, "--state-dir", str(other))
+    assert proc.returncode == 0, proc.stderr
+    assert "terminated by you; not starting it again" in proc.stdout, proc.stdout
+    assert not jupyter_pids(remote)
+
+
+def test_shutdown_from_the_browser_sticks(nbt, remote):
+    info = start(nbt)
+    status, _ = http_request("POST", f"http://127.0.0.1:{info['local_port']}/api/shutdown",
+                             headers={"Authorization": f"token {info['token']}"})
+    assert status == 200
+    wait_until(lambda: not jupyter_pids(remote), 30, message="server gone")
+    row = nbt.status()[0]
+    assert row["ended"] == "shutdown" and row["server"] == "stopped"
+    proc = ensure(nbt)
+    assert proc.returncode == 0, proc.stderr
+    assert "shut down from Jupyter" in proc.stdout and "not starting it again" in proc.stdout
+    assert not jupyter_pids(remote)
+    quiet = ensure(nbt)
+    assert quiet.returncode == 0 and quiet.stdout == "" and not jupyter_pids(remote)
+    assert nbt.status()[0]["ended"] == "shutdown"
+
+
+def test_a_crash_is_repaired(nbt, remote):
+    info = start(nbt)
+    kill_servers(remote)
+    row = nbt.status()[0]
+    assert row["ended"] is None and row["server"] == "stopped"
+    proc = ensure(nbt)
+    assert proc.returncode == 0 and proc.stdout.startswith("restarted"), proc
+    assert api_status(info["url"]) == 200
