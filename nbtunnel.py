@@ -3431,25 +3431,36 @@ def locked(directory: str, host: str, session: str, timeout=None):
     With TIMEOUT, give up after that many seconds instead of waiting for ever
     (a cron job must not pile up behind a run that hangs)."""
     path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
-    fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
-    if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
-        os.unlink(path)
-        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
-        if fd is None:
-            raise Error("cannot make the lock file %s" % path)
+    deadline = time.monotonic() + (timeout or 0)
+    while True:
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
+        if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
+            os.unlink(path)
+            fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
+            if fd is None:
+                raise Error("cannot make the lock file %s" % path)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Error("another nbtunnel run for %s (session %s) has been busy "
+                                    "for over %ds; try again later" % (host, session, timeout)
+                                    ) from None
+                    time.sleep(0.2)
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # its holder removed it when done: lock the file there now
     try:
-        deadline = time.monotonic() + (timeout or 0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Error("another nbtunnel run for %s (session %s) has been busy for "
-                                "over %ds; try again later" % (host, session, timeout)) from None
-                time.sleep(0.2)
         yield
     finally:
+        with contextlib.suppress(OSError):  # no lock files pile up, one per host ever tried
+            os.unlink(path)
         os.close(fd)
 
 
@@ -4374,6 +4385,10 @@ def cmd_watch(run: Run) -> int:
         return 0
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
+    if not info["reused"]:
+        log.info("started Jupyter on %s (session %s, %s, %s) at local port %d", host, session,
+                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                 else "remote port %d" % info["port"], rec["local_port"])
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
              session, s.interval, " and stops the server" if args.terminate else "")
     s.no_prompt = conn.no_prompt = True

@@ -140,7 +140,7 @@ def test_terminate_leaves_nothing(nbt, remote):
     wait_until(lambda: not local_ssh_pids(str(nbt.ssh_config)), 15, message="no local ssh left")
     assert not local_port_open(info["local_port"])
     assert not remote.port_open(info["remote_port"])
-    assert nbt.status() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]  # and stays so
     # The server shut down through its own API: it said so in its log.
     log = remote.run(["cat", info["log"]]).stdout
     assert "Shutting down on /api/shutdown request" in log

@@ -571,7 +571,7 @@ def test_start_api_terminate_with_python_36_on_the_remote(nbt, remote, remote_py
     assert [s["server"] for s in status] == ["running"]
     assert nbt.run("--terminate").returncode == 0
     wait_until(lambda: not remote.pids(r"jupyter-lab|jupyter lab"), 20, message="jupyter ended")
-    assert nbt.status() == [] and remote.tmux_sessions() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"] and remote.tmux_sessions() == []
 
 
 # Trust nothing not proven ####################################################

@@ -156,3 +156,22 @@ def test_a_crash_is_repaired(nbt, remote):
     proc = ensure(nbt)
     assert proc.returncode == 0 and proc.stdout.startswith("restarted"), proc
     assert api_status(info["url"]) == 200
+
+
+# Small things #################################################################
+
+
+def test_no_lock_files_pile_up_locally(nbt, remote):
+    proc = ensure(nbt, "--timeout", "5", host=remote.down_alias)  # a host never reached
+    assert proc.returncode == 1
+    start(nbt)
+    assert nbt.run("--terminate").returncode == 0
+    assert not [p.name for p in nbt.state_dir.iterdir() if p.name.endswith(".lock")]
+
+
+def test_watch_says_it_started_a_server(nbt, remote):
+    proc, url = watch(nbt)
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert f"started Jupyter on {remote.alias} (session nbtunnel, tmux, remote port" in err, err
+    assert "watching" in err
