@@ -4273,12 +4273,14 @@ def ensure_session(run: Run):
     if ended_record(s):  # ended on purpose: it stays so, and nothing needs a login
         return ended_record(s), lines
     if not healthy(s, rec):  # no login: one question over the master, one request
-        params = dict(start_params(run), repair=True)
+        params = start_params(run)
         with locked(s.state, s.host, s.name, timeout=s.timeout * 3 + 60):
             rec = fresh_record(s)
             if ended_record(s):
                 return ended_record(s), lines
             if not healthy(s, rec):  # else a run we waited for has repaired it
+                # Only a session recorded here is repaired; a first run here starts it.
+                params = dict(params, repair=rec is not None)
                 rec, lines = repair(run, s.connection(rec), rec, params)
     return rec, lines
 
@@ -4372,7 +4374,7 @@ def cmd_watch(run: Run) -> int:
                  host, session, ENDED.get(ended["ended"], ended["ended"]),
                  start_again(host, session))
         return 0
-    params = dict(start_params(run), repair=True)
+    params = dict(start_params(run), repair=fresh_record(s) is not None)
     try:
         conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
     except Error as e:
@@ -4394,7 +4396,7 @@ def cmd_watch(run: Run) -> int:
     s.no_prompt = conn.no_prompt = True
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        watch_loop(run, conn, rec, params)
+        watch_loop(run, conn, rec, dict(params, repair=True))
         return 0  # the server was shut down: nothing left to watch
     except KeyboardInterrupt:
         pass
