@@ -55,7 +55,8 @@ def test_jupyter_killed(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     # Same local port and same token: the bookmarked URL works again.
     assert proc.stdout == (
-        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
+        f"as it last ran: {info['url']}\n"
     )
     assert_single(nbt, remote, info)
 
@@ -106,7 +107,8 @@ def test_jupyter_killed_under_watch(nbt, remote):
     assert_single(nbt, remote, info)
     code, _, err = finish(proc)
     assert code == 0
-    assert f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}" in err, err
+    line = f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, as it last ran: {url}"
+    assert line in err, err
 
 
 # The tunnel ###################################################################
