@@ -99,7 +99,7 @@ def test_terminate_sticks_for_cron(nbt, remote):
     assert not jupyter_pids(remote)
     # The remote keeps only what a later run needs: that the session ended on purpose.
     state = remote.home / ".local/state/nbtunnel"
-    assert sorted(p.name for p in state.iterdir() if p.is_file()) == ["nbtunnel.ended"]
+    assert sorted(p.name for p in state.glob("nbtunnel.*")) == ["nbtunnel.ended"]
     before = remote.auth_count()
     proc = ensure(nbt)  # what the installed cron line runs
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc
