@@ -672,6 +672,7 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
             break
     name = check_session(DEFAULT_SESSION if name is None else name)
     rec = find_record(records, host, name) if host is not None and not args.status else None
+    rec = None if rec and rec.get("ended") else rec  # ended on purpose: nothing to take over
     recorded = dict((rec or {}).get("options") or {})
     if rec and "options" not in rec:  # a record from before options were recorded
         recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
@@ -685,8 +686,13 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
             values[dest], origin[dest] = recorded[dest], "record"
         if values[dest] is not None:
             values[dest] = option.convert(values[dest], origin[dest])
+    pending = {}
+    if (args.ensure or args.watch) and rec and isinstance(rec.get("options"), dict):
+        pending = repeat_recorded(values, origin, rec)
     nginx = args.nginx_listen or section.get("nginx-listen", ("",))[0].strip() or None
     session = Session(host, name, values, origin, state, records, nginx)
+    session.pending, session.cfg = pending, cfg
+    drop_other_plugins(session)
     check_ssh_args(session)
     session.interval = 0.0
     with contextlib.suppress(ValueError):
@@ -695,6 +701,101 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
         raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
                          % (args.interval,))
     return session
+
+
+def recorded_start_options(rec: dict) -> dict:
+    """The start options REC's server was started with (its manager included)."""
+    start = {o.dest for o in session_options() if o.start}
+    return dict({k: v for k, v in (rec.get("options") or {}).items() if k in start},
+                manager=rec.get("manager"))
+
+
+def repeat_recorded(values: dict, origin: dict, rec: dict) -> dict:
+    """A repair (--ensure, --watch, the units) restarts a server exactly as it last ran:
+    REC's start options replace those in VALUES (and ORIGIN).  Returns what a deliberate
+    start would use instead, {dest: (value, where from)}: it applies at the next one."""
+    recorded, pending = recorded_start_options(rec), {}
+    for option in session_options():
+        dest, was = option.dest, recorded.get(option.dest)
+        if not option.start or origin.get(dest) == "record" or values[dest] == was:
+            continue
+        if values[dest] is not None and (dest != "manager" or was is not None):
+            pending[dest] = (values[dest], origin[dest])
+        values[dest] = was
+        if was is None:
+            origin.pop(dest, None)
+        else:
+            origin[dest] = "record"
+    return pending
+
+
+def option_owner(option):
+    """The manager or tunnel plugin that OPTION belongs to, or None (the core's, or an
+    environment plugin's: those apply to every session)."""
+    for plugin, one in plugin_options():
+        if one.dest == option.dest and plugin.kind in ("manager", "tunnel"):
+            return plugin
+    return None
+
+
+def option_applies(option, names: dict) -> bool:
+    """Does OPTION mean anything for a session run by NAMES (its manager and tunnel)?"""
+    owner = option_owner(option)
+    return owner is None or owner.name == names.get(owner.kind)
+
+
+MSG_OTHER_PLUGIN = (
+    "{flag} is an option of the {kind} plugin {plugin}, and this session runs with --{kind} "
+    "{using}: leave {flag} out, or add --{kind} {plugin}"
+)
+
+
+def drop_other_plugins(session: Session) -> None:
+    """Refuse an option of a manager or tunnel plugin that does not serve SESSION when it
+    was given on the command line; ignore it from the config file (a [DEFAULT] may hold
+    Slurm keys for several hosts) or from an older record."""
+    names = dict(manager=session.manager.name, tunnel=session.tunnel.name)
+    session.pending = {dest: value for dest, value in session.pending.items()
+                       if all(option_applies(o, names) for o in session_options()
+                              if o.dest == dest)}
+    for option in session_options():
+        dest = option.dest
+        if session.values[dest] is None or option_applies(option, names):
+            continue
+        if session.source(dest) == "command line":
+            owner = option_owner(option)
+            raise UsageError(MSG_OTHER_PLUGIN.format(flag=option.flag, kind=owner.kind,
+                                                     plugin=owner.name, using=names[owner.kind]))
+        session.values[dest] = None
+        session.origin.pop(dest, None)
+
+
+def config_pending(cfg, rec: dict) -> dict:
+    """What the config file would change at the next deliberate start of the session of
+    REC: {dest: (value, where from)}; {} for an unreadable section."""
+    try:
+        section = config_section(cfg, rec["host"])
+    except UsageError:
+        return {}
+    recorded, pending = recorded_start_options(rec), {}
+    names = dict(manager=rec.get("manager") or "tmux", tunnel=rec.get("tunnel") or "ssh")
+    for option in session_options():
+        if option.start and option.key in section and option_applies(option, names):
+            text, where = section[option.key]
+            try:
+                value = option.convert(option.from_config(text), where)
+            except UsageError:
+                continue
+            if value != recorded.get(option.dest):
+                pending[option.dest] = (value, where)
+    return pending
+
+
+def pending_text(pending: dict) -> str:
+    """PENDING as a message shows it: notebook-dir B (config [host h]), ..."""
+    flags = {o.dest: o for o in session_options()}
+    return ", ".join("%s %s (%s)" % (flags[d].key, " ".join(flags[d].words(v)[1::2]) or "on",
+                                    where) for d, (v, where) in sorted(pending.items()))
 
 
 # Remote side: begin ##########################################################
@@ -822,7 +923,8 @@ def r_files(session):
     d = r_state_dir()
     return {k: os.path.join(d, session + ext) for k, ext in (
         ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"))}
+        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"),
+        ("ended", ".ended"))}
 
 
 def r_read_json(path, owned=False):
@@ -912,6 +1014,9 @@ class RemoteLock:
                     raise RemoteFail("locked",
                                      "another nbtunnel is busy with this session") from None
                 time.sleep(0.1)
+        if fcntl and not os.fstat(self.fd).st_nlink:  # removed by its holder
+            os.close(self.fd)
+            return self.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -2135,9 +2240,12 @@ def r_session_manager(p, st, session=None):
 
 
 def r_how_ended(session):
-    """Why SESSION has no live server: shutdown (asked through Jupyter's API, e.g. File >
-    Shut Down), died (killed or crashed: it may be restarted) or none (nothing recorded)."""
-    st = r_read_json(r_files(session)["state"])
+    """Why SESSION has no live server: terminated, shutdown (through Jupyter's API, e.g.
+    File > Shut Down), died (killed or crashed: it may be restarted) or none."""
+    paths = r_files(session)
+    st, ended = r_read_json(paths["state"]), r_read_json(paths["ended"])
+    if ended:
+        return ended.get("how")
     if not st:
         return "none"
     if "Shutting down on /api/shutdown request" in r_tail(st.get("log") or "", 40):
@@ -2159,7 +2267,12 @@ R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_
 
 
 def r_op_start(p):
-    """Reattach to the session's server (or job), or start one."""
+    """Reattach to the session's server (or job), or start one (a repair: not if it ended
+    on purpose)."""
+    how = r_how_ended(p["session"])
+    if p.get("repair") and how in ("terminated", "shutdown"):
+        raise RemoteFail("ended", how)
+    r_remove(r_files(p["session"])["ended"])
     return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
 
 
@@ -2169,7 +2282,11 @@ def r_op_stop(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         mgr = r_session_manager(p, st)
-        return R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+        out = R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+        if not out.get("busy"):
+            r_write_json(paths["ended"], dict(how="terminated", at=time.time()))
+            r_remove(paths["log"], paths["output"], paths["lock"])
+        return out
 
 
 def r_op_status(p):
@@ -3389,6 +3506,33 @@ def drop_record(directory: str, host: str, session: str) -> None:
             os.unlink(os.path.join(directory, name))
 
 
+ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)"}
+
+
+def save_ended(directory: str, host: str, session: str, how: str) -> dict:
+    """Remember that HOST/SESSION ended on purpose (HOW, a key of ENDED), in place of its
+    record: a repair must not start it again and --status says so.  Only that is kept (no
+    token, no port): the next deliberate start begins afresh and replaces it."""
+    drop_record(directory, host, session)
+    rec = dict(host=host, session=session, ended=how, ended_at=int(time.time()))
+    save_record(directory, rec)
+    return rec
+
+
+def ended_record(session) -> dict:
+    """The record of SESSION (a Session) when it says the session ended on purpose, else None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        rec = read_record(os.path.join(session.state, record_name(session.host, session.name)))
+        if isinstance(rec, dict) and rec.get("ended"):
+            return rec
+    return None
+
+
+def start_again(host: str, session: str) -> str:
+    """The command that starts an ended session again."""
+    return "nbtunnel %s --session %s" % (shlex.quote(host), session)
+
+
 @contextlib.contextmanager
 def locked(directory: str, host: str, session: str, timeout=None):
     """Serialise nbtunnel runs on one host and session (start, terminate, ensure).
@@ -3396,25 +3540,36 @@ def locked(directory: str, host: str, session: str, timeout=None):
     With TIMEOUT, give up after that many seconds instead of waiting for ever
     (a cron job must not pile up behind a run that hangs)."""
     path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
-    fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
-    if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
-        os.unlink(path)
-        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
-        if fd is None:
-            raise Error("cannot make the lock file %s" % path)
+    deadline = time.monotonic() + (timeout or 0)
+    while True:
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
+        if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
+            os.unlink(path)
+            fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
+            if fd is None:
+                raise Error("cannot make the lock file %s" % path)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Error("another nbtunnel run for %s (session %s) has been busy "
+                                    "for over %ds; try again later" % (host, session, timeout)
+                                    ) from None
+                    time.sleep(0.2)
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # its holder removed it when done: lock the file there now
     try:
-        deadline = time.monotonic() + (timeout or 0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Error("another nbtunnel run for %s (session %s) has been busy for "
-                                "over %ds; try again later" % (host, session, timeout)) from None
-                time.sleep(0.2)
         yield
     finally:
+        with contextlib.suppress(OSError):  # no lock files pile up, one per host ever tried
+            os.unlink(path)
         os.close(fd)
 
 
@@ -3790,12 +3945,16 @@ def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
     if was is None:
         return
     changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+
+    def value(v):
+        return "not set" if v is None else json.dumps(v)
+
     if changed:
         log.warning("warning: the server on %s (session %s) runs with other options than asked "
                     "(%s); it keeps its own. To restart it with these, run: nbtunnel.py %s "
                     "--session %s --terminate, then this command again", host, session,
-                    ", ".join("%s %s, asked %s" % (flags.get(k, k), json.dumps(was.get(k)),
-                                                   json.dumps(now.get(k))) for k in changed),
+                    ", ".join("%s %s, asked %s" % (flags.get(k, k), value(was.get(k)),
+                                                   value(now.get(k))) for k in changed),
                     host, session)
 
 
@@ -3951,6 +4110,7 @@ def public(rec: dict) -> dict:
     # two say which.  A record is written once its tunnel is up; --status looks again.
     out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
+    out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
     return out
 
 
@@ -4056,17 +4216,26 @@ def cmd_status(run: Run) -> int:
     Sessions whose manager plugin is missing are not asked about: state unknown."""
     args, s = run.args, run.session
     by_host = s.recorded(same_name=s.source("session") != "default")
-    askable = {h: [r for r in recs if not missing_manager(r)] for h, recs in by_host.items()}
-    asked = ask_hosts(s, {h: recs for h, recs in askable.items() if recs})
+    def ask(rec):  # an ended session needs no question: nothing runs
+        return not missing_manager(rec) and not rec.get("ended")
+
+    asked = ask_hosts(s, {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
+                          if any(ask(r) for r in recs)})
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
         for rec in recs:
+            if rec.get("ended"):
+                rows.append(dict(public(rec), server="stopped", tunnel="down",
+                                 tunnel_state="down", pending={}, pending_text=""))
+                continue
             missing = missing_manager(rec)
             if missing:
                 log.warning("warning: %s", missing)
             a = None if missing else answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
+            if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
+                row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
             port_open = local_port_open(rec["local_port"])
@@ -4085,6 +4254,11 @@ def cmd_status(run: Run) -> int:
             row["backend"] = row["tunnel_backend"] = rec.get("tunnel")
             row["tunnel_state"] = row["tunnel"]
             row["environment"] = rec.get("environment", [])
+            pending = config_pending(s.cfg, rec) if "options" in rec else {}
+            keys = {o.dest: o.key for o in session_options()}
+            row["pending"] = {keys[d]: dict(value=v, source=where)
+                              for d, (v, where) in sorted(pending.items())}
+            row["pending_text"] = pending_text(pending)
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
@@ -4096,10 +4270,17 @@ def cmd_status(run: Run) -> int:
                 "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
             gone = ("\tmanager plugin %s not loaded" % r["missing_plugin"]
                     if "missing_plugin" in r else "")
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s" % (
+            pending = ("\tpending: %s at next start" % r["pending_text"]
+                       if r["pending_text"] else "")
+            if r["ended"]:
+                print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
+                    r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
+                    start_again(r["host"], r["session"])))
+                continue
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
-                gone))
+                gone, pending))
     if not rows and not args.quiet:
         log.info("%s", nothing_recorded(s.records, s.host,
                                         s.name if s.source("session") != "default" else None))
@@ -4113,7 +4294,7 @@ def close_tunnel(session: Session, conn: Connection, rec=None) -> None:
               and (r["host"], r["session"]) != (session.host, session.name)]
     if not others:
         conn.close()
-    elif rec:
+    elif rec and "local_port" in rec:
         with contextlib.suppress(Error):
             get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
                                                            recorded_destination(rec))
@@ -4138,7 +4319,7 @@ def terminate_session(run: Run) -> dict:
                 conn.close()
             raise
         close_tunnel(s, conn, rec)
-        drop_record(s.state, host, session)
+        save_ended(s.state, host, session, "terminated")
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
 
 
@@ -4221,7 +4402,12 @@ def repair(run: Run, conn: Connection, old, params: dict):
     host = run.session.host
     tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
     conn.open()
-    rec, info = bring_up(run, conn, old, params)
+    try:
+        rec, info = bring_up(run, conn, old, params)
+    except Error as e:  # the remote knows it ended on purpose (shut down, or another laptop)
+        if e.kind != "ended":
+            raise
+        return ended_on_purpose(run, conn, old, str(e).rsplit(": ", 1)[-1])
     deadline = time.monotonic() + 10
     while not api_ok(rec):
         if time.monotonic() > deadline:
@@ -4229,7 +4415,24 @@ def repair(run: Run, conn: Connection, old, params: dict):
                                                  port=rec["local_port"], log=rec.get("log")),
                         kind="not-answering")
         time.sleep(0.3)
-    return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    lines = repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    if old and not info["reused"]:  # started again as it last ran, whatever changed since
+        pending = run.session.pending
+        lines = ["%s, as it last ran%s: %s" % (lines[0].rsplit(": ", 1)[0], (
+            "; %s will apply when you start it yourself" % pending_text(pending))
+            if pending else "", rec["url"])]
+    return rec, lines
+
+
+def ended_on_purpose(run: Run, conn: Connection, old, how: str):
+    """Close what is left of a session that ended on purpose (HOW) and remember that;
+    (its record, one line saying so)."""
+    s = run.session
+    with contextlib.suppress(Error):
+        close_tunnel(s, conn, old)
+    rec = save_ended(s.state, s.host, s.name, how)
+    return rec, ["Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)"
+                 % (s.host, s.name, ENDED.get(how, how), start_again(s.host, s.name))]
 
 
 def healthy(session: Session, rec, conn=None) -> bool:
@@ -4262,11 +4465,17 @@ def ensure_session(run: Run):
     s.no_prompt = True  # never prompt, even on a terminal (and main() keeps the line off)
     rec = fresh_record(s)
     lines = []
+    if ended_record(s):  # ended on purpose: it stays so, and nothing needs a login
+        return ended_record(s), lines
     if not healthy(s, rec):  # no login: one question over the master, one request
         params = start_params(run)
         with locked(s.state, s.host, s.name, timeout=s.timeout * 3 + 60):
             rec = fresh_record(s)
+            if ended_record(s):
+                return ended_record(s), lines
             if not healthy(s, rec):  # else a run we waited for has repaired it
+                # Only a session recorded here is repaired; a first run here starts it.
+                params = dict(params, repair=rec is not None)
                 rec, lines = repair(run, s.connection(rec), rec, params)
     return rec, lines
 
@@ -4310,9 +4519,13 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
         close_tunnel(s, conn, rec)
-        drop_record(s.state, host, session)
+        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
+                   else "terminated")
         return None
     new, lines = repair(run, conn, rec, params)
+    if new.get("ended"):
+        log.info("%s", lines[0])
+        return None
     if tunnel_was_up and not lines and state["server"] == "running":
         lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
     return new, lines
@@ -4350,16 +4563,35 @@ def cmd_watch(run: Run) -> int:
     """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
     args, s = run.args, run.session
     host, session = s.host, s.name
-    params = start_params(run)
-    conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never do
+    ended = ended_record(s)
+    if ended:
+        log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
+                 host, session, ENDED.get(ended["ended"], ended["ended"]),
+                 start_again(host, session))
+        return 0
+    params = dict(start_params(run), repair=fresh_record(s) is not None)
+    try:
+        conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
+    except Error as e:
+        if e.kind != "ended":
+            raise
+        with locked(s.state, host, session):
+            conn = s.connection(fresh_record(s))
+            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
+                                            str(e).rsplit(": ", 1)[-1])[1][0])
+        return 0
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
+    if not info["reused"]:
+        log.info("started Jupyter on %s (session %s, %s, %s) at local port %d", host, session,
+                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                 else "remote port %d" % info["port"], rec["local_port"])
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
              session, s.interval, " and stops the server" if args.terminate else "")
     s.no_prompt = conn.no_prompt = True
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        watch_loop(run, conn, rec, params)
+        watch_loop(run, conn, rec, dict(params, repair=True))
         return 0  # the server was shut down: nothing left to watch
     except KeyboardInterrupt:
         pass
@@ -4445,6 +4677,8 @@ def cron_entry(argv: list, env: dict, title: str) -> str:
         "# %s: start or repair it every %d minutes; quiet while all is well." % (
             title, SERVICE_INTERVAL),
         "# Install with: crontab -e (paste the last line), then check: crontab -l",
+        "# Remove with: crontab -e (delete that line). --terminate alone keeps the line, which "
+        "then leaves the session ended until you start it yourself.",
         "# cron has no ssh-agent: ssh needs a key without a passphrase (-i) or SSH_AUTH_SOCK "
         "set to a running agent's socket.",
         "*/%d * * * * %s" % (SERVICE_INTERVAL, " ".join(words)), ""])
@@ -4478,6 +4712,9 @@ def systemd_unit(argv: list, env: dict, title: str, name: str) -> str:
         "# Save as ~/.config/systemd/user/%s.service, then run:" % name,
         "#   systemctl --user daemon-reload && systemctl --user enable --now %s" % name,
         "#   loginctl enable-linger \"$USER\"   # keep it running while you are logged out",
+        "# Remove with: systemctl --user disable --now %s && rm ~/.config/systemd/user/%s.service"
+        % (name, name),
+        "# After --terminate or File > Shut Down it leaves the session ended until you start it.",
         "# Without a terminal ssh cannot ask for a passphrase: use a key without one, or an",
         "# ssh-agent and Environment=SSH_AUTH_SOCK=... below.",
         "[Unit]",
@@ -4518,9 +4755,10 @@ def launchd_plist(argv: list, env: dict, title: str, label: str, home: str) -> s
     except (TypeError, ValueError) as e:  # XML cannot hold most control characters
         raise UsageError("cannot write a launchd plist for these options: %s" % e) from None
     comment = ("<!-- %s.\n     Save as ~/Library/LaunchAgents/%s.plist and run: launchctl load -w "
-               "~/Library/LaunchAgents/%s.plist\n     ssh runs without a terminal: a key with "
-               "a passphrase must be in your ssh-agent. -->\n"
-               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label))
+               "~/Library/LaunchAgents/%s.plist\n     Remove with: launchctl unload -w ~/Library/"
+               "LaunchAgents/%s.plist, then delete that file.\n     ssh runs without a "
+               "terminal: a key with a passphrase must be in your ssh-agent. -->\n"
+               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label, label))
     head, sep, body = text.partition("<plist")
     return head + comment + sep + body
 

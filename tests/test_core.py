@@ -132,7 +132,7 @@ def test_terminate_leaves_nothing(nbt, remote):
     info = start(nbt)
     assert local_ssh_pids(str(nbt.ssh_config))
     before = remote.auth_count()
-    proc = nbt.run("--terminate")
+    proc = nbt.run("--terminate", "--json")
     assert proc.returncode == 0, proc.stderr
     assert remote.auth_count() == before  # reused the tunnel's connection
     assert remote.tmux_sessions() == []
@@ -140,10 +140,12 @@ def test_terminate_leaves_nothing(nbt, remote):
     wait_until(lambda: not local_ssh_pids(str(nbt.ssh_config)), 15, message="no local ssh left")
     assert not local_port_open(info["local_port"])
     assert not remote.port_open(info["remote_port"])
-    assert nbt.status() == []
-    # The server shut down through its own API: it said so in its log.
-    log = remote.run(["cat", info["log"]]).stdout
-    assert "Shutting down on /api/shutdown request" in log
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]  # and stays so
+    # The server shut down through its own API (kernels end cleanly), and its log went with it:
+    # the remote keeps only the mark that the session ended on purpose.
+    assert json.loads(proc.stdout)["how"] == "api"
+    assert remote.run(["test", "-e", info["log"]]).returncode != 0
+    assert remote.run(["test", "-e", info["log"][:-4] + ".ended"]).returncode == 0
 
     again = nbt.run("--terminate")
     assert again.returncode == 0, again.stderr
@@ -205,6 +207,7 @@ def test_host_from_only_record_or_config(nbt, remote, tmp_path):
     # Both sessions share one master connection; terminating one keeps the other's tunnel.
     assert nbt.run("--terminate", "--session", "second").returncode == 0
     rows = nbt.status()
+    rows = [r for r in rows if not r["ended"]]  # "second" stays listed as terminated
     assert [r["session"] for r in rows] == ["nbtunnel"] and rows[0]["tunnel"] == "up"
 
     config = tmp_path / "config.ini"

@@ -56,7 +56,8 @@ def test_jupyter_killed(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     # Same local port and same token: the bookmarked URL works again.
     assert proc.stdout == (
-        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
+        f"as it last ran: {info['url']}\n"
     )
     assert_single(nbt, remote, info)
 
@@ -105,8 +106,8 @@ def test_jupyter_killed_under_watch(nbt, remote):
     info = nbt.status()[0]
     assert info["url"] == url
     assert_single(nbt, remote, info)
-    said = wait_logged(
-        proc, f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}", 30)
+    said = wait_logged(proc, f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
+                       f"as it last ran: {url}", 30)
     code, _, err = finish(proc)
     assert code == 0, said + err
 

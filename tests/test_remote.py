@@ -158,9 +158,9 @@ def test_sliced_program_runs_alone_under_python_isolated(home):
     program = nbtunnel.remote_program("status", {"sessions": ["nbtunnel", "other"]})
     # Sent on stdin once per command over the shared connection: small, not minimal (the
     # Unix-socket and batch-job functions brought it from 15.2 to about 21 kB; the manager
-    # strategies, the retry of a start that met an exiting tmux server and the second
-    # scheduler's XML state to about 25 kB).
-    assert len(program) < 26000 and b"\n" in program and program.count(b"\n") == 4
+    # strategies, the retry of a start that met an exiting tmux server, the second
+    # scheduler's XML state and remembering a session ended on purpose to about 26 kB).
+    assert len(program) < 27000 and b"\n" in program and program.count(b"\n") == 4
     r = run_sliced(["python3", "-I", "-"], home, program)
     assert r.returncode == 0, r.stderr
     result = nbtunnel.parse_result("h", r.stdout.decode(), r.stderr.decode(), r.returncode)
@@ -641,7 +641,7 @@ def test_start_api_terminate_with_python_36_on_the_remote(nbt, remote, remote_py
     assert [s["server"] for s in status] == ["running"]
     assert nbt.run("--terminate").returncode == 0
     wait_until(lambda: not remote.pids(r"jupyter-lab|jupyter lab"), 20, message="jupyter ended")
-    assert nbt.status() == [] and remote.tmux_sessions() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"] and remote.tmux_sessions() == []
 
 
 # Trust nothing not proven ####################################################

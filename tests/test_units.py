@@ -180,8 +180,12 @@ def test_record_fills_what_command_line_and_config_leave_open():
     rec = dict(host="h1", session="nbtunnel", options={"notebook_dir": "/data/nb", "app": "server"})
     host, args = resolved(["h1", "--ensure"], "", [rec])
     assert args.notebook_dir == "/data/nb" and args.app == "server"
-    host, args = resolved(["h1", "--ensure", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
+    host, args = resolved(["h1", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
     assert args.app == "lab" and args.notebook_dir == "/cfg"  # command line, then config, then record
+    # A repair repeats the record instead; what differs waits for the next start.
+    host, args = resolved(["h1", "--ensure", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
+    assert args.app == "server" and args.notebook_dir == "/data/nb"
+    assert args.pending == {"app": ("lab", "command line"), "notebook_dir": ("/cfg", "config [host h1]")}
 
 
 def test_each_option_says_where_it_came_from():

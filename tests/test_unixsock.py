@@ -177,7 +177,7 @@ def test_reattach_status_and_terminate(nbt, remote):
     assert remote.tmux_sessions() == []
     assert not local_port_open(first["local_port"])
     assert masters(nbt.ssh_config) == []
-    assert nbt.status() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]
 
 
 def test_ensure_restarts_a_killed_server_on_a_new_socket(nbt, remote):
