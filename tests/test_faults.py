@@ -145,13 +145,20 @@ def test_local_tunnel_killed_under_watch(nbt, remote):
 
 
 def watch_through(nbt, proxy, config) -> tuple[subprocess.Popen, str]:
-    """--watch through the proxy, with ssh's keep-alive tightened so a dead link shows in seconds."""
+    """--watch through the proxy, with ssh's keep-alive tightened so a dead link shows in seconds.
+    The server is started first with the default --timeout: a loaded machine may need more
+    than the 8 s that bound each reconnection here."""
+    first = nbt.run("nbproxy", "--ssh-config", str(config), timeout=180)
+    assert first.returncode == 0, first.stderr
     proc = nbt.popen(
         "nbproxy", "--watch", "--ssh-config", str(config), "--interval", "1", "--timeout", "8",
         "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
     )
     url = read_line(proc, 90).strip()
-    assert url.startswith("http://127.0.0.1:"), (url, proc.poll(), proc.poll() is not None and proc.stderr.read())
+    if not url.startswith("http://127.0.0.1:"):
+        code, out, err = finish(proc, signal.SIGTERM)
+        raise AssertionError(f"--watch printed no URL: exit {code}, stdout {url + out!r}, stderr:\n{err}")
+    assert url == first.stdout.strip()
     assert api_status(url) == 200
     return proc, url
 
