@@ -148,12 +148,10 @@ def watch_through(nbt, proxy, config) -> tuple[subprocess.Popen, str]:
     """--watch through the proxy, with ssh's keep-alive tightened so a dead link shows in seconds.
     The server is started first with the default --timeout: a loaded machine may need more
     than the 8 s that bound each reconnection here."""
-    first = nbt.run("nbproxy", "--ssh-config", str(config), timeout=180)
+    alive = ("-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2")  # the master's, too
+    first = nbt.run("nbproxy", "--ssh-config", str(config), *alive, timeout=180)
     assert first.returncode == 0, first.stderr
-    proc = nbt.popen(
-        "nbproxy", "--watch", "--ssh-config", str(config), "--interval", "1", "--timeout", "8",
-        "-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2",
-    )
+    proc = nbt.popen("nbproxy", "--watch", "--ssh-config", str(config), "--interval", "1", "--timeout", "8", *alive)
     url = read_line(proc, 90).strip()
     if not url.startswith("http://127.0.0.1:"):
         code, out, err = finish(proc, signal.SIGTERM)
