@@ -357,6 +357,32 @@ def test_run_time_limit_job_is_resubmitted_by_ensure(gecell, nbt_ge):
     print(f"measured: h_rt=0:0:40 job ended {ended:.0f}s after the URL was printed")
 
 
+def test_warning_before_the_time_limit_stops_jupyter_cleanly(gecell, nbt_ge):
+    """At s_rt Grid Engine sends SIGUSR1; the job passes it on as SIGTERM, so Jupyter
+    shuts down cleanly well before h_rt, and --watch resubmits at the same URL."""
+    cell, nbt = gecell, nbt_ge
+    limits = ("--runtime", "0:3:00", "--soft-runtime", "0:0:30")
+    out = start(nbt, *limits)
+    job = out["job_id"]
+    detail = cell.ge(["qstat", "-j", job]).stdout
+    assert re.search(r"s_rt=0?:?0?:?30\b|s_rt=30\b", detail), detail
+    began = time.monotonic()
+    wait_until(lambda: not ours(cell), 150, interval=1, message=f"job {job} at its s_rt")
+    ended = time.monotonic() - began
+    assert ended < 150, "ended by h_rt, not by the warning"
+    log = (state_dir(cell) / "nbtunnel.log").read_text()
+    assert "received signal 15, stopping" in log, log
+    assert not answers(out["url"])
+
+    watch = nbt.popen(cell.alias, "--json", *GE, *limits, "--watch", "--interval", "1")
+    said = wait_logged(watch, f"restarted Jupyter on {cell.alias}", 240)
+    assert answers(out["url"]), said
+    assert [r["job_id"] for r in ours(cell)] != [job]
+    code, _, err = finish(watch)
+    assert code == 0, said + err
+    print(f"measured: s_rt=0:0:30 h_rt=0:3:00 job stopped {ended:.0f}s after the URL was printed")
+
+
 def test_watch_resubmits_a_job_that_ended(gecell, nbt_ge):
     cell, nbt = gecell, nbt_ge
     watch = nbt.popen(cell.alias, "--json", *GE, "--watch", "--interval", "1", "--timeout", "60")
@@ -393,7 +419,13 @@ def test_job_options_are_words_of_their_own():
 
     assert words() == []
     assert words(queue="gpu.q", runtime="8:00:00", memory="4G", slots="4", project="p1") == [
-        "-q", "gpu.q", "-l", "h_rt=8:00:00", "-l", "h_vmem=4G", "-pe", "smp", "4", "-P", "p1"]
+        "-q", "gpu.q", "-l", "h_rt=8:00:00", "-l", "s_rt=7:58:00", "-l", "h_vmem=4G",
+        "-pe", "smp", "4", "-P", "p1"]
+    assert words(runtime="600") == ["-l", "h_rt=600", "-l", "s_rt=0:08:00"]
+    assert words(runtime="0:9:59") == ["-l", "h_rt=0:9:59"]  # too short for a default warning
+    assert words(runtime="1:00:00", soft_runtime="none") == ["-l", "h_rt=1:00:00"]
+    assert words(runtime="0:2:00", soft_runtime="0:1:00") == [
+        "-l", "h_rt=0:2:00", "-l", "s_rt=0:1:00"]
     assert words(memory="4G", mem_complex="mem_free", pe="mpi") == [
         "-l", "mem_free=4G", "-pe", "mpi", "1"]
     assert words(queue="-b", qsub_arg=["-R", "y"]) == ["-q", "-b", "-R", "y"]
