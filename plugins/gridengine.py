@@ -91,8 +91,8 @@ class GridEngine(nbtunnel.BatchManager):
     # qstat -j: the first error reason, else the scheduler's first message (it has them
     # when the site keeps schedd_job_info, else says that it is turned off).
     reason_re = r"^(?:error reason\s+\d+|scheduling info):\s+(.+)$"
-    # At s_rt Grid Engine sends SIGUSR1, which Jupyter only logs: the job passes it on
-    # to Jupyter as SIGTERM, so that Jupyter shuts down cleanly before h_rt's SIGKILL.
+    # At s_rt Grid Engine sends SIGUSR1, on which Jupyter does not shut down cleanly: the
+    # job passes it on to Jupyter as SIGTERM, so that it does, before h_rt's SIGKILL.
     warning_signal = "USR1"
 
     def submit(self):
