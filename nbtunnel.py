@@ -2033,9 +2033,12 @@ def r_relay_warning(name):
             except OSError:
                 pass
 
-    for number in {getattr(signal, "SIG" + name), signal.SIGTERM}:
+    warning = getattr(signal, "SIG" + name)
+    for number in {warning, signal.SIGTERM}:
         signal.signal(number, relay)
     child[0] = os.fork()
+    if not child[0] and warning != signal.SIGTERM:  # should the warning reach the whole
+        signal.signal(warning, signal.SIG_IGN)  # process group: it ends Jupyter only as SIGTERM
     return child[0]
 
 
