@@ -4300,6 +4300,13 @@ def nothing_recorded(records: list, host, session) -> str:
         what, " (did you mean %s?)" % close[0] if close else "", listed)
 
 
+def unrecorded_answers(answers) -> list:
+    """The ANSWERS about sessions the remote found unrecorded here, those with a valid
+    name (only such names are printed or acted on)."""
+    return [a for a in answers if isinstance(a, dict) and a.get("unrecorded")
+            and isinstance(a.get("session"), str) and SESSION_RE.match(a["session"])]
+
+
 def unrecorded_row(host: str, answer: dict) -> dict:
     """The --status row of a live session that HOST records and this machine does not
     (a start cut short after the server started, or a lost state directory): no tunnel,
@@ -4329,8 +4336,10 @@ def cmd_status(run: Run) -> int:
 
     wanted = {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
               if any(ask(r) for r in recs)}
-    asked, unasked = ask_hosts(s, wanted) if s.host is None else {}, None
-    if s.host is not None:  # the host named: also what runs there unrecorded
+    asked, unasked = {}, None
+    if s.host is None:
+        asked = ask_hosts(s, wanted)
+    else:  # the host named: also what runs there unrecorded, in the same one question
         try:
             up, answers, err = ask_host(s, s.host, wanted.get(s.host, []), discover=True)
         except Error as e:
@@ -4382,7 +4391,7 @@ def cmd_status(run: Run) -> int:
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
-        rows += [unrecorded_row(h, a) for a in answers.values() if a.get("unrecorded")]
+        rows += [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())]
     if args.json:
         print(json.dumps(rows))
     else:
@@ -4468,7 +4477,7 @@ def unrecorded_sessions(s: Session, recs) -> list:
                     e.text().splitlines()[0])
         return []
     return [dict(host=s.host, session=a["session"], manager=a.get("manager"), unrecorded=True)
-            for a in answers if a.get("unrecorded")]
+            for a in unrecorded_answers(answers)]
 
 
 def say_terminated(run: Run, results: list) -> None:
