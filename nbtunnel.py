@@ -1893,7 +1893,8 @@ def r_batch_start(p):
         r_write_json(paths["spec"], dict(
             argv=argv, cwd=cwd, log=paths["log"], output=paths["output"],
             published=paths["published"], token=token, remote_port=p.get("remote_port"),
-            job_env=mgr["job_env"], login_host=socket.gethostname(), source=r_own_source()))
+            job_env=mgr["job_env"], login_host=socket.gethostname(), source=r_own_source(),
+            warning=mgr.get("warning")))
         output = paths["output"]
         for old, new in mgr.get("output_escapes", {}).items():
             output = output.replace(old, new)
@@ -1997,7 +1998,8 @@ def r_job(path, spec):
     """The batch job on the compute node: find the node's cluster address and a free port
     there, publish them (0600, in the private state directory), then become Jupyter,
     bound to that address, its token from the spec in its environment (never argv).
-    Jupyter is then the job's own process, which the scheduler's signal reaches."""
+    Jupyter is then the job's own process, which the scheduler's signal reaches (with a
+    manager's ``warning_signal``, its child, to which that signal comes as SIGTERM)."""
     fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | R_NOFOLLOW, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -2015,19 +2017,60 @@ def r_job(path, spec):
     env.pop("NBT_JOB_PYTHON", None)
     argv = [w for w in spec["argv"] if not w.startswith(("--ip=", "--port="))]
     argv += ["--ip=" + addr, "--port=%d" % port]
-    r_write_json(spec["published"], dict(
-        job=os.environ.get(names.get("job", ""), ""), node=os.environ.get(
-            names.get("node", ""), "") or socket.gethostname(), addr=addr, port=port,
-        pid=os.getpid(), started=time.time()))
-    sys.stdout.write("nbtunnel: Jupyter for job %s on %s:%d\n" % (
-        os.environ.get(names.get("job", ""), "?"), addr, port))
     sys.stdout.flush()
+    child = r_relay_warning(spec["warning"]) if spec.get("warning") else None
+    if child != 0:  # not the child that becomes Jupyter: this process publishes its pid
+        r_write_json(spec["published"], dict(
+            job=os.environ.get(names.get("job", ""), ""), node=os.environ.get(
+                names.get("node", ""), "") or socket.gethostname(), addr=addr, port=port,
+            pid=child or os.getpid(), started=time.time()))
+        sys.stdout.write("nbtunnel: Jupyter for job %s on %s:%d\n" % (
+            os.environ.get(names.get("job", ""), "?"), addr, port))
+        sys.stdout.flush()
+    if child:
+        os._exit(r_wait_child(child))
     try:
         os.chdir(spec["cwd"])
         os.execve(argv[0], argv, env)
     except OSError as e:
         os.write(2, ("nbtunnel: cannot start %s: %s\n" % (argv[0], e)).encode())
         os._exit(127)
+
+
+def r_relay_warning(name):
+    """Fork for a scheduler whose warning before the time limit is signal NAME ("USR1"),
+    on which Jupyter would not stop cleanly: the child (0 returned) goes on to become
+    Jupyter; the parent (the child's pid returned) stays the job's own process and passes
+    that signal, and SIGTERM, on to Jupyter as SIGTERM, so that it shuts down cleanly."""
+    import signal
+
+    child = [0]
+
+    def relay(signum, frame):
+        if child[0]:  # in the parent only; the child's exec drops this handler
+            try:
+                os.kill(child[0], signal.SIGTERM)
+            except OSError:
+                pass
+
+    warning = getattr(signal, "SIG" + name)
+    for number in {warning, signal.SIGTERM}:
+        signal.signal(number, relay)
+    child[0] = os.fork()
+    if not child[0] and warning != signal.SIGTERM:  # should the warning reach the whole
+        signal.signal(warning, signal.SIG_IGN)  # process group: it ends Jupyter only as SIGTERM
+    return child[0]
+
+
+def r_wait_child(pid):
+    """Wait for the child PID; the exit status that says how it ended."""
+    try:
+        status = os.waitpid(pid, 0)[1]  # a relayed signal does not cut it short (PEP 475)
+    except ChildProcessError:
+        return 1
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
 
 
 def r_node_address(toward):
@@ -2310,12 +2353,40 @@ def r_op_stop(p):
 
 
 def r_op_status(p):
-    """One entry per session of P: its server's info, or why it is stopped."""
+    """One entry per session of P: its server's info, or why it is stopped; with
+    "discover", also those of this user's live sessions that P does not name."""
     out = []
     for session in p["sessions"]:
         st = r_read_json(r_files(session)["state"])
         mgr = r_session_manager(p, st, session)
         out.append(R_KINDS[mgr.get("kind", "session")]["status"](session, mgr, st))
+    return out + (r_unrecorded(p) if p.get("discover") else [])
+
+
+def r_unrecorded(p):
+    """The live sessions (a server that is proven ours, or a job that waits or runs) that
+    the private state directory records and the local side does not (P's "sessions"; with
+    "only", just that one), each marked "unrecorded".  A record whose file is not this
+    user's, or whose manager the local side does not know, is passed over."""
+    d = r_state_dir()
+    out = []
+    for name in sorted(os.listdir(d)):
+        session = name[:-len(".json")]
+        if not name.endswith(".json") or session in p.get("known", p["sessions"]) or \
+                p.get("only") not in (None, session):
+            continue
+        st = r_read_json(os.path.join(d, name), owned=True)
+        if not isinstance(st, dict) or st.get("session") != session:
+            continue  # a session's other JSON files (spec, published job) name none
+        mgr = (p.get("managers") or {}).get(st.get("manager"))
+        if not mgr:
+            continue
+        if mgr.get("kind") == "batch":  # described for another session: its job name
+            mgr = dict(mgr, job_name=st.get("job_name") or mgr["job_name"])
+        a = R_KINDS[mgr.get("kind", "session")]["status"](session, mgr, st)
+        if a.get("server") == "running" or a.get("job_state"):
+            a.update(unrecorded=True, manager=st.get("manager"))
+            out.append(a)
     return out
 
 
@@ -2533,6 +2604,10 @@ class BatchManager(SessionManager):
       node's name (``node``).  ``output_escapes``: replacements that make a path literal
       for the submit command.  ``default_timeout``: the default of --timeout while the
       job waits in the queue (connecting keeps the usual default).
+    - ``warning_signal``: the name of the signal (``"USR1"``) by which the scheduler warns
+      the job before its time limit, when Jupyter would not stop cleanly on it: the job
+      then runs Jupyter as its child and relays that signal to it as SIGTERM.  None (the
+      default): the job becomes Jupyter, which gets the scheduler's signals itself.
     """
 
     batch = True
@@ -2545,6 +2620,7 @@ class BatchManager(SessionManager):
     output_escapes = {}
     state_format = {"sep": "|", "fields": ["job_id", "state"]}
     reason_re = ""
+    warning_signal = None
 
     def job_name(self, session: str) -> str:
         """The job's name, by which a reattach finds it."""
@@ -2589,7 +2665,13 @@ class BatchManager(SessionManager):
                     fatal=list(self.fatal_reasons), reason_text=dict(self.reason_text),
                     job_id_re=self.job_id_re, gone_re=self.gone_re,
                     job_env=dict(self.job_env), output_escapes=dict(self.output_escapes),
-                    reason=self.reason(), reason_re=self.reason_re)
+                    reason=self.reason(), reason_re=self.reason_re,
+                    warning=self.warning_signal)
+        if self.warning_signal is not None and not (
+                isinstance(self.warning_signal, str) and self.warning_signal.isalnum()
+                and isinstance(getattr(signal, "SIG" + self.warning_signal, None), int)):
+            raise Error("manager plugin %s: warning_signal must be the name of a signal "
+                        "without SIG (USR1), or None, not %r" % (self.name, self.warning_signal))
         for key in ("submit", "state", "find", "cancel"):
             desc[key] = getattr(self, key)()
             check_argv(self, key + "()", desc[key], "give")
@@ -4151,15 +4233,22 @@ def find_record(records, host, session):
     return None
 
 
-def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False):
-    """(master up, {session: answer}, None or the Error) for the sessions RECS of HOST."""
-    conn = session.connection(recs[0], host)
+def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False,
+             discover: bool = False):
+    """(master up, {session: answer}, None or the Error) for the sessions RECS of HOST;
+    with DISCOVER, also the live sessions that HOST records and RECS do not (of the
+    session's name only when one was asked for), their answers marked "unrecorded"."""
+    first = recs[0] if recs else None
+    conn = session.connection(first, host)
     conn.no_prompt = conn.no_prompt or no_prompt
     up = conn.alive()
     # Over the master when it runs; otherwise over a connection of its own that
     # ends with the command: one handshake either way, and nothing left running.
-    params = session.params(recs[0]["session"], sessions=[r["session"] for r in recs],
-                            session_managers={r["session"]: r.get("manager") for r in recs})
+    named = session.source("session") != "default"
+    params = session.params(first["session"] if first else None,
+                            sessions=[r["session"] for r in recs],
+                            session_managers={r["session"]: r.get("manager") for r in recs},
+                            discover=discover, only=session.name if named else None)
     try:
         answers = conn.run_helper("status", params, timeout=session.timeout + 10)
     except Error as e:
@@ -4240,6 +4329,32 @@ def nothing_recorded(records: list, host, session) -> str:
         what, " (did you mean %s?)" % close[0] if close else "", listed)
 
 
+def unrecorded_answers(answers) -> list:
+    """The ANSWERS about sessions the remote found unrecorded here, those with a valid
+    name (only such names are printed or acted on)."""
+    return [a for a in answers if isinstance(a, dict) and a.get("unrecorded")
+            and isinstance(a.get("session"), str) and SESSION_RE.match(a["session"])]
+
+
+def unrecorded_row(host: str, answer: dict) -> dict:
+    """The --status row of a live session that HOST records and this machine does not
+    (a start cut short after the server started, or a lost state directory): no tunnel,
+    no URL, no token."""
+    row = {k: None for k in public({})}
+    row.update(host=host, session=answer["session"], manager=answer.get("manager"),
+               app=answer.get("app"), pid=answer.get("pid"), log=answer.get("log"),
+               server=answer["server"], tunnel="down", tunnel_state="down",
+               remote_port=answer.get("port") or None, remote_socket=answer.get("sock"),
+               recorded=False, pending={}, pending_text="", environment=[])
+    row.update({k: answer.get(k) for k in JOB_FIELDS if "job_id" in answer})
+    return row
+
+
+def terminate_command(host: str, session: str) -> str:
+    """The command that ends HOST's session SESSION."""
+    return "nbtunnel %s --session %s --terminate" % (shlex.quote(host), session)
+
+
 def cmd_status(run: Run) -> int:
     """Ask each recorded host about its sessions; one line (or JSON object) each.
     Sessions whose manager plugin is missing are not asked about: state unknown."""
@@ -4248,21 +4363,35 @@ def cmd_status(run: Run) -> int:
     def ask(rec):  # an ended session needs no question: nothing runs
         return not missing_manager(rec) and not rec.get("ended")
 
-    asked = ask_hosts(s, {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
-                          if any(ask(r) for r in recs)})
+    wanted = {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
+              if any(ask(r) for r in recs)}
+    asked, unasked = {}, None
+    if s.host is None:
+        asked = ask_hosts(s, wanted)
+    else:  # the host named: also what runs there unrecorded, in the same one question
+        try:
+            up, answers, err = ask_host(s, s.host, wanted.get(s.host, []), discover=True)
+        except Error as e:
+            up, answers, err = False, {}, e
+        asked[s.host] = up, answers
+        if err and by_host.get(s.host):
+            log.warning("warning: %s", err)
+        elif err:  # nothing recorded for it (a typo?): said in the one line below
+            unasked = err
+        by_host.setdefault(s.host, [])
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
         for rec in recs:
             if rec.get("ended"):
-                rows.append(dict(public(rec), server="stopped", tunnel="down",
+                rows.append(dict(public(rec), server="stopped", tunnel="down", recorded=True,
                                  tunnel_state="down", pending={}, pending_text=""))
                 continue
             missing = missing_manager(rec)
             if missing:
                 log.warning("warning: %s", missing)
             a = None if missing else answers.get(rec["session"])
-            row = dict(public(rec), server=a["server"] if a else "unknown")
+            row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True)
             if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
                 row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
@@ -4291,6 +4420,7 @@ def cmd_status(run: Run) -> int:
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
+        rows += [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())]
     if args.json:
         print(json.dumps(rows))
     else:
@@ -4301,6 +4431,11 @@ def cmd_status(run: Run) -> int:
                     if "missing_plugin" in r else "")
             pending = ("\tpending: %s at next start" % r["pending_text"]
                        if r["pending_text"] else "")
+            if not r["recorded"]:
+                print("%s\t%s\tserver=%s\ttunnel=down\tnot recorded here%s; end it with: "
+                      "%s" % (r["host"], r["session"], r["server"], job,
+                              terminate_command(r["host"], r["session"])))
+                continue
             if r["ended"]:
                 print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
                     r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
@@ -4311,8 +4446,10 @@ def cmd_status(run: Run) -> int:
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
                 gone, pending))
     if not rows and not args.quiet:
-        log.info("%s", nothing_recorded(s.records, s.host,
-                                        s.name if s.source("session") != "default" else None))
+        log.info("%s%s", nothing_recorded(s.records, s.host,
+                                          s.name if s.source("session") != "default" else None),
+                 "; %s could not be asked: %s" % (s.host, unasked.text().splitlines()[0])
+                 if unasked else "")
     return 0
 
 
@@ -4348,8 +4485,28 @@ def terminate_session(run: Run) -> dict:
                 conn.close()
             raise
         close_tunnel(s, conn, rec)
-        save_ended(s.state, host, session, "terminated")
-    return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
+        if rec is not None:  # one this machine never recorded leaves no record behind
+            save_ended(s.state, host, session, "terminated")
+    return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"),
+                recorded=rec is not None)
+
+
+def unrecorded_sessions(s: Session, recs) -> list:
+    """Records made up for the live sessions that the host of S records and RECS (this
+    machine's records of it) do not, found over one connection; none when it cannot be
+    asked (said as a warning: the recorded sessions are still ended)."""
+    recs = recs or []
+    conn = s.connection(recs[0] if recs else None)
+    known = [r["session"] for r in recs]
+    try:
+        answers = conn.run_helper("status", s.params(sessions=[], known=known, discover=True),
+                                  timeout=s.timeout + 10)
+    except Error as e:
+        log.warning("warning: cannot ask %s which sessions it records: %s", s.host,
+                    e.text().splitlines()[0])
+        return []
+    return [dict(host=s.host, session=a["session"], manager=a.get("manager"), unrecorded=True)
+            for a in unrecorded_answers(answers)]
 
 
 def say_terminated(run: Run, results: list) -> None:
@@ -4358,8 +4515,9 @@ def say_terminated(run: Run, results: list) -> None:
         print(json.dumps(results if run.args.all else results[0]))
     elif not run.args.quiet:
         for r in results:
-            log.info("%s: session %s %s", r["host"], r["session"],
-                     "stopped" if r["stopped"] else "was not running")
+            log.info("%s: session %s %s%s", r["host"], r["session"],
+                     "stopped" if r["stopped"] else "was not running",
+                     "" if r["recorded"] else " (it was not recorded here)")
 
 
 def every_session(run: Run, cfg, action):
@@ -4371,6 +4529,8 @@ def every_session(run: Run, cfg, action):
 
     s = run.session
     by_host = s.recorded()
+    if s.host is not None and action is terminate_session:
+        by_host[s.host] = by_host.get(s.host, []) + unrecorded_sessions(s, by_host.get(s.host))
 
     def one_host(h):
         done = []

@@ -14,6 +14,8 @@ profile), the home directory shared with the execution hosts, and ``-w e`` allow
 own words, instead of leaving it waiting for ever).
 """
 
+import re
+
 import nbtunnel
 
 # qstat -xml: each job is a <job_list> element; the children used, by our names.
@@ -26,6 +28,24 @@ FIELDS = {
     "JAT_start_time": "start_time",
 }
 QSTAT = ["qstat", "-xml", "-r", "-u", "@USER@"]
+WARN_BEFORE = 120  # seconds: the default warning comes this long before h_rt
+SHORT_JOB = 600  # seconds: shorter jobs get no default warning (it could come at once)
+
+
+def ge_seconds(text):
+    """Seconds of a Grid Engine time (S, or H:M:S with any field empty), or None."""
+    m = re.fullmatch(r"(\d+)|(\d*):(\d*):(\d*)", (text or "").strip())
+    if not m:
+        return None
+    if m.group(1):
+        return int(m.group(1))
+    h, mi, sec = (int(g or 0) for g in m.group(2, 3, 4))
+    return h * 3600 + mi * 60 + sec
+
+
+def ge_time(seconds):
+    """SECONDS as a Grid Engine time H:M:S."""
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
 
 
 def Opt(flag, help, metavar="VALUE", **kw):
@@ -42,6 +62,7 @@ class GridEngine(nbtunnel.BatchManager):
     options = [  # one line each in --help
         Opt("--queue", "queue (qsub -q)", "NAME"),
         Opt("--runtime", "run time limit (qsub -l h_rt=, e.g. 8:00:00)", "TIME"),
+        Opt("--soft-runtime", "clean stop (qsub -l s_rt=; default --runtime - 2 min)", "TIME"),
         Opt("--pe", "parallel environment for --slots (default smp)", "NAME"),
         Opt("--slots", "slots (qsub -pe PE N)", "N"),
         Opt("--memory", "memory per slot (qsub -l h_vmem=, or --mem-complex)", "SIZE"),
@@ -70,6 +91,9 @@ class GridEngine(nbtunnel.BatchManager):
     # qstat -j: the first error reason, else the scheduler's first message (it has them
     # when the site keeps schedd_job_info, else says that it is turned off).
     reason_re = r"^(?:error reason\s+\d+|scheduling info):\s+(.+)$"
+    # At s_rt Grid Engine sends SIGUSR1, on which Jupyter does not shut down cleanly: the
+    # job passes it on to Jupyter as SIGTERM, so that it does, before h_rt's SIGKILL.
+    warning_signal = "USR1"
 
     def submit(self):
         """The job script comes on stdin; -terse prints just the id.  -V hands the login
@@ -88,6 +112,12 @@ class GridEngine(nbtunnel.BatchManager):
         resources = []
         if val("runtime") is not None:
             resources.append("h_rt=" + val("runtime"))
+        soft = val("soft_runtime")
+        if soft is None:
+            hard = ge_seconds(val("runtime"))
+            soft = ge_time(hard - WARN_BEFORE) if hard and hard >= SHORT_JOB else "none"
+        if soft.lower() != "none":
+            resources.append("s_rt=" + soft)
         if val("memory") is not None:
             resources.append("%s=%s" % (val("mem_complex") or "h_vmem", val("memory")))
         for resource in resources:
