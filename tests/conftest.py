@@ -318,3 +318,44 @@ def nbt_cluster(cluster) -> Iterator[NbtRunner]:
             "left after --terminate --force, removed by force: " + "; ".join(forced),
             stacklevel=1,
         )
+
+
+# Grid Engine ##################################################################
+
+
+@pytest.fixture(scope="session")
+def gecell() -> Iterator:
+    """A real two-host Grid Engine cell for this session (see tests/gecell.py)."""
+    from cluster import ClusterUnavailable
+    from gecell import GridEngineCell, gridengine_missing
+
+    reason = gridengine_missing()
+    if reason:
+        pytest.skip(f"no test Grid Engine cell: {reason}")
+    host = GridEngineCell()
+    _REMOTES.append(host)
+    try:
+        try:
+            host.start()
+        except ClusterUnavailable as err:
+            pytest.skip(f"no test Grid Engine cell: {err}")
+        print(host.describe())
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def nbt_ge(gecell) -> Iterator[NbtRunner]:
+    """Runs nbtunnel.py against the cell's login node; after the test, no job of the user is left."""
+    runner = NbtRunner(gecell)
+    gecell.reset_unknown_known_hosts()
+    yield runner
+    forced = runner.cleanup()
+    jobs = gecell.jobs()
+    if jobs:
+        forced.append(f"Grid Engine jobs {jobs}")
+        gecell.cancel_all_jobs()
+    if forced:
+        warnings.warn("left after --terminate --force, removed by force: " + "; ".join(forced),
+                      stacklevel=1)

@@ -20,13 +20,10 @@ import stat
 import subprocess
 import threading
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import _REMOTES, NbtRunner
 from helpers import api_status, local_port_open, run_kernel_code, wait_until
 from unattended import finish, read_line, run_in_pty, wait_logged
 
@@ -34,44 +31,6 @@ pytestmark = pytest.mark.timeout(600)
 
 GE = ("--manager", "gridengine")
 SESSION_JOB = "nbtunnel-nbtunnel"
-
-
-@pytest.fixture(scope="session")
-def gecell() -> Iterator:
-    """A real two-host Grid Engine cell for this session (see tests/gecell.py)."""
-    from cluster import ClusterUnavailable
-    from gecell import GridEngineCell, gridengine_missing
-
-    reason = gridengine_missing()
-    if reason:
-        pytest.skip(f"no test Grid Engine cell: {reason}")
-    host = GridEngineCell()
-    _REMOTES.append(host)
-    try:
-        try:
-            host.start()
-        except ClusterUnavailable as err:
-            pytest.skip(f"no test Grid Engine cell: {err}")
-        print(host.describe())
-        yield host
-    finally:
-        host.stop()
-
-
-@pytest.fixture
-def nbt_ge(gecell) -> Iterator[NbtRunner]:
-    """Runs nbtunnel.py against the cell's login node; after the test, no job of the user is left."""
-    runner = NbtRunner(gecell)
-    gecell.reset_unknown_known_hosts()
-    yield runner
-    forced = runner.cleanup()
-    jobs = gecell.jobs()
-    if jobs:
-        forced.append(f"Grid Engine jobs {jobs}")
-        gecell.cancel_all_jobs()
-    if forced:
-        warnings.warn("left after --terminate --force, removed by force: " + "; ".join(forced),
-                      stacklevel=1)
 
 
 def start(nbt, *args: str, timeout: float = 180) -> dict:
