@@ -286,16 +286,20 @@ def idle_minutes(value, manager) -> float:
 
 def idle_args(minutes: float) -> list:
     """Jupyter Server's own settings that end it after MINUTES without activity: the
-    server stops once it has had no kernel and no activity that long; a kernel idle that
-    long is shut down even with a browser connected, never while busy (see README)."""
+    server stops once it has had no kernel, no terminal and no activity that long; a
+    kernel idle that long is shut down even with a browser connected, never while busy,
+    and so is a terminal without input or output (see README)."""
     secs = int(round(minutes * 60))
     if secs <= 0:
         return []
+    every = max(10, min(300, secs // 2))
     return ["--ServerApp.shutdown_no_activity_timeout=%d" % secs,
             "--MappingKernelManager.cull_idle_timeout=%d" % secs,
-            "--MappingKernelManager.cull_interval=%d" % max(10, min(300, secs // 2)),
+            "--MappingKernelManager.cull_interval=%d" % every,
             "--MappingKernelManager.cull_connected=True",
-            "--MappingKernelManager.cull_busy=False"]
+            "--MappingKernelManager.cull_busy=False",
+            "--TerminalManager.cull_inactive_timeout=%d" % secs,
+            "--TerminalManager.cull_interval=%d" % every]
 
 
 def socket_server_args() -> list:
@@ -528,12 +532,12 @@ SERVER_OPTIONS = [
     Option("--unix-socket", "the remote server listens on a Unix socket in a private "
            "directory instead of a TCP port (other users there cannot connect at all)",
            switch=True),
-    Option("--idle-timeout", "Jupyter ends after this many minutes without activity and "
-           "idle kernels are shut down (0: never; default %d for batch managers, else 0)"
-           % DEFAULT_IDLE, metavar="MINUTES", type=minutes),
-    Option("--node-address", "batch job: the address (or name) of its node that Jupyter "
-           "listens on, as the login node reaches it (default: the node's address on a "
-           "network it shares with the login node)", metavar="ADDR", type=node_address),
+    # minutes without activity, then Jupyter ends (idle_args); 0: never
+    Option("--idle-timeout", "end Jupyter after MIN idle (0: never; batch: %d)"
+           % DEFAULT_IDLE, metavar="MIN", type=minutes),
+    # a batch job's address on its node, as the login node reaches it (r_node_address)
+    Option("--node-address", "batch job: its node's address for Jupyter", metavar="ADDR",
+           type=node_address),
 ]
 TUNNEL_OPTIONS = [
     Option("--local-port", "local port (default: a free one)", metavar="N", type=port,

@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
+import uuid
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import pytest
 
@@ -144,3 +147,143 @@ def test_node_address_recorded_and_loopback_refused(batch):
     assert [r["options"].get("node_address") for r in records] == [host.node_addr]
     proc = batch.nbt.run(host.alias, "--terminate", timeout=180)
     assert proc.returncode == 0, proc.stderr
+
+
+# Idle end #####################################################################
+
+
+def start_json(batch, *args: str) -> dict:
+    proc = batch.start(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def time_limit(batch, minutes: int) -> list[str]:
+    return ["--time", str(minutes)] if batch.name == "slurm" else \
+        ["--runtime", "0:%02d:00" % minutes]
+
+
+def busy_kernel(url: str, seconds: int) -> str:
+    """A kernel of the server at URL (through the tunnel) that stays busy SECONDS; its id.
+    Its websocket is closed once it says busy: only its being busy keeps it alive."""
+    import websocket  # websocket-client, installed by tests/run
+
+    from helpers import _kernel_message, http_request, token_of
+
+    base = f"http://127.0.0.1:{urlparse(url).port}"
+    token = token_of(url)
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    status, body = http_request("POST", f"{base}/api/kernels", timeout=60, headers=headers,
+                                body=b"{}")
+    assert status == 201, body
+    kernel = json.loads(body)["id"]
+    session = uuid.uuid4().hex
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{urlparse(url).port}/api/kernels/{kernel}/channels?session_id="
+        f"{session}", timeout=60, header=[f"Authorization: token {token}"])
+    try:
+        request = _kernel_message("execute_request", {
+            "code": f"import time; time.sleep({seconds})", "silent": False,
+            "store_history": False, "user_expressions": {}, "allow_stdin": False,
+            "stop_on_error": True}, session)
+        ws.send(json.dumps(request))
+        while True:
+            message = json.loads(ws.recv())
+            if message.get("parent_header", {}).get("msg_id") == request["header"]["msg_id"] \
+                    and message["header"]["msg_type"] == "execute_input":
+                break
+    finally:
+        ws.close()
+    return kernel
+
+
+def status_row(batch) -> dict:
+    proc = batch.nbt.run("--status", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    return row
+
+
+def test_idle_session_ends_and_stays_ended(batch):
+    host, nbt = batch.host, batch.nbt
+    out = start_json(batch, "--idle-timeout", "1")
+    job = out["job_id"]
+    assert status_row(batch)["idle_timeout"] == 1
+    began = time.monotonic()
+    # Jupyter looks once a minute: it ends one to two minutes after its start.
+    wait_until(lambda: job not in batch.live_jobs(), 300, interval=2,
+               message=f"job {job} ended by itself")
+    print(f"measured: {batch.name} idle session (1 min) ended {time.monotonic() - began:.0f}s "
+          "after the URL was printed")
+    log = (host.home / ".local/state/nbtunnel/nbtunnel.log").read_text()
+    assert "No kernels for" in log and "shutting down" in log, log[-2000:]
+    proc = nbt.run(host.alias, "--ensure", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ended"] == "idle"
+    time.sleep(3)
+    assert batch.live_jobs() == [], "--ensure submitted nothing"
+    row = status_row(batch)
+    assert row["ended"] == "idle" and row["server"] == "stopped", row
+    text = nbt.run("--status", timeout=120).stdout
+    assert "ended: idle for 1 min" in text, text
+    proc = nbt.run(host.alias, "--ensure", timeout=300)  # still nothing, a second time
+    assert proc.returncode == 0 and batch.live_jobs() == [], proc.stderr
+    again = start_json(batch, "--idle-timeout", "0")  # a start command starts it again
+    assert again["job_id"] != job and api_status(again["url"]) == 200
+    assert status_row(batch)["idle_timeout"] == 0
+    proc = nbt.run(host.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_busy_kernel_keeps_it_and_time_limit_is_resubmitted(batch):
+    host, nbt = batch.host, batch.nbt
+    out = start_json(batch, "--idle-timeout", "1", *time_limit(batch, 4))
+    job = out["job_id"]
+    busy_kernel(out["url"], 3600)
+    time.sleep(170)  # well past the idle timeout and two of Jupyter's checks
+    assert job in batch.live_jobs() and api_status(out["url"]) == 200, "a busy kernel is use"
+    wait_until(lambda: job not in batch.live_jobs(), 420, interval=2,
+               message=f"job {job} at its time limit")
+    assert "No kernels for" not in (host.home / ".local/state/nbtunnel/nbtunnel.log").read_text()
+    proc = nbt.run(host.alias, "--ensure", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["job_id"] != job and again["ended"] is None, again
+    assert any("restarted Jupyter" in line for line in again["repairs"]), again
+    assert api_status(out["url"]) == 200
+    proc = nbt.run(host.alias, "--terminate", "--force", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+
+# Interrupted submission ##########################################################
+
+
+def test_interrupt_while_submitting_leaves_no_job(batch):
+    """Ctrl-C while the scheduler's submit command runs (its job id not known yet)."""
+    host, nbt = batch.host, batch.nbt
+    program = "sbatch" if batch.name == "slurm" else "qsub"
+    real = host.run(f"command -v {program}").stdout.strip()
+    assert real.startswith("/"), real
+    slow = host.home / "slow-submit"
+    slow.mkdir(exist_ok=True)
+    marker = slow / "running"
+    marker.unlink(missing_ok=True)
+    wrapper = slow / program
+    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 4\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    for path in (slow, wrapper):
+        os.chown(path, host.uid, host.uid)
+    profile = host.home / ".profile"
+    kept = profile.read_text()
+    profile.write_text(f'PATH="{slow}:$PATH"\nexport PATH\n' + kept)
+    try:
+        proc = nbt.popen(host.alias, "--manager", batch.name, "--timeout", "120",
+                         start_new_session=True)
+        wait_until(marker.exists, 120, interval=0.1, message=f"{program} runs")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: its process group
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        time.sleep(8)  # the submit command had 4 s to go: a job would be there by now
+        wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
+    finally:
+        profile.write_text(kept)
