@@ -1964,6 +1964,12 @@ def r_batch_start(p):
         job_id = found.group(1)
         r_write_json(paths["state"], dict(job, job_id=job_id, options=p.get("options"),
                                           env=env, started=time.time()))
+        try:  # the local side is still there to learn the id (else its ssh was cut off)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except OSError:
+            r_cancel_job(mgr, job_id, env, paths)
+            raise
         return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
                     reused=False)
 
