@@ -3895,6 +3895,9 @@ def start_params(run: Run) -> dict:
     sock = bool(s.unix_socket)
     if sock:
         check_socket_mode(s)
+    if s.node_address and not s.batch and s.source("node_address") == "command line":
+        raise UsageError("--node-address is for batch managers (the address of a job's "
+                         "node); %s runs Jupyter on %s itself" % (s.manager.name, s.host))
     return s.params(argv=jupyter_argv(app, s.jupyter) + (
                     socket_server_args() if sock else server_args()) + idle_args(
                     idle_minutes(s.idle_timeout, s.manager)),
