@@ -2189,7 +2189,8 @@ def r_node_address(spec, submit_host):
             return None, "--node-address %s is %s, which the login node cannot reach" % (
                 asked, "a loopback address" if addr else "not known on this node")
         return addr, "--node-address"
-    login = [a for a in spec.get("login_addrs") or [] if r_routable(a)]
+    mine = r_own_addresses()  # an address both hosts have (a container bridge) is no link
+    login = [a for a in spec.get("login_addrs") or [] if r_routable(a) and a not in mine]
     names = [submit_host, spec.get("login_host")]
     for toward, how in ([(a, "shares a network with the login node") for a in login
                          if r_on_link(a)] +
