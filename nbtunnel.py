@@ -283,6 +283,35 @@ def server_args() -> list:
     return ["--no-browser", "--ip=127.0.0.1", "--port-retries=0"]
 
 
+DEFAULT_IDLE = 60  # minutes: a batch job that nobody uses ends after that (--idle-timeout)
+
+
+def idle_minutes(value, manager) -> float:
+    """The idle timeout in minutes (0: never): VALUE asked or recorded, else the default
+    of MANAGER (a plugin, or None when unknown): DEFAULT_IDLE for a batch manager."""
+    if value is not None:
+        return value
+    return DEFAULT_IDLE if getattr(manager, "batch", False) else 0
+
+
+def idle_args(minutes: float) -> list:
+    """Jupyter Server's own settings that end it after MINUTES without activity: the
+    server stops once it has had no kernel, no terminal and no activity that long; a
+    kernel idle that long is shut down even with a browser connected, never while busy,
+    and so is a terminal without input or output (see README)."""
+    secs = int(round(minutes * 60))
+    if secs <= 0:
+        return []
+    every = max(10, min(300, secs // 2))
+    return ["--ServerApp.shutdown_no_activity_timeout=%d" % secs,
+            "--MappingKernelManager.cull_idle_timeout=%d" % secs,
+            "--MappingKernelManager.cull_interval=%d" % every,
+            "--MappingKernelManager.cull_connected=True",
+            "--MappingKernelManager.cull_busy=False",
+            "--TerminalManager.cull_inactive_timeout=%d" % secs,
+            "--TerminalManager.cull_interval=%d" % every]
+
+
 def socket_server_args() -> list:
     """Arguments nbtunnel adds in socket mode (--sock and --sock-mode are added remotely):
     no --ip and no port, so that the server opens no TCP port at all."""
@@ -334,6 +363,24 @@ def seconds(text) -> float:
 def port(text) -> int:
     """TEXT as a port number, else UsageError (check_port's message)."""
     return check_port(text, "port")
+
+
+def minutes(text) -> float:
+    """TEXT as a number of minutes, 0 (never) to 30 days, else ValueError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0  # not a number: the message below says what is wanted
+    if not 0 <= value <= 30 * 1440:  # also refuses nan and inf
+        raise ValueError("must be a number of minutes from 0 (never) to 30 days")
+    return value
+
+
+def node_address(text) -> str:
+    """TEXT as an address or host name (letters, digits, . : - _), else ValueError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:_-]{0,252}", text):
+        raise ValueError("must be an address or a host name")
+    return text
 
 
 def record_name(host: str, session: str) -> str:
@@ -495,6 +542,12 @@ SERVER_OPTIONS = [
     Option("--unix-socket", "the remote server listens on a Unix socket in a private "
            "directory instead of a TCP port (other users there cannot connect at all)",
            switch=True),
+    # minutes without activity, then Jupyter ends (idle_args); 0: never
+    Option("--idle-timeout", "end Jupyter after MIN idle (0: never; batch: %d)"
+           % DEFAULT_IDLE, metavar="MIN", type=minutes),
+    # a batch job's address on its node, as the login node reaches it (r_node_address)
+    Option("--node-address", "batch job: its node's address for Jupyter", metavar="ADDR",
+           type=node_address),
 ]
 TUNNEL_OPTIONS = [
     Option("--local-port", "local port (default: a free one)", metavar="N", type=port,
@@ -1815,13 +1868,19 @@ def r_batch_job(mgr, st):
     return (live[0] if live else None), env
 
 
-def r_batch_ready(session, mgr, row, st, env):
+def r_batch_ready(session, mgr, row, st, env, strict=False):
     """The info of the job ROW's Jupyter once it answers from the login node, else None.
     What the job published names its address, port and pid; Jupyter's runtime file for
-    that pid must name the same port and address, and gives the token."""
+    that pid must name the same port and address, and gives the token.  STRICT: once
+    Jupyter listens (its runtime file is written after it binds) and this login node
+    cannot connect, or the job found no address, raise RemoteFail "unreachable"."""
+    import socket
+
     paths = r_files(session)
     pub = r_read_json(paths["published"], owned=True)
-    if not pub or str(pub.get("job")) != row["job_id"] or not pub.get("port"):
+    if not pub or str(pub.get("job")) != row["job_id"]:
+        return None
+    if not pub.get("port"):
         return None
     # (a minute's slack: the file's time comes from the file server's clock, not the node's)
     found = r_find_runtime_file(pub["pid"], r_runtime_dirs(env), pub.get("started", 0) - 60)[1]
@@ -1831,7 +1890,16 @@ def r_batch_ready(session, mgr, row, st, env):
     try:
         status = r_http(pub["port"], found.get("base_url", "/"), "api/status",
                         found.get("token", ""), host=pub["addr"])[0]
-    except (OSError, ValueError):
+    except ValueError:
+        return None
+    except OSError as e:
+        if strict:
+            raise RemoteFail("unreachable", "%s: Jupyter listens on address %s port %d, which "
+                             "the login node %s cannot connect to (%s); if the node has an "
+                             "address that the login node reaches, pass it with --node-address"
+                             % (r_job_where(row, pub), pub["addr"], pub["port"],
+                                socket.gethostname(),
+                                getattr(e, "strerror", None) or e)) from None
         return None
     if status != 200:
         return None
@@ -1851,10 +1919,12 @@ def r_job_fields(row):
                 phase=row.get("phase"))
 
 
-def r_batch_answer(session, mgr, row, st, env):
-    """The job ROW as the local side sees it: its fields, and its server's info once ready."""
+def r_batch_answer(session, mgr, row, st, env, strict=False):
+    """The job ROW as the local side sees it: its fields, and its server's info once ready
+    (STRICT: see r_batch_ready)."""
     out = r_job_fields(row)
-    info = r_batch_ready(session, mgr, row, st, env) if row["phase"] == "running" else None
+    info = r_batch_ready(session, mgr, row, st, env, strict) \
+        if row["phase"] == "running" else None
     if info:
         info.update(out)
     out["ready"] = info
@@ -1893,8 +1963,9 @@ def r_batch_start(p):
         r_write_json(paths["spec"], dict(
             argv=argv, cwd=cwd, log=paths["log"], output=paths["output"],
             published=paths["published"], token=token, remote_port=p.get("remote_port"),
-            job_env=mgr["job_env"], login_host=socket.gethostname(), source=r_own_source(),
-            warning=mgr.get("warning")))
+            job_env=mgr["job_env"], login_host=socket.gethostname(),
+            login_addrs=r_own_addresses(), node_address=p.get("node_address"),
+            source=r_own_source(), warning=mgr.get("warning")))
         output = paths["output"]
         for old, new in mgr.get("output_escapes", {}).items():
             output = output.replace(old, new)
@@ -1913,13 +1984,20 @@ def r_batch_start(p):
         job_id = found.group(1)
         r_write_json(paths["state"], dict(job, job_id=job_id, options=p.get("options"),
                                           env=env, started=time.time()))
+        try:  # the local side is still there to learn the id (else its ssh was cut off)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except OSError:
+            r_cancel_job(mgr, job_id, env, paths)
+            raise
         return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
                     reused=False)
 
 
 def r_op_job(p):
     """The state of the job P names, with its server's info once that answers.  A job
-    that waits for a reason that never clears is cancelled here and then."""
+    that waits for a reason that never clears, or whose Jupyter this login node cannot
+    reach (or that found no address for it), is cancelled here and then."""
     session, mgr, job_id = p["session"], p["manager"], p["job_id"]
     paths = r_files(session)
     st = r_read_json(paths["state"]) or {}
@@ -1927,18 +2005,38 @@ def r_op_job(p):
     row = r_job_state(mgr, job_id, env)
     reason = row.get("reason") or ""
     if row["phase"] == "waiting" and (reason in mgr["fatal"] or row["state"] in mgr["fatal"]):
-        r_run(r_batch_argv(mgr["cancel"], dict(job=job_id)), env=env)
-        r_wait_job_gone(mgr, job_id, env, 30)
-        r_remove(paths["spec"], paths["state"])
+        r_cancel_job(mgr, job_id, env, paths)
         text = mgr["reason_text"].get(reason) or mgr["reason_text"].get(row["state"])
         raise RemoteFail("job-refused", "job %s can never start, so it was cancelled: %s says "
                          "%s (%s)%s" % (job_id, mgr["state"][0], row.get("state"), reason,
                                         ": " + text if text else ""))
+    pub = r_read_json(paths["published"], owned=True) or {}
+    if pub.get("error") and str(pub.get("job")) == job_id:
+        r_cancel_job(mgr, job_id, env, paths)
+        raise RemoteFail("unreachable", "%s: %s; nbtunnel cancelled the job" % (
+            r_job_where(row, pub), pub["error"]))
     if row["phase"] in ("ending", "ended"):
         raise RemoteFail("job-ended", "job %s ended (%s) before Jupyter answered" % (
             job_id, row.get("state") or "gone from the queue"),
             log_tail=r_tail(paths["log"]) or r_tail(paths["output"]))
-    return r_batch_answer(session, mgr, row, st, env)
+    try:
+        return r_batch_answer(session, mgr, row, st, env, strict=True)
+    except RemoteFail as e:
+        r_cancel_job(mgr, job_id, env, paths)
+        e.args = (str(e) + "; nbtunnel cancelled the job",)
+        raise
+
+
+def r_job_where(row, pub):
+    """"job ID on node NAME", from the job's row and what it published."""
+    return "job %s on node %s" % (row["job_id"], pub.get("node") or row.get("node") or "?")
+
+
+def r_cancel_job(mgr, job_id, env, paths):
+    """Cancel JOB_ID, wait (a while) until it has left, forget the session's job."""
+    r_run(r_batch_argv(mgr["cancel"], dict(job=job_id)), env=env)
+    r_wait_job_gone(mgr, job_id, env, 30)
+    r_remove(paths["spec"], paths["state"])
 
 
 def r_wait_job_gone(mgr, job_id, env, timeout):
@@ -1995,8 +2093,9 @@ def r_batch_status(session, mgr, st):
 
 
 def r_job(path, spec):
-    """The batch job on the compute node: find the node's cluster address and a free port
-    there, publish them (0600, in the private state directory), then become Jupyter,
+    """The batch job on the compute node: find the node's address that the login node
+    reaches (r_node_address; none: publish why and end) and a free port there, publish
+    them (0600, in the private state directory), then become Jupyter,
     bound to that address, its token from the spec in its environment (never argv).
     Jupyter is then the job's own process, which the scheduler's signal reaches (with a
     manager's ``warning_signal``, its child, to which that signal comes as SIGTERM)."""
@@ -2008,24 +2107,28 @@ def r_job(path, spec):
     if os.path.exists(spec["output"]):
         os.chmod(spec["output"], 0o600)
     names = spec.get("job_env") or {}
-    addr = r_node_address(os.environ.get(names.get("submit_host", ""), "") or
-                          spec.get("login_host", ""))
-    port = spec.get("remote_port") or r_free_port(addr)
     import socket
 
+    node = os.environ.get(names.get("node", ""), "") or socket.gethostname()
+    job = os.environ.get(names.get("job", ""), "")
+    addr, why = r_node_address(spec, os.environ.get(names.get("submit_host", ""), ""))
+    if not addr:
+        sys.stdout.write("nbtunnel: %s\n" % why)
+        r_write_json(spec["published"], dict(job=job, node=node, error=why,
+                                              started=time.time()))
+        sys.exit(1)
+    port = spec.get("remote_port") or r_free_port(addr)
     env = dict(os.environ, JUPYTER_TOKEN=spec["token"])
     env.pop("NBT_JOB_PYTHON", None)
     argv = [w for w in spec["argv"] if not w.startswith(("--ip=", "--port="))]
     argv += ["--ip=" + addr, "--port=%d" % port]
-    sys.stdout.flush()
+    sys.stdout.flush()  # before a fork: nothing written twice
     child = r_relay_warning(spec["warning"]) if spec.get("warning") else None
     if child != 0:  # not the child that becomes Jupyter: this process publishes its pid
-        r_write_json(spec["published"], dict(
-            job=os.environ.get(names.get("job", ""), ""), node=os.environ.get(
-                names.get("node", ""), "") or socket.gethostname(), addr=addr, port=port,
-            pid=child or os.getpid(), started=time.time()))
-        sys.stdout.write("nbtunnel: Jupyter for job %s on %s:%d\n" % (
-            os.environ.get(names.get("job", ""), "?"), addr, port))
+        r_write_json(spec["published"], dict(job=job, node=node, addr=addr, port=port,
+                                              pid=child or os.getpid(), started=time.time()))
+        sys.stdout.write("nbtunnel: Jupyter for job %s on %s:%d (%s)\n" % (job or "?", addr,
+                                                                            port, why))
         sys.stdout.flush()
     if child:
         os._exit(r_wait_child(child))
@@ -2073,22 +2176,98 @@ def r_wait_child(pid):
     return os.WEXITSTATUS(status)
 
 
-def r_node_address(toward):
-    """This node's own address on the network that reaches host TOWARD (the login node):
-    the source address of a UDP socket connected there (no packet is sent); else what
-    this host's name resolves to."""
+def r_own_addresses():
+    """This host's IPv4 addresses but loopback: the kernel's local ones (Linux), else what
+    its name resolves to."""
     import socket
 
-    if toward:
+    try:
+        with open("/proc/net/fib_trie") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    found = [a.strip().lstrip("|-+ ") for a, kind in zip(lines, lines[1:])
+             if kind.strip() == "/32 host LOCAL"]
+    if not found:
+        try:
+            found = socket.gethostbyname_ex(socket.gethostname())[2]
+        except OSError:
+            found = []
+    return [a for i, a in enumerate(found) if r_routable(a) and a not in found[:i]]
+
+
+def r_routable(addr):
+    """Is ADDR an address another host could reach (not loopback, not unspecified)?"""
+    return bool(addr) and not addr.startswith(("127.", "0.")) and addr not in ("::1", "::")
+
+
+def r_on_link(addr):
+    """Is IPv4 ADDR on a network this host is directly attached to (Linux's routes)?"""
+    import socket
+    import struct
+
+    try:
+        value = struct.unpack("<I", socket.inet_aton(addr))[0]
+        with open("/proc/net/route") as f:
+            routes = [line.split() for line in f.read().splitlines()[1:]]
+    except (OSError, ValueError):
+        return False
+    for r in routes:
+        if len(r) > 7 and r[0] != "lo" and r[2] == "00000000" and int(r[1], 16) and \
+                value & int(r[7], 16) == int(r[1], 16):
+            return True
+    return False
+
+
+def r_node_address(spec, submit_host):
+    """(an address of this node that the login node reaches, how it was chosen), or (None,
+    why there is none).  --node-address when given; else the source address of the route
+    toward one of the login node's own addresses (SPEC's login_addrs), those on a network
+    this node is attached to first; else toward what the submitting host's name resolves
+    to here; else what this node's name resolves to.  Never a loopback address: names
+    may resolve to one (one /etc/hosts for every host; Debian's 127.0.1.1)."""
+    import socket
+
+    def resolve(name):
+        try:
+            return socket.gethostbyname_ex(name)[2] if name else []
+        except (OSError, UnicodeError):
+            return []
+
+    def source(toward):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            s.connect((toward, 9))
+            s.connect((toward, 9))  # no packet is sent
             return s.getsockname()[0]
         except OSError:
-            pass
+            return None
         finally:
             s.close()
-    return socket.gethostbyname(socket.gethostname())
+
+    asked = spec.get("node_address")
+    if asked:
+        addr = asked if ":" in asked else (resolve(asked) or [None])[0]
+        if not r_routable(addr):
+            return None, "--node-address %s is %s, which the login node cannot reach" % (
+                asked, "a loopback address" if addr else "not known on this node")
+        return addr, "--node-address"
+    mine = r_own_addresses()  # an address both hosts have (a container bridge) is no link
+    login = [a for a in spec.get("login_addrs") or [] if r_routable(a) and a not in mine]
+    names = [submit_host, spec.get("login_host")]
+    for toward, how in ([(a, "shares a network with the login node") for a in login
+                         if r_on_link(a)] +
+                        [(a, "routes to the login node") for a in login] +
+                        [(a, "routes to %s" % n) for n in names for a in resolve(n)]):
+        addr = source(toward)
+        if r_routable(addr):
+            return addr, how
+    for addr in resolve(socket.gethostname()):
+        if r_routable(addr):
+            return addr, "what the node's name resolves to"
+    return None, ("found no address of this node that the login node reaches (login node's "
+                  "addresses: %s; this node's name resolves to %s); pass one with "
+                  "--node-address" % (", ".join(login) or "none known",
+                                      ", ".join(resolve(socket.gethostname())) or "nothing"))
 
 
 # Operations -----------------------------------------------------------------
@@ -2304,15 +2483,21 @@ def r_session_manager(p, st, session=None):
 
 def r_how_ended(session):
     """Why SESSION has no live server: terminated, shutdown (through Jupyter's API, e.g.
-    File > Shut Down), died (killed or crashed: it may be restarted) or none."""
+    File > Shut Down), idle (it ended itself, --idle-timeout), died (killed, crashed or
+    out of time: it may be restarted) or none."""
+    import re
+
     paths = r_files(session)
     st, ended = r_read_json(paths["state"]), r_read_json(paths["ended"])
     if ended:
         return ended.get("how")
     if not st:
         return "none"
-    if "Shutting down on /api/shutdown request" in r_tail(st.get("log") or "", 40):
+    tail = r_tail(st.get("log") or "", 40)
+    if "Shutting down on /api/shutdown request" in tail:
         return "shutdown"
+    if re.search(r"No kernels for \d+ seconds; shutting down", tail):
+        return "idle"  # Jupyter's own idle end (ServerApp.shutdown_no_activity_timeout)
     return "died"
 
 
@@ -2333,7 +2518,7 @@ def r_op_start(p):
     """Reattach to the session's server (or job), or start one (a repair: not if it ended
     on purpose)."""
     how = r_how_ended(p["session"])
-    if p.get("repair") and how in ("terminated", "shutdown"):
+    if p.get("repair") and how in ("terminated", "shutdown", "idle"):
         raise RemoteFail("ended", how)
     r_remove(r_files(p["session"])["ended"])
     return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
@@ -3602,15 +3787,31 @@ def drop_record(directory: str, host: str, session: str) -> None:
             os.unlink(os.path.join(directory, name))
 
 
-ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)"}
+ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)",
+         "idle": "idle for {idle:g} min"}
 
 
-def save_ended(directory: str, host: str, session: str, how: str) -> dict:
-    """Remember that HOST/SESSION ended on purpose (HOW, a key of ENDED), in place of its
-    record: a repair must not start it again and --status says so.  Only that is kept (no
-    token, no port): the next deliberate start begins afresh and replaces it."""
+def ended_text(how: str, idle=None) -> str:
+    """How a session ended on purpose (HOW, a key of ENDED; IDLE: its idle timeout in
+    minutes), in words."""
+    return ENDED.get(how, how).format(idle=idle or 0)
+
+
+def rec_idle(rec: dict) -> float:
+    """The idle timeout (minutes) of the session recorded as REC: asked, else its default."""
+    return idle_minutes((rec.get("options") or {}).get("idle_timeout"),
+                        MANAGERS.get(rec.get("manager") or ""))
+
+
+def save_ended(directory: str, host: str, session: str, how: str, idle=None) -> dict:
+    """Remember that HOST/SESSION ended on purpose (HOW, a key of ENDED; IDLE, for "idle":
+    its idle timeout), in place of its record: a repair must not start it again and
+    --status says so.  Only that is kept (no token, no port): the next deliberate start
+    begins afresh and replaces it."""
     drop_record(directory, host, session)
     rec = dict(host=host, session=session, ended=how, ended_at=int(time.time()))
+    if how == "idle":
+        rec["idle_timeout"] = idle
     save_record(directory, rec)
     return rec
 
@@ -3805,10 +4006,15 @@ def start_params(run: Run) -> dict:
     sock = bool(s.unix_socket)
     if sock:
         check_socket_mode(s)
+    if s.node_address and not s.batch and s.source("node_address") == "command line":
+        raise UsageError("--node-address is for batch managers (the address of a job's "
+                         "node); %s runs Jupyter on %s itself" % (s.manager.name, s.host))
     return s.params(argv=jupyter_argv(app, s.jupyter) + (
-                    socket_server_args() if sock else server_args()),
+                    socket_server_args() if sock else server_args()) + idle_args(
+                    idle_minutes(s.idle_timeout, s.manager)),
                     app=app, notebook_dir=s.notebook_dir,
                     remote_port=None if sock else s.remote_port, unix_socket=sock,
+                    node_address=s.node_address,
                     sock_max=local_socket_max(), env_steps=steps,
                     environment=[e.name for e in used], options=s.asked(start_only=True))
 
@@ -4020,7 +4226,8 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
                                          timeout=s.timeout + 30)
                 progress.update(job_line(answer))
     except (Error, KeyboardInterrupt) as e:
-        if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended"):
+        if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended",
+                                                            "unreachable"):
             cancel_job(s, conn, params, job)
         e.reused = reused  # for undo_start's message
         raise
@@ -4222,6 +4429,7 @@ def public(rec: dict) -> dict:
     out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
     out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
+    out["idle_timeout"] = rec["idle_timeout"] if rec.get("ended") else rec_idle(rec)
     return out
 
 
@@ -4438,13 +4646,15 @@ def cmd_status(run: Run) -> int:
                 continue
             if r["ended"]:
                 print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
-                    r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
+                    r["host"], r["session"], ended_text(r["ended"], r.get("idle_timeout")),
                     start_again(r["host"], r["session"])))
                 continue
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s" % (
+            idle = "\tidle-timeout=%s" % ("%gmin" % r["idle_timeout"] if r["idle_timeout"]
+                                           else "never")
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
-                gone, pending))
+                idle, gone, pending))
     if not rows and not args.quiet:
         log.info("%s%s", nothing_recorded(s.records, s.host,
                                           s.name if s.source("session") != "default" else None),
@@ -4619,9 +4829,10 @@ def ended_on_purpose(run: Run, conn: Connection, old, how: str):
     s = run.session
     with contextlib.suppress(Error):
         close_tunnel(s, conn, old)
-    rec = save_ended(s.state, s.host, s.name, how)
+    idle = idle_minutes(s.idle_timeout, s.manager)
+    rec = save_ended(s.state, s.host, s.name, how, idle)
     return rec, ["Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)"
-                 % (s.host, s.name, ENDED.get(how, how), start_again(s.host, s.name))]
+                 % (s.host, s.name, ended_text(how, idle), start_again(s.host, s.name))]
 
 
 def healthy(session: Session, rec, conn=None) -> bool:
@@ -4705,11 +4916,12 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     state = conn.run_helper("status", s.params(sessions=[session]),
                             timeout=min(s.timeout, 15))[0]
     if state["server"] != "running" and state.get("ended") != "died":
+        how = state.get("ended") if state.get("ended") in ("shutdown", "idle") else "terminated"
+        idle = idle_minutes(s.idle_timeout, s.manager)
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
-                 "shut down" if state.get("ended") == "shutdown" else "terminated")
+                 ended_text(how, idle))
         close_tunnel(s, conn, rec)
-        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
-                   else "terminated")
+        save_ended(s.state, host, session, how, idle)
         return None
     new, lines = repair(run, conn, rec, params)
     if new.get("ended"):
@@ -4755,7 +4967,7 @@ def cmd_watch(run: Run) -> int:
     ended = ended_record(s)
     if ended:
         log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
-                 host, session, ENDED.get(ended["ended"], ended["ended"]),
+                 host, session, ended_text(ended["ended"], ended.get("idle_timeout")),
                  start_again(host, session))
         return 0
     params = dict(start_params(run), repair=fresh_record(s) is not None)

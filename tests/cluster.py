@@ -175,6 +175,7 @@ class SlurmCluster(RemoteHost):
         self.slurmctld: subprocess.Popen | None = None
         self.slurmd: subprocess.Popen | None = None
         self.startup_seconds = 0.0
+        self.node_hosts = self.workdir / "node-hosts"  # /etc/hosts as the compute node sees it
 
     # Set-up ###################################################################
 
@@ -215,6 +216,31 @@ class SlurmCluster(RemoteHost):
     def in_node(self, argv: Sequence[str]) -> list[str]:
         """argv run as root on the compute node (its namespace, its hostname)."""
         return self._in_host(self.node_netns, self.node_name, argv)
+
+    def node_daemon(self, argv: Sequence[str]) -> list[str]:
+        """argv of the compute node's scheduler daemon: in_node, and in a mount namespace of
+        its own where node_hosts is bind-mounted over /etc/hosts, so that the node's jobs
+        (its children) resolve names as set_node_hosts says."""
+        self.node_hosts.write_text(HOSTS_FILE.read_text())
+        self.node_hosts.chmod(0o644)
+        script = 'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec "$@"'
+        return ["ip", "netns", "exec", self.node_netns, "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c", script, self.node_name,
+                str(self.node_hosts), *argv]
+
+    def set_node_hosts(self, text: str | None = None) -> None:
+        """What /etc/hosts says on the compute node from now on (None: the machine's own),
+        written in place: the bind mount holds the file, not its name."""
+        with open(self.node_hosts, "w") as handle:
+            handle.write(HOSTS_FILE.read_text() if text is None else text)
+
+    def node_resolves(self, name: str) -> str:
+        """What NAME resolves to on the compute node, as its jobs see it ('' if nothing)."""
+        daemon = getattr(self, "slurmd", None) or getattr(self, "execd", None)
+        proc = subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "-u", "-n",
+                               "getent", "ahostsv4", name], capture_output=True, text=True,
+                              timeout=30, check=False)
+        return proc.stdout.split()[0] if proc.stdout.split() else ""
 
     def _make_cluster_link(self) -> None:
         used = _used_networks()
@@ -349,7 +375,7 @@ PartitionName={self.small_partition} Nodes=ALL MaxTime=5 State=UP
         self._wait_started(self.slurmctld, lambda: self.scontrol("ping").returncode == 0,
                            "slurmctld", log)
         self.slurmd = subprocess.Popen(
-            self.in_node(["slurmd", "-D", "-N", self.node_name, "-f", conf]),
+            self.node_daemon(["slurmd", "-D", "-N", self.node_name, "-f", conf]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=self._slurm_env(),
         )

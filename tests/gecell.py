@@ -150,6 +150,7 @@ class GridEngineCell(SlurmCluster):
         self.qmaster: subprocess.Popen | None = None
         self.execd: subprocess.Popen | None = None
         self.startup_seconds = 0.0
+        self.node_hosts = self.workdir / "node-hosts"
 
     # Set-up ###################################################################
 
@@ -286,7 +287,7 @@ scheduler_threads       1
                            "sge_qmaster", messages)
         self._configure()
         self.execd = subprocess.Popen(
-            self.in_node(["/usr/sbin/sge_execd"]), cwd=self.workdir, env=env,
+            self.node_daemon(["/usr/sbin/sge_execd"]), cwd=self.workdir, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_started(self.execd, self.node_ready, "sge_execd",
                            self.spool / "execd" / self.node_name / "messages")

@@ -227,3 +227,29 @@ def test_pip_install_ships_the_plugins(tmp_path):
     row = json.loads(status.stdout)[0]
     assert "missing_plugin" not in row and "not available" not in status.stderr
     assert row["plugin"].endswith("slurm.py") and row["server"] == "unknown"
+
+
+# Batch jobs' options ##############################################################
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--idle-timeout", "soon"], "minutes from 0 (never)"),
+    (["--idle-timeout", "-1"], "minutes from 0 (never)"),
+    (["--node-address", "a b"], "an address or a host name"),
+    (["--node-address=-x"], "an address or a host name"),
+    (["--node-address", "10.0.0.5"], "is for batch managers"),  # tmux: no node
+])
+def test_batch_options_refused_without_traceback(tmp_path, args, said):
+    proc = run("hpc.invalid", *args, tmp=tmp_path)
+    assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_idle_timeout_uses_jupyters_own_settings():
+    assert nbtunnel.idle_args(0) == []
+    words = nbtunnel.idle_args(1)
+    assert "--ServerApp.shutdown_no_activity_timeout=60" in words
+    assert "--MappingKernelManager.cull_idle_timeout=60" in words
+    assert "--MappingKernelManager.cull_busy=False" in words
+    assert nbtunnel.idle_minutes(None, nbtunnel.get("manager", "tmux")) == 0
+    assert nbtunnel.idle_minutes(None, type("Batch", (), {"batch": True})()) == 60
+    assert nbtunnel.idle_minutes(5, None) == 5

@@ -1,0 +1,294 @@
+"""Batch jobs on a shared cluster, the same for Slurm and Grid Engine (tests/cluster.py,
+tests/gecell.py): whatever the compute node's /etc/hosts says, Jupyter listens on an
+address the login node reaches, or the start fails within seconds and says where.
+
+Each test runs once per scheduler. The node's /etc/hosts is a file of the test's own,
+bind-mounted over /etc/hosts in the mount namespace of the node's scheduler daemon, so
+that the jobs resolve names as each layout says; the login node keeps the machine's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pytest
+
+from helpers import api_status, wait_until
+from remotehost import _root
+
+pytestmark = pytest.mark.timeout(900)
+
+SLURM_ACTIVE = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING"
+
+
+@dataclass
+class Batch:
+    """One scheduler's test host (its login node), an NbtRunner for it, its --manager."""
+
+    name: str
+    host: object
+    nbt: object
+
+    def start(self, *args: str, timeout: float = 240):
+        return self.nbt.run(self.host.alias, "--json", "--manager", self.name, *args,
+                            timeout=timeout)
+
+    def live_jobs(self) -> list[str]:
+        """The user's jobs that wait, run or end (not those already gone)."""
+        if self.name == "slurm":
+            proc = self.host.slurm(["squeue", "-h", "-u", self.host.user, "-t", SLURM_ACTIVE,
+                                    "-o", "%i"])
+            return proc.stdout.split()
+        for _ in range(5):  # qstat fails now and then while the qmaster is busy: ask again
+            if self.host.ge(["qstat", "-u", self.host.user]).returncode == 0:
+                break
+            time.sleep(1)
+        return self.host.jobs()
+
+
+@pytest.fixture(params=["slurm", "gridengine"])
+def batch(request):
+    slurm = request.param == "slurm"
+    host = request.getfixturevalue("cluster" if slurm else "gecell")
+    nbt = request.getfixturevalue("nbt_cluster" if slurm else "nbt_ge")
+    yield Batch(request.param, host, nbt)
+    host.set_node_hosts()  # the machine's /etc/hosts again
+
+
+def layout(host, name: str) -> str:
+    """The compute node's /etc/hosts in the layout NAME."""
+    local = "127.0.0.1 localhost\n"
+    node = f"{host.node_addr} {host.node_name}\n"
+    return {
+        # one file for every host of a small cluster, the login node's name on loopback
+        "login-loopback": f"127.0.0.1 localhost {host.login_name}\n{node}",
+        # the login node's name is its address on a network the node is not on
+        "login-other-network": f"{local}{host.ip} {host.login_name}\n{node}",
+        "login-unknown": f"{local}{node}",
+        # Debian's default for the node's own name, the login node's name unknown
+        "node-debian": f"{local}127.0.1.1 {host.node_name}\n",
+    }[name]
+
+
+EXPECTED = {  # what the name in question resolves to on the node in each layout
+    "login-loopback": ("login_name", "127.0.0.1"),
+    "login-other-network": ("login_name", "ip"),
+    "login-unknown": ("login_name", ""),
+    "node-debian": ("node_name", "127.0.1.1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_node_address_whatever_the_names_say(batch, name):
+    host = batch.host
+    host.set_node_hosts(layout(host, name))
+    which, value = EXPECTED[name]
+    assert host.node_resolves(getattr(host, which)) == getattr(host, value, value)
+    began = time.monotonic()
+    proc = batch.start("--timeout", "240")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    print(f"measured: {batch.name} start in layout {name}: {time.monotonic() - began:.1f}s")
+    assert out["remote_host"] == host.node_addr
+    assert api_status(out["url"]) == 200
+    proc = batch.nbt.run(host.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert not batch.live_jobs()
+
+
+def test_unreachable_address_fails_fast(batch):
+    """A site's name for the node's data network, an address the login node has no route
+    to: the start fails as soon as Jupyter listens, naming node, address and port, and
+    cancels the job; without the check it would wait for the whole --timeout."""
+    host = batch.host
+    index = 1 if batch.name == "slurm" else 2
+    unreachable = f"10.217.{os.getpid() % 250}.{index}"
+    dev = ["ip", "netns", "exec", host.node_netns, "ip", "addr"]
+    _root([*dev, "add", f"{unreachable}/32", "dev", host.link_node])
+    try:
+        data_name = f"{host.node_name}-data"
+        host.set_node_hosts(layout(host, "login-unknown") + f"{unreachable} {data_name}\n")
+        began = time.monotonic()
+        proc = batch.start("--node-address", data_name, "--timeout", "600", timeout=660)
+        took = time.monotonic() - began
+        print(f"measured: {batch.name} unreachable address reported after {took:.1f}s")
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        said = " ".join(proc.stderr.split())
+        assert host.node_name in said and unreachable in said, said
+        assert re.search(r"port \d+", said), said
+        assert "cancelled" in said, said
+        assert took < 120, "failed at once, not at --timeout"
+        wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
+    finally:
+        _root([*dev, "del", f"{unreachable}/32", "dev", host.link_node], check=False)
+
+
+def test_node_address_recorded_and_loopback_refused(batch):
+    """--node-address is recorded like the other options; a loopback one is refused by
+    the job (the login node could never reach it), quickly and with no job left."""
+    host = batch.host
+    began = time.monotonic()
+    proc = batch.start("--node-address", "127.0.0.1", "--timeout", "600", timeout=660)
+    took = time.monotonic() - began
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "loopback" in said and host.node_name in said, said
+    assert took < 120
+    wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
+    proc = batch.start("--node-address", host.node_addr)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["remote_host"] == host.node_addr
+    records = [json.loads(p.read_text()) for p in batch.nbt.state_dir.glob("*.json")]
+    assert [r["options"].get("node_address") for r in records] == [host.node_addr]
+    proc = batch.nbt.run(host.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+
+# Idle end #####################################################################
+
+
+def start_json(batch, *args: str) -> dict:
+    proc = batch.start(*args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def time_limit(batch, minutes: int) -> list[str]:
+    return ["--time", str(minutes)] if batch.name == "slurm" else \
+        ["--runtime", "0:%02d:00" % minutes]
+
+
+def busy_kernel(url: str, seconds: int) -> str:
+    """A kernel of the server at URL (through the tunnel) that stays busy SECONDS; its id.
+    Its websocket is closed once it says busy: only its being busy keeps it alive."""
+    import websocket  # websocket-client, installed by tests/run
+
+    from helpers import _kernel_message, http_request, token_of
+
+    base = f"http://127.0.0.1:{urlparse(url).port}"
+    token = token_of(url)
+    headers = {"Authorization": f"token {token}", "Content-Type": "application/json"}
+    status, body = http_request("POST", f"{base}/api/kernels", timeout=60, headers=headers,
+                                body=b"{}")
+    assert status == 201, body
+    kernel = json.loads(body)["id"]
+    session = uuid.uuid4().hex
+    ws = websocket.create_connection(
+        f"ws://127.0.0.1:{urlparse(url).port}/api/kernels/{kernel}/channels?session_id="
+        f"{session}", timeout=60, header=[f"Authorization: token {token}"])
+    try:
+        request = _kernel_message("execute_request", {
+            "code": f"import time; time.sleep({seconds})", "silent": False,
+            "store_history": False, "user_expressions": {}, "allow_stdin": False,
+            "stop_on_error": True}, session)
+        ws.send(json.dumps(request))
+        while True:
+            message = json.loads(ws.recv())
+            if message.get("parent_header", {}).get("msg_id") == request["header"]["msg_id"] \
+                    and message["header"]["msg_type"] == "execute_input":
+                break
+    finally:
+        ws.close()
+    return kernel
+
+
+def status_row(batch) -> dict:
+    proc = batch.nbt.run("--status", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    return row
+
+
+def test_idle_session_ends_and_stays_ended(batch):
+    host, nbt = batch.host, batch.nbt
+    out = start_json(batch, "--idle-timeout", "1")
+    job = out["job_id"]
+    assert status_row(batch)["idle_timeout"] == 1
+    began = time.monotonic()
+    # Jupyter looks once a minute: it ends one to two minutes after its start.
+    wait_until(lambda: job not in batch.live_jobs(), 300, interval=2,
+               message=f"job {job} ended by itself")
+    print(f"measured: {batch.name} idle session (1 min) ended {time.monotonic() - began:.0f}s "
+          "after the URL was printed")
+    log = (host.home / ".local/state/nbtunnel/nbtunnel.log").read_text()
+    assert "No kernels for" in log and "shutting down" in log, log[-2000:]
+    proc = nbt.run(host.alias, "--ensure", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ended"] == "idle"
+    time.sleep(3)
+    assert batch.live_jobs() == [], "--ensure submitted nothing"
+    row = status_row(batch)
+    assert row["ended"] == "idle" and row["server"] == "stopped", row
+    text = nbt.run("--status", timeout=120).stdout
+    assert "ended: idle for 1 min" in text, text
+    proc = nbt.run(host.alias, "--ensure", timeout=300)  # still nothing, a second time
+    assert proc.returncode == 0 and batch.live_jobs() == [], proc.stderr
+    again = start_json(batch, "--idle-timeout", "0")  # a start command starts it again
+    assert again["job_id"] != job and api_status(again["url"]) == 200
+    assert status_row(batch)["idle_timeout"] == 0
+    proc = nbt.run(host.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_busy_kernel_keeps_it_and_time_limit_is_resubmitted(batch):
+    host, nbt = batch.host, batch.nbt
+    out = start_json(batch, "--idle-timeout", "1", *time_limit(batch, 4))
+    job = out["job_id"]
+    busy_kernel(out["url"], 3600)
+    time.sleep(170)  # well past the idle timeout and two of Jupyter's checks
+    log = host.home / ".local/state/nbtunnel/nbtunnel.log"
+    assert job in batch.live_jobs() and api_status(out["url"]) == 200, log.read_text()[-3000:]
+    wait_until(lambda: job not in batch.live_jobs(), 420, interval=2,
+               message=f"job {job} at its time limit")
+    assert "No kernels for" not in (host.home / ".local/state/nbtunnel/nbtunnel.log").read_text()
+    proc = nbt.run(host.alias, "--ensure", "--json", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["job_id"] != job and again["ended"] is None, again
+    assert any("restarted Jupyter" in line for line in again["repairs"]), again
+    assert api_status(out["url"]) == 200
+    proc = nbt.run(host.alias, "--terminate", "--force", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+
+# Interrupted submission ##########################################################
+
+
+def test_interrupt_while_submitting_leaves_no_job(batch):
+    """Ctrl-C while the scheduler's submit command runs (its job id not known yet)."""
+    host, nbt = batch.host, batch.nbt
+    program = "sbatch" if batch.name == "slurm" else "qsub"
+    real = host.run(f"command -v {program}").stdout.strip()
+    assert real.startswith("/"), real
+    slow = host.home / "slow-submit"
+    slow.mkdir(exist_ok=True)
+    marker = slow / "running"
+    marker.unlink(missing_ok=True)
+    wrapper = slow / program
+    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 4\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    for path in (slow, wrapper):
+        os.chown(path, host.uid, host.uid)
+    profile = host.home / ".profile"
+    kept = profile.read_text()
+    profile.write_text(f'PATH="{slow}:$PATH"\nexport PATH\n' + kept)
+    try:
+        proc = nbt.popen(host.alias, "--manager", batch.name, "--timeout", "120",
+                         start_new_session=True)
+        wait_until(marker.exists, 120, interval=0.1, message=f"{program} runs")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: its process group
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode != 0 and "Traceback" not in err, err
+        time.sleep(8)  # the submit command had 4 s to go: a job would be there by now
+        wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
+    finally:
+        profile.write_text(kept)
