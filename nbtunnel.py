@@ -108,6 +108,14 @@ MSG_AUTH = (
     "{host} refused authentication ({detail}). Without a terminal (cron), ssh needs a "
     "key without a passphrase or a running ssh-agent (SSH_AUTH_SOCK)"
 )
+MSG_NEEDS_PERSON = (
+    "{host} asks for a one-time code or a password after the key ({detail}), which cron cannot "
+    "type: run `nbtunnel {host}` on a terminal; cron can use that connection while it lives"
+)
+MSG_NEEDS_PERSON_TTY = (
+    "{host} asked for a one-time code or a password after the key and did not accept what was "
+    "typed ({detail}); run the command again and type a fresh code"
+)
 MSG_UNREACHABLE = "cannot reach {host}: {detail}"
 MSG_NO_PYTHON = "no python3 or python on the PATH of {host}; nbtunnel needs Python 3.6+ there"
 MSG_NO_STREAMLOCAL = (
@@ -182,7 +190,8 @@ class RemoteError(Error):
 
 
 # ssh failures that no retry can mend, and those a later try may (a link that is down).
-SSH_REFUSALS = ("hostkey-unknown", "hostkey-changed", "auth", "no-ssh", "no-python")
+SSH_REFUSALS = ("hostkey-unknown", "hostkey-changed", "auth", "no-ssh", "no-python",
+                "needs-person")
 SSH_LINK = ("unreachable", "no-answer")
 
 
@@ -374,6 +383,11 @@ def classify_ssh_error(host: str, stderr: str) -> SshError:
         found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
         offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
         return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
+    denied = re.search(r"Permission denied \(([^)]*)\)", text)
+    methods = denied.group(1).split(",") if denied else []
+    if methods and "publickey" not in methods and (
+            "keyboard-interactive" in methods or "password" in methods):
+        return ssh_error(host, "needs-person", last)  # the key was taken; a person must go on
     if "Permission denied" in text or "Too many authentication failures" in text:
         return ssh_error(host, "auth", last)
     return ssh_error(host, "unreachable", last)
@@ -3203,7 +3217,8 @@ def signals(handler):
 
 
 SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
-                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
+                "auth": MSG_AUTH, "needs-person": MSG_NEEDS_PERSON,
+                "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
                 "no-answer": "{host} did not answer within {detail}"}
 
 
@@ -3487,7 +3502,11 @@ class Connection(Transport):
         # ssh -f returns 0 only once it is authenticated and the master listens on its
         # socket: no `ssh -O check` needed to believe it.
         if code != 0 or not os.path.exists(self.socket):
-            raise classify_ssh_error(self.host, text + offered_host_key(self, text))
+            err = classify_ssh_error(self.host, text + offered_host_key(self, text))
+            if err.kind == "needs-person" and not self.no_prompt:  # it asked, and was answered
+                err = SshError(MSG_NEEDS_PERSON_TTY.format(
+                    host=self.host, detail=text.strip().splitlines()[-1]), kind=err.kind)
+            raise err
         self.opened_here = True
 
     def may_prompt(self):
@@ -4385,7 +4404,7 @@ def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) ->
 
 def may_need_prompt(err: Error) -> bool:
     """Did a batch-mode ssh fail where a prompt (password, host key) could help?"""
-    return err.kind in ("auth", "hostkey-unknown")
+    return err.kind in ("auth", "hostkey-unknown", "needs-person")
 
 
 def ask_hosts(session: Session, by_host: dict) -> dict:
@@ -4506,6 +4525,7 @@ def cmd_status(run: Run) -> int:
             row["pending"] = {keys[d]: dict(value=v, source=where)
                               for d, (v, where) in sorted(pending.items())}
             row["pending_text"] = pending_text(pending)
+            row["last_failure"] = last_failure(s.state, h, rec["session"])
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
@@ -4524,6 +4544,8 @@ def cmd_status(run: Run) -> int:
                     r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
                     start_again(r["host"], r["session"])))
                 continue
+            if r.get("last_failure"):
+                pending += "\tlast --ensure failure: %s" % r["last_failure"]["message"]
             if r["server"] == "gone":
                 pending = "\tlogin node %s is gone, and its server with it: --ensure starts " \
                     "a new one on a node that answers, --terminate forgets it%s" % (
@@ -4614,7 +4636,9 @@ def every_session(run: Run, cfg, action):
         outcome = [item for f in futures for item in f.result()]
     code = 0
     for rec, _, err in outcome:
-        if err is not None:
+        if err is not None and getattr(err, "said", False):
+            code = max(code, err.code)
+        elif err is not None:
             log.error("error: %s (session %s): %s", rec["host"], rec["session"],
                       err.text().splitlines()[0])
             code = max(code, err.code)
@@ -4740,6 +4764,45 @@ def ensure_session(run: Run):
     return rec, lines
 
 
+def failure_path(state: str, host: str, session: str) -> str:
+    """Where the last failure of --ensure for HOST/SESSION is remembered."""
+    return os.path.join(state, record_name(host, session)[:-len(".json")] + ".failure")
+
+
+def last_failure(state: str, host: str, session: str):
+    """The last failure of --ensure for HOST/SESSION ({message, at}), or None."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = open_private(failure_path(state, host, session), os.O_RDONLY, "failure note")
+    if fd is None:
+        return None
+    with os.fdopen(fd) as f, contextlib.suppress(ValueError):
+        found = json.load(f)
+        return found if isinstance(found, dict) and isinstance(found.get("message"), str) \
+            else None
+    return None
+
+
+def ensure_said_once(run: Run):
+    """ensure_session; a failure already reported by the run before is not said again
+    (cron mails every output: once per change, not 288 times a day).  It stays visible
+    in --status until a run succeeds."""
+    s = run.session
+    path = failure_path(s.state, s.host, s.name)
+    try:
+        result = ensure_session(run)
+    except Error as e:
+        line = e.text().splitlines()[0]
+        last = last_failure(s.state, s.host, s.name)
+        e.said = bool(last) and last["message"] == line
+        if not e.said:
+            r_write_private(path, json.dumps(dict(message=line, at=int(time.time()))))
+        raise
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    return result
+
+
 def say_ensured(run: Run, results: list) -> None:
     """Tell what --ensure did: nothing when all was well, else one line per repair."""
     if run.args.json:
@@ -4794,29 +4857,35 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
 def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
     s = run.session
-    failures = 0
+    failures, said = 0, None
     while True:
         time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else s.interval)
         current = fresh_record(s)
         if healthy(s, current, conn):
-            rec, failures = current, 0
+            rec, failures, said = current, 0, None
             continue
         try:
             with locked(s.state, s.host, s.name):
                 result = watch_repair(run, conn, fresh_record(s) or rec, params)
         except Error as e:
-            if not link_failure(conn, e):
+            # A login that needs a person, without one: wait for a connection made on a
+            # terminal (`nbtunnel HOST` shares the same one), retrying at the slowest pace.
+            waits = e.kind == "needs-person" and conn.no_prompt
+            if not (waits or link_failure(conn, e)):
                 raise
-            failures += 1
-            log.warning("%s; trying again in %ds", str(e).splitlines()[0],
-                        min(BACKOFF_MAX, 2 ** (failures - 1)))
+            failures = BACKOFF_MAX if waits else failures + 1
+            line = str(e).splitlines()[0]
+            if line != said:  # one line when the state changes, not one per try
+                log.warning("%s; trying again in %ds, and every %ds at most until it changes",
+                            line, min(BACKOFF_MAX, 2 ** (failures - 1)), BACKOFF_MAX)
+                said = line
             continue
         if result is None:
             return
         rec, lines = result
         for line in lines:
             log.info("%s", line)
-        failures = 0
+        failures, said = 0, None
 
 
 def cmd_watch(run: Run) -> int:
@@ -4848,7 +4917,10 @@ def cmd_watch(run: Run) -> int:
                  else "remote port %d" % info["port"], rec["local_port"])
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
              session, s.interval, " and stops the server" if args.terminate else "")
-    s.no_prompt = conn.no_prompt = True
+    # On a terminal a repair may ask again what the login asks (a one-time code): once per
+    # new connection, with the progress line out of the way.  Without one, never.
+    s.no_prompt = True
+    conn.no_prompt = not (sys.stdin is not None and sys.stdin.isatty())
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         watch_loop(run, conn, rec, dict(params, repair=True))
@@ -5363,11 +5435,13 @@ def main(argv=None) -> int:
                 log.info("nothing to terminate: no sessions recorded")
             return 0
         action, say = ((terminate_session, say_terminated) if args.terminate
-                       else (ensure_session, say_ensured))
+                       else (ensure_said_once, say_ensured))
         code, results = every_session(run, cfg, action) if args.all else (0, [action(run)])
         say(run, results)
         return code
     except Error as e:
+        if getattr(e, "said", False):  # --ensure: the run before said it already
+            return e.code
         text = e.text()
         if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why
             text = text.splitlines()[0]
