@@ -4838,7 +4838,7 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     conn.open()
     state = conn.run_helper("status", s.params(sessions=[session]),
                             timeout=min(s.timeout, 15))[0]
-    if state["server"] != "running" and state.get("ended") != "died":
+    if state["server"] == "stopped" and state.get("ended") != "died":
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
         close_tunnel(s, conn, rec)

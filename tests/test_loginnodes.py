@@ -12,6 +12,7 @@ import pytest
 from conftest import _REMOTES, NbtRunner
 from helpers import api_status, kill_masters, wait_until
 from loginnodes import NODES, LoginNodes
+from unattended import finish, wait_logged
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,20 @@ def test_a_node_taken_down(nodes, laptops):
     assert proc.returncode == 0, proc.stderr
     assert "is gone" in proc.stderr and nodes.hostnames["a"] in proc.stderr, proc.stderr
     one_jupyter(nodes, "b")  # the other session keeps running
+
+
+def test_watch_moves_to_a_node_that_answers(nodes, laptops):
+    laptop = laptops()
+    nodes.land_on("a")
+    proc = laptop.popen(nodes.alias, "--watch", "--interval", "1", "--timeout", "10")
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+    one_jupyter(nodes, "a")
+    nodes.take_down("a")
+    nodes.land_on(None)
+    said = wait_logged(proc, "started a new one on login node", 180)
+    assert f"login node {nodes.hostnames['a']}" in said and "is gone" in said, said
+    assert api_status(url) == 200  # the same URL, served from the node that answers
+    one_jupyter(nodes, "b")
+    code, _, err = finish(proc)
+    assert code == 0, err
