@@ -633,7 +633,7 @@ class Session:
         if conn is None:
             conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
             if login_node(rec or {}):  # straight to the node that runs it: one login
-                conn.point(login_node(rec))
+                conn.point(login_node(rec), bool(rec.get("login_jump")))
             if rec and rec.get("socket") and os.path.exists(rec["socket"]):
                 conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
         conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
@@ -3417,17 +3417,8 @@ class Connection(Transport):
         if self.opened_here:
             self.close()
         self.opened_here = False
-        tried = []
-        for jump in (False, True):
-            self.point(node, jump)
-            try:
-                return self.open(fall_back=False)
-            except SshError as e:
-                if e.kind not in SSH_LINK:
-                    raise
-                tried.append(str(e))
-        raise SshError(MSG_NODE_UNREACHABLE.format(host=self.host, detail="; ".join(tried),
-                                                   **node), kind="unreachable")
+        self.point(node)
+        self.open(fall_back=False)
 
     def argv(self, *extra) -> list:
         """ssh with the node's and the user's options and our control socket."""
@@ -3455,18 +3446,27 @@ class Connection(Transport):
         return int(m.group(1)) if m else None
 
     def open(self, fall_back=True) -> None:
-        """Start the master unless one runs; this is the only authentication.  A recorded
-        login node that does not answer is left for HOST (FALL_BACK), whose helper then
-        tells where the session is now."""
-        try:
-            self.open_master()
-        except SshError as e:
-            if not (fall_back and self.node and e.kind in SSH_LINK):
-                raise
-            log.debug("login node %s does not answer (%s); connecting to %s",
-                      self.node["node"], e, self.host)
+        """Start the master unless one runs; this is the only authentication.  A login node
+        is reached at its address, else through HOST; one that does not answer either way
+        is left for HOST (FALL_BACK), whose helper then tells where the session is now."""
+        node, tried = self.node, []
+        for jump in ([self.jump] if self.jump else [False, True]) if node else []:
+            self.point(node, jump)
+            try:
+                return self.open_master()
+            except SshError as e:
+                if e.kind not in SSH_LINK:
+                    raise SshError("%s (reaching its login node %s at %s)" % (
+                        e, node["node"], node["address"]), kind=e.kind) from None
+                tried.append(str(e))
+        if node and not fall_back:
+            raise SshError(MSG_NODE_UNREACHABLE.format(host=self.host, detail="; ".join(tried),
+                                                       **node), kind="unreachable")
+        if node:
+            log.debug("login node %s does not answer (%s); connecting to %s", node["node"],
+                      "; ".join(tried), self.host)
             self.point(None)
-            self.open_master()
+        self.open_master()
 
     def open_master(self) -> None:
         """Start the master unless one runs."""
@@ -3996,6 +3996,7 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
         rec["remote_host"] = info["address"]
     if login_node(info):  # which of the login nodes behind HOST runs it
         rec.update((k, info[k]) for k in LOGIN_FIELDS)
+        rec["login_jump"] = bool(getattr(conn, "node", None) and conn.jump)  # through HOST
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
