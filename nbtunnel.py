@@ -632,10 +632,14 @@ class Session:
         conn = self.tunnel.connection(host, options, self.timeout)
         if conn is None:
             conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
-            if login_node(rec or {}):  # straight to the node that runs it: one login
-                conn.point(login_node(rec), bool(rec.get("login_jump")))
+            node, route = login_node(rec or {}), (rec or {}).get("login_route")
+            if node and route in ("direct", "jump"):  # the way its connection went
+                conn.point(node, route == "jump")
             if rec and rec.get("socket") and os.path.exists(rec["socket"]):
                 conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+            if node and route not in ("direct", "jump") and rec.get("login_direct") \
+                    and not conn.alive():  # a new connection goes straight to the node
+                conn.point(node)
         conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
         return conn
 
@@ -3449,6 +3453,8 @@ class Connection(Transport):
         """Start the master unless one runs; this is the only authentication.  A login node
         is reached at its address, else through HOST; one that does not answer either way
         is left for HOST (FALL_BACK), whose helper then tells where the session is now."""
+        if self.alive():
+            return
         node, tried = self.node, []
         for jump in ([self.jump] if self.jump else [False, True]) if node else []:
             self.point(node, jump)
@@ -3996,7 +4002,15 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
         rec["remote_host"] = info["address"]
     if login_node(info):  # which of the login nodes behind HOST runs it
         rec.update((k, info[k]) for k in LOGIN_FIELDS)
-        rec["login_jump"] = bool(getattr(conn, "node", None) and conn.jump)  # through HOST
+        # How the connection of this record goes (to HOST, wherever it lands; to the node's
+        # address; through HOST to it), and whether a new one may go straight to the node.
+        via = getattr(conn, "node", None)
+        rec["login_route"] = "name" if not via else "jump" if conn.jump else "direct"
+        known = old and old.get("login_address") == info["login_address"] and old.get(
+            "login_port") == info["login_port"] and "login_direct" in old  # probed before
+        rec["login_direct"] = rec["login_route"] == "direct" or not via and (
+            old["login_direct"] if known else port_answers(info["login_address"],
+                                                           info["login_port"]))
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
@@ -4216,6 +4230,18 @@ def check_local_port(port: int) -> None:
 
 MSG_NODE_GONE = ("login node {node} of {host}, which ran session {session}, is gone (down or out "
                  "of the rotation); its server went with it")
+
+
+def port_answers(address: str, port: int, timeout: float = 2.0) -> bool:
+    """Does ADDRESS:PORT accept a TCP connection from here (no login: is a login node's sshd
+    reachable at its own address, or only through the name)?"""
+    import socket
+
+    try:
+        socket.create_connection((address, port), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def on_node(rec: dict) -> str:
@@ -4855,6 +4881,11 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     return new, lines
 
 
+def on_terminal() -> bool:
+    """Is there a person at a terminal who could answer ssh's questions?"""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
     s = run.session
@@ -4862,6 +4893,9 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     while True:
         time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else s.interval)
         current = fresh_record(s)
+        if current and current.get("socket") not in (None, conn.socket):
+            conn = s.connection(current)  # another command made the session a new connection
+            conn.no_prompt = not on_terminal()
         if healthy(s, current, conn):
             rec, failures, said = current, 0, None
             continue
@@ -4921,7 +4955,7 @@ def cmd_watch(run: Run) -> int:
     # On a terminal a repair may ask again what the login asks (a one-time code): once per
     # new connection, with the progress line out of the way.  Without one, never.
     s.no_prompt = True
-    conn.no_prompt = not (sys.stdin is not None and sys.stdin.isatty())
+    conn.no_prompt = not on_terminal()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         watch_loop(run, conn, rec, dict(params, repair=True))
@@ -4934,7 +4968,9 @@ def cmd_watch(run: Run) -> int:
         s.records = load_records(s.state)
         say_terminated(run, [terminate_session(run)])
         return 0
-    close_tunnel(s, conn, fresh_record(s) or rec)
+    last = fresh_record(s) or rec
+    close_tunnel(s, conn if last.get("socket") in (None, conn.socket) else s.connection(last),
+                 last)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import _REMOTES, NbtRunner
 from helpers import api_status, kill_masters, wait_until
 from otphost import OtpHost, otp_missing
-from unattended import TcpProxy, proxy_config
+from unattended import TcpProxy, finish, proxy_config, wait_logged
 
 PROMPT = "One-time password (OATH) for"
 
@@ -106,6 +106,17 @@ def on_terminal(nbt: NbtRunner, otp: OtpHost, *args: str) -> OnTerminal:
     return OnTerminal(otp, nbt.argv(*args), nbt._env(None))
 
 
+def pending(proc) -> str:
+    """What PROC has written on stderr and not been read yet."""
+    seen = ""
+    while select.select([proc.stderr], [], [], 0.5)[0]:
+        chunk = os.read(proc.stderr.fileno(), 65536)
+        if not chunk:
+            break
+        seen += chunk.decode()
+    return seen
+
+
 def url_in(text: str) -> str:
     return re.search(r"http://127\.0\.0\.1:\d+/\S+token=\w+", text).group(0)
 
@@ -165,6 +176,38 @@ def test_watch_asks_once_after_a_cut_link(onbt, otp):
         assert term.codes == 2, term.output  # one code for the repair, not one per try
         assert api_status(url) == 200  # the same URL answers again
         assert term.interrupt() == 0, term.output
+    finally:
+        proxy.cut()
+        kill_masters(config)
+
+
+def test_watch_without_terminal_waits_for_a_person(onbt, otp):
+    """Under systemd: it cannot type the code, says so once, and picks up the connection
+    that the user then opens on a terminal."""
+    proxy = TcpProxy((otp.ip, otp.port))
+    config = proxy_config(onbt, otp, proxy, "nbotpproxy")
+    config.write_text(config.read_text().replace("    BatchMode yes\n", ""))
+    onbt.ssh_config = config
+    try:
+        term = on_terminal(onbt, otp, "nbotpproxy")
+        assert term.finish() == 0 and term.codes == 1, term.output
+        url = url_in(term.output)
+        proc = onbt.popen("nbotpproxy", "--watch", "--interval", "1", "--timeout", "10")
+        line = proc.stdout.readline().strip()
+        assert line == url, (line, proc.poll(), pending(proc))
+        proxy.cut()
+        proxy.restore()
+        said = wait_logged(proc, "cron cannot type", 90)
+        time.sleep(40)  # more than one try at the slowest pace: no second line
+        said += pending(proc)
+        assert said.count("one-time code") == 1, said
+        term = on_terminal(onbt, otp, "nbotpproxy")  # the user types one code on a terminal
+        assert term.finish() == 0 and term.codes == 1, term.output
+        assert url_in(term.output) == url and api_status(url) == 200
+        time.sleep(35)  # the watch finds it healthy and keeps going
+        assert proc.poll() is None
+        code, _, err = finish(proc)
+        assert code == 0 and "one-time code" not in err, err
     finally:
         proxy.cut()
         kill_masters(config)
