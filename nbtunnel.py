@@ -2092,6 +2092,13 @@ def r_elsewhere(st):
                 alive=bool(address and port) and r_node_answers(address, port))
 
 
+def r_node_gone(p, away):
+    """Is the login node AWAY proven gone?  Its sshd answers neither this node nor the
+    local side (which names it in P's "gone" after it failed to reach it): then, and only
+    then, its session may be started elsewhere or forgotten."""
+    return not away["alive"] and away["login_node"] in (p.get("gone") or ())
+
+
 def r_away(session, away):
     """The RemoteFail that sends the local side to the node AWAY of SESSION."""
     return RemoteFail("elsewhere", "session %s runs on login node %s (%s)"
@@ -2111,7 +2118,7 @@ def r_session_start(p):
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         away = r_elsewhere(r_read_json(paths["state"]))
-        if away and away["alive"]:
+        if away and not r_node_gone(p, away):
             raise r_away(session, away)
         if away:  # its node is gone: the server went with it, this node takes over
             r_forget(paths)
@@ -2377,7 +2384,7 @@ def r_op_stop(p):
         st = r_read_json(paths["state"])
         mgr = r_session_manager(p, st)
         away = r_elsewhere(st)
-        if away and away["alive"]:
+        if away and not r_node_gone(p, away):
             raise r_away(p["session"], away)
         if away:  # gone with its node: nothing to stop, the record is forgotten
             r_forget(paths)
@@ -3337,7 +3344,8 @@ class Transport:
             except RemoteError as e:
                 if e.kind != "elsewhere" or hop == 2:
                     raise
-                self.follow(e.answer)
+                if self.follow(e.answer):  # gone from there and from here: it may say so
+                    params = dict(params, gone=[e.answer["login_node"]])
         raise AssertionError("not reached")
 
     node = None  # the login node this connection reaches behind HOST, when it is told one
@@ -3347,8 +3355,9 @@ class Transport:
         HOST with JUMP; None: HOST itself, wherever it lands."""
         self.node, self.jump = node, jump
 
-    def follow(self, answer: dict) -> None:
-        """The session lives on another login node (ANSWER names it): reach that node."""
+    def follow(self, answer: dict) -> bool:
+        """The session lives on another login node (ANSWER names it): reach that node; True
+        when it cannot be reached from here either (it is gone), the connection unchanged."""
         raise Error("%s: session runs on login node %s (%s), which the %s tunnel cannot "
                     "reach directly; connect to that node by its own name"
                     % (self.host, answer.get("login_node"), answer.get("login_address"),
@@ -3409,20 +3418,37 @@ class Connection(Transport):
             "\0%s\0%d\0%s" % (node["address"], node["port"], jump) if node else "")
         self.socket = os.path.join(control_dir(), hashlib.sha1(where.encode()).hexdigest()[:16])
 
-    def follow(self, answer: dict) -> None:
+    def follow(self, answer: dict) -> bool:
         """The session lives on another login node (ANSWER names it): reach that node by its
-        address, else through HOST; the connection this command opened to HOST ends."""
+        address, else through HOST; then the connection this command opened to HOST ends.
+        A node that the node we landed on could not reach either is tried at its address
+        only: when that fails too, it is gone (True), and the connection stays as it was."""
         node = login_node(answer)
         if node is None:
             raise Error("%s: session runs on login node %s, whose address is unknown"
                         % (self.host, answer.get("login_node")), kind="elsewhere")
         log.debug("%s: the session lives on login node %s (%s)", self.host, node["node"],
                   node["address"])
-        if self.opened_here:
-            self.close()
-        self.opened_here = False
+        landed, opened = self.socket, self.opened_here
         self.point(node)
-        self.open(fall_back=False)
+        self.opened_here = False
+        try:
+            self.open(fall_back=False, jump=answer.get("alive", True))
+        except SshError as e:
+            if e.kind not in SSH_LINK or answer.get("alive", True):
+                self.exit_master(landed, opened)
+                raise
+            self.point(None)
+            self.socket, self.opened_here = landed, opened
+            return True
+        self.exit_master(landed, opened)
+        return False
+
+    def exit_master(self, socket: str, opened: bool) -> None:
+        """End the master at SOCKET when this command OPENED it."""
+        if opened and os.path.exists(socket):
+            subproc(["ssh"] + self.options + ["-S", socket, "-O", "exit", self.host],
+                    stdin=subprocess.DEVNULL, capture_output=True)
 
     def argv(self, *extra) -> list:
         """ssh with the node's and the user's options and our control socket."""
@@ -3449,14 +3475,16 @@ class Connection(Transport):
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
-    def open(self, fall_back=True) -> None:
+    def open(self, fall_back=True, jump=False) -> None:
         """Start the master unless one runs; this is the only authentication.  A login node
-        is reached at its address, else through HOST; one that does not answer either way
-        is left for HOST (FALL_BACK), whose helper then tells where the session is now."""
+        is reached the way it was (at its address, or through HOST), with JUMP also through
+        HOST after its address failed; one that does not answer is left for HOST
+        (FALL_BACK), whose helper then tells where the session is now."""
         if self.alive():
             return
         node, tried = self.node, []
-        for jump in ([self.jump] if self.jump else [False, True]) if node else []:
+        ways = [True] if self.jump else [False, True] if jump else [False]
+        for jump in ways if node else []:
             self.point(node, jump)
             try:
                 return self.open_master()

@@ -175,6 +175,7 @@ class LoginNodes(RemoteHost):
         # The nodes' own link: each reaches the other's address through it.
         (ns_a, end_a), (ns_b, end_b) = ends
         ip_a, ip_b = (str(a) for a in subnets[-1].hosts())
+        self.peer_via = {"a": ip_b, "b": ip_a}  # where each node sends packets for the other
         for command in (f"ip link add {end_a} type veth peer name {end_b}",
                         f"ip link set {end_a} netns {ns_a}", f"ip link set {end_b} netns {ns_b}",
                         f"ip netns exec {ns_a} ip addr add {ip_a}/30 dev {end_a}",
@@ -237,6 +238,13 @@ LogLevel VERBOSE
         """Send every new connection to the name to NODE (None: round robin)."""
         assert self.front is not None
         self.front.chosen = None if node is None else (self.addresses[node], 22)
+
+    def reach_peer(self, node: str, reach: bool) -> None:
+        """Let NODE reach the other node's address, or not (a firewall between them)."""
+        other = next(n for n in NODES if n != node)
+        verb = "replace" if reach else "del"
+        _root(["ip", "netns", "exec", self.node_ns[node], "ip", "route", verb,
+               f"{self.addresses[other]}/32", "via", self.peer_via[node]], check=reach)
 
     def node_of(self, pid: int) -> str | None:
         """The node whose pid namespace holds PID."""

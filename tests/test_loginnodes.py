@@ -41,9 +41,10 @@ def laptops(nodes: LoginNodes) -> Iterator:
     nodes.land_on(None)
     yield lambda: _runner(nodes, made)
     nodes.land_on(None)
-    for node in NODES:  # a test that took a node down brings it back first
+    for node in NODES:  # a test that took a node down or apart brings it back first
         if node not in nodes.inits:
             nodes.start_node(node)
+        nodes.reach_peer(node, True)
     for runner in made:
         runner.cleanup()
     subprocess.run(["rm", "-rf", str(nodes.home / ".local/state/nbtunnel")], check=False)
@@ -193,3 +194,20 @@ def test_watch_moves_to_a_node_that_answers(nodes, laptops):
     one_jupyter(nodes, "b")
     code, _, err = finish(proc)
     assert code == 0, err
+
+
+def test_a_node_the_landing_node_cannot_reach_is_not_taken_for_gone(nodes, laptops):
+    """Proof that a node is gone takes both ends: the node the name lands on, and this side."""
+    laptop, other = laptops(), laptops()
+    nodes.land_on("a")
+    info = start(laptop)
+    nodes.reach_peer("b", False)
+    kill_masters(nodes.ssh_config)
+    nodes.land_on("b")
+    seen = start(other)  # b cannot reach a; this side can: a lives
+    assert seen["reused"] and seen["token"] == info["token"], seen
+    one_jupyter(nodes, "a")
+    kill_masters(nodes.ssh_config)
+    proc = other.run(nodes.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0 and "stopped" in proc.stderr, proc.stderr
+    wait_until(lambda: not any(nodes.jupyters().values()), 30, message="jupyter stopped")
