@@ -118,6 +118,14 @@ MSG_AUTH = (
     "{host} refused authentication ({detail}). Without a terminal (cron), ssh needs a "
     "key without a passphrase or a running ssh-agent (SSH_AUTH_SOCK)"
 )
+MSG_NEEDS_PERSON = (
+    "{host} asks for a one-time code or a password after the key ({detail}), which cron cannot "
+    "type: run `nbtunnel {host}` on a terminal; cron can use that connection while it lives"
+)
+MSG_NEEDS_PERSON_TTY = (
+    "{host} asked for a one-time code or a password after the key and did not accept what was "
+    "typed ({detail}); run the command again and type a fresh code"
+)
 MSG_UNREACHABLE = "cannot reach {host}: {detail}"
 MSG_NO_PYTHON = "no python3 or python on the PATH of {host}; nbtunnel needs Python 3.6+ there"
 MSG_NO_STREAMLOCAL = (
@@ -192,7 +200,8 @@ class RemoteError(Error):
 
 
 # ssh failures that no retry can mend, and those a later try may (a link that is down).
-SSH_REFUSALS = ("hostkey-unknown", "hostkey-changed", "auth", "no-ssh", "no-python")
+SSH_REFUSALS = ("hostkey-unknown", "hostkey-changed", "auth", "no-ssh", "no-python",
+                "needs-person")
 SSH_LINK = ("unreachable", "no-answer")
 
 
@@ -431,6 +440,11 @@ def classify_ssh_error(host: str, stderr: str) -> SshError:
         found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
         offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
         return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
+    denied = re.search(r"Permission denied \(([^)]*)\)", text)
+    methods = denied.group(1).split(",") if denied else []
+    if methods and "publickey" not in methods and (
+            "keyboard-interactive" in methods or "password" in methods):
+        return ssh_error(host, "needs-person", last)  # the key was taken; a person must go on
     if "Permission denied" in text or "Too many authentication failures" in text:
         return ssh_error(host, "auth", last)
     return ssh_error(host, "unreachable", last)
@@ -680,8 +694,14 @@ class Session:
         conn = self.tunnel.connection(host, options, self.timeout)
         if conn is None:
             conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
+            node, route = login_node(rec or {}), (rec or {}).get("login_route")
+            if node and route in ("direct", "jump"):  # the way its connection went
+                conn.point(node, route == "jump")
             if rec and rec.get("socket") and os.path.exists(rec["socket"]):
                 conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+            if node and route not in ("direct", "jump") and rec.get("login_direct") \
+                    and not conn.alive():  # a new connection goes straight to the node
+                conn.point(node)
         conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
         return conn
 
@@ -1452,6 +1472,8 @@ def r_server(session):
     st = r_read_json(r_files(session)["state"])
     if not st:
         return None, "nothing is recorded for session %s" % session
+    if st.get("login_node") not in (None, r_this_node()[0]):
+        return None, "it runs on login node %s" % st["login_node"]
     if not r_pid_is_ours(st.get("pid"), st.get("pid_start")):
         return None, "its process (pid %s) has ended" % st.get("pid")
     info = r_read_json(st.get("runtime_file") or "", owned=True) or {}
@@ -1463,7 +1485,8 @@ def r_server(session):
                 base_url=info.get("base_url", "/"), log=st.get("log"),
                 manager=st.get("manager"), app=st.get("app"), root_dir=info.get(
                     "root_dir", info.get("notebook_dir")), started=st.get("started"),
-                options=st.get("options")), None
+                options=st.get("options"), login_node=st.get("login_node"),
+                login_address=st.get("login_address"), login_port=st.get("login_port")), None
 
 
 def r_probe(session):
@@ -2270,6 +2293,65 @@ def r_node_address(spec, submit_host):
                                       ", ".join(resolve(socket.gethostname())) or "nothing"))
 
 
+# Login nodes ----------------------------------------------------------------
+#
+# Several login nodes may stand behind one name, sharing homes (so this state directory)
+# but not processes, /tmp or tmux servers.  A session's record says which node runs its
+# server; a helper that lands on another node never touches it (its pid means nothing
+# here) and answers where it lives, or that its node is gone.
+
+def r_this_node():
+    """(hostname, address, port) of this login node: its name, and where this helper's ssh
+    connection reached it (the server end of SSH_CONNECTION; "" and 0 when unknown)."""
+    import socket
+
+    words = os.environ.get("SSH_CONNECTION", "").split()
+    if len(words) == 4 and words[3].isdigit():
+        return socket.gethostname(), words[2], int(words[3])
+    return socket.gethostname(), "", 0
+
+
+def r_node_answers(address, port, timeout=5):
+    """Does the sshd of a login node at ADDRESS:PORT accept a connection from here?"""
+    import socket
+
+    try:
+        socket.create_connection((address, int(port)), timeout).close()
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def r_elsewhere(st):
+    """None when the session recorded as ST (if any) belongs to this login node; else its
+    node, address, port and whether that node's sshd answers (alive: the server may run
+    there; not alive: the node is down or gone, and its server with it)."""
+    node = (st or {}).get("login_node")
+    if not node or node == r_this_node()[0]:
+        return None
+    address, port = st.get("login_address") or "", st.get("login_port") or 0
+    return dict(login_node=node, login_address=address, login_port=port,
+                alive=bool(address and port) and r_node_answers(address, port))
+
+
+def r_node_gone(p, away):
+    """Is the login node AWAY proven gone?  Its sshd answers neither this node nor the
+    local side (which names it in P's "gone" after it failed to reach it): then, and only
+    then, its session may be started elsewhere or forgotten."""
+    return not away["alive"] and away["login_node"] in (p.get("gone") or ())
+
+
+def r_away(session, away):
+    """The RemoteFail that sends the local side to the node AWAY of SESSION."""
+    return RemoteFail("elsewhere", "session %s runs on login node %s (%s)"
+                      % (session, away["login_node"], away["login_address"]), **away)
+
+
+def r_forget(paths):
+    """Drop the remote record of a session whose login node is gone."""
+    r_remove(paths["state"], paths["pid"], paths["spec"])
+
+
 # Operations -----------------------------------------------------------------
 
 def r_session_start(p):
@@ -2277,48 +2359,61 @@ def r_session_start(p):
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
+        away = r_elsewhere(r_read_json(paths["state"]))
+        if away and not r_node_gone(p, away):
+            raise r_away(session, away)
+        if away:  # its node is gone: the server went with it, this node takes over
+            r_forget(paths)
         info = r_probe(session)
         if info:
             info["reused"] = True
             return info
-        if p.get("unix_socket"):  # checked before anything starts
-            p = dict(p, sock=r_socket_path(session, min(R_SOCK_MAX, p.get("sock_max") or 999)))
-        shell, env = r_login_env(p["env_steps"], timeout)
-        for program in [mgr["program"]] if mgr.get("program") else []:
-            if not r_which(program, env):
-                raise RemoteFail("no-manager", "%s is not installed on this host (not on the "
-                                 "login PATH); install it or choose another --manager" % program)
-        st = r_read_json(paths["state"])
-        if st:  # ours, but unusable (no runtime file, or not holding its port): end it
-            r_kill(st.get("pid"), st.get("pid_start"))
-        alive = r_run_manager(mgr, "alive", session, env)
-        if alive and alive[0] == 0:
-            if not st:
-                raise RemoteFail("session-exists", "a %s session named %s already exists and "
-                                 "was not started by nbtunnel; choose another --session"
-                                 % (mgr["name"], session))
-            r_run_manager(mgr, "stop", session, env)  # ours, whose server is gone
-        argv, cwd = r_jupyter_argv(p, shell, env)
-        if p.get("sock"):
-            r_remove_socket(p["sock"])  # left by a server that was killed (ours: r_kill above)
-            info = r_start_server(p, paths, env, argv + ["--sock=" + p["sock"],
-                                                         "--sock-mode=0600"], cwd)
-            if info:
-                info["reused"] = False
-                return info
-            raise RemoteFail("launch", "Jupyter could not listen on %s" % p["sock"],
-                             log_tail=r_tail(paths["log"]))
-        for _ in range(1 if p.get("remote_port") else 3):
-            port = p.get("remote_port") or r_free_port()
-            info = r_start_server(p, paths, env, argv + ["--port=%d" % port], cwd)
-            if info:
-                info["reused"] = False
-                return info
-        if p.get("remote_port"):
-            raise RemoteFail("port", "remote port %d is already in use on this host; choose "
-                             "another --remote-port or leave it out" % p["remote_port"])
-        raise RemoteFail("launch", "the remote port was taken each time Jupyter started",
+        info = r_session_launch(p, paths, session, mgr, timeout)
+        if away:
+            info["node_gone"] = away["login_node"]
+        return info
+
+
+def r_session_launch(p, paths, session, mgr, timeout):
+    """With the lock held and no live server: start one on this node; its info."""
+    if p.get("unix_socket"):  # checked before anything starts
+        p = dict(p, sock=r_socket_path(session, min(R_SOCK_MAX, p.get("sock_max") or 999)))
+    shell, env = r_login_env(p["env_steps"], timeout)
+    for program in [mgr["program"]] if mgr.get("program") else []:
+        if not r_which(program, env):
+            raise RemoteFail("no-manager", "%s is not installed on this host (not on the "
+                             "login PATH); install it or choose another --manager" % program)
+    st = r_read_json(paths["state"])
+    if st:  # ours, but unusable (no runtime file, or not holding its port): end it
+        r_kill(st.get("pid"), st.get("pid_start"))
+    alive = r_run_manager(mgr, "alive", session, env)
+    if alive and alive[0] == 0:
+        if not st:
+            raise RemoteFail("session-exists", "a %s session named %s already exists and "
+                             "was not started by nbtunnel; choose another --session"
+                             % (mgr["name"], session))
+        r_run_manager(mgr, "stop", session, env)  # ours, whose server is gone
+    argv, cwd = r_jupyter_argv(p, shell, env)
+    if p.get("sock"):
+        r_remove_socket(p["sock"])  # left by a server that was killed (ours: r_kill above)
+        info = r_start_server(p, paths, env, argv + ["--sock=" + p["sock"],
+                                                     "--sock-mode=0600"], cwd)
+        if info:
+            info["reused"] = False
+            return info
+        raise RemoteFail("launch", "Jupyter could not listen on %s" % p["sock"],
                          log_tail=r_tail(paths["log"]))
+    for _ in range(1 if p.get("remote_port") else 3):
+        port = p.get("remote_port") or r_free_port()
+        info = r_start_server(p, paths, env, argv + ["--port=%d" % port], cwd)
+        if info:
+            info["reused"] = False
+            return info
+    if p.get("remote_port"):
+        raise RemoteFail("port", "remote port %d is already in use on this host; choose "
+                         "another --remote-port or leave it out" % p["remote_port"])
+    raise RemoteFail("launch", "the remote port was taken each time Jupyter started",
+                     log_tail=r_tail(paths["log"]))
 
 
 def r_jupyter_argv(p, shell, env):
@@ -2368,10 +2463,13 @@ def r_start_server(p, paths, env, argv, cwd):
     pid, start, runtime = r_wait_runtime_file(p, paths, env, started, deadline)
     if pid is None:
         return None
+    node, address, port = r_this_node()
     r_write_json(paths["state"], dict(session=session, pid=pid, pid_start=start,
                                       runtime_file=runtime, log=paths["log"],
                                       manager=mgr["name"], app=p.get("app"), started=started,
-                                      options=p.get("options"), sock=p.get("sock")))
+                                      options=p.get("options"), sock=p.get("sock"),
+                                      login_node=node, login_address=address,
+                                      login_port=port))
     try:
         if p.get("sock"):
             r_check_sock(p, runtime)
@@ -2507,6 +2605,9 @@ def r_session_status(session, mgr, st):
     if info:
         info["server"] = "running"
         return info
+    away = r_elsewhere(st)
+    if away:  # running there, or gone with its node
+        return dict(away, session=session, server="elsewhere" if away["alive"] else "gone")
     return dict(session=session, server="stopped", ended=r_how_ended(session))
 
 
@@ -2530,6 +2631,13 @@ def r_op_stop(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         mgr = r_session_manager(p, st)
+        away = r_elsewhere(st)
+        if away and not r_node_gone(p, away):
+            raise r_away(p["session"], away)
+        if away:  # gone with its node: nothing to stop, the record is forgotten
+            r_forget(paths)
+            r_write_json(paths["ended"], dict(how="terminated", at=time.time()))
+            return dict(stopped=False, node_gone=away["login_node"], was_recorded=True)
         out = R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
         if not out.get("busy"):
             r_write_json(paths["ended"], dict(how="terminated", at=time.time()))
@@ -2643,9 +2751,11 @@ def parse_result(host: str, stdout: str, stderr: str, code: int):
                 break
             if answer.get("ok"):
                 return answer["result"]
-            raise RemoteError("%s: %s" % (host, answer.get("message")),
+            err = RemoteError("%s: %s" % (host, answer.get("message")),
                               kind=answer.get("kind") or "internal",
                               log_tail=answer.get("log_tail") or "")
+            err.answer = answer  # what else the remote said (where the session lives)
+            raise err
     if code == 255:  # ssh's own failure: its words, not the remote shell's
         raise classify_ssh_error(host, stderr)
     if re.search(r"(?i)\bpython3?\b.{0,20}not found|unknown command:? \W?python", stderr):
@@ -3405,7 +3515,8 @@ def signals(handler):
 
 
 SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
-                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
+                "auth": MSG_AUTH, "needs-person": MSG_NEEDS_PERSON,
+                "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
                 "no-answer": "{host} did not answer within {detail}"}
 
 
@@ -3498,10 +3609,40 @@ class Transport:
         names.  WAIT is what the progress line says meanwhile (by default, as OP says)."""
         text = HELPER_WAIT.get(op, "waiting for %s")
         wait = wait or (text % self.host if text else None)
-        with progress(wait) if wait else contextlib.nullcontext():
-            out, err, code = self.pipe(REMOTE_COMMAND, remote_program(op, params), timeout)
-        return parse_result(self.host, out.decode("utf-8", "replace"),
-                            err.decode("utf-8", "replace"), code)
+        for hop in range(3):  # the name, then the session's login node (directly or not)
+            try:
+                with progress(wait) if wait else contextlib.nullcontext():
+                    out, err, code = self.pipe(REMOTE_COMMAND, remote_program(op, params),
+                                               timeout)
+                return parse_result(self.host, out.decode("utf-8", "replace"),
+                                    err.decode("utf-8", "replace"), code)
+            except SshError as e:  # the recorded node does not answer: land on the name
+                if e.kind not in SSH_LINK or not self.node or hop == 2:
+                    raise
+                log.debug("login node %s does not answer (%s); asking %s", self.node["node"],
+                          e, self.host)
+                self.point(None)
+            except RemoteError as e:
+                if e.kind != "elsewhere" or hop == 2:
+                    raise
+                if self.follow(e.answer):  # gone from there and from here: it may say so
+                    params = dict(params, gone=[e.answer["login_node"]])
+        raise AssertionError("not reached")
+
+    node = None  # the login node this connection reaches behind HOST, when it is told one
+
+    def point(self, node, jump=False) -> None:
+        """Reach login NODE (a dict: node, address, port) behind HOST from now on, through
+        HOST with JUMP; None: HOST itself, wherever it lands."""
+        self.node, self.jump = node, jump
+
+    def follow(self, answer: dict) -> bool:
+        """The session lives on another login node (ANSWER names it): reach that node; True
+        when it cannot be reached from here either (it is gone), the connection unchanged."""
+        raise Error("%s: session runs on login node %s (%s), which the %s tunnel cannot "
+                    "reach directly; connect to that node by its own name"
+                    % (self.host, answer.get("login_node"), answer.get("login_address"),
+                       type(self).__name__), kind="elsewhere")
 
     def finish_helper(self):
         """After an interrupted run_helper: wait until the remote operation has ended and
@@ -3537,17 +3678,62 @@ class Connection(Transport):
     """One OpenSSH master connection to HOST, shared by every step of a command."""
 
     def __init__(self, host: str, options: list, key: str, timeout: float):
-        import hashlib
-
-        self.host, self.options, self.timeout = host, list(options), timeout
-        digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
-        self.socket = os.path.join(control_dir(), digest)
+        self.host, self.options, self.timeout, self.key = host, list(options), timeout, key
+        self.point(None)
         self.opened_here = False
         self.no_prompt = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
 
+    def point(self, node, jump=False) -> None:
+        """Reach login NODE behind HOST from now on (None: HOST, wherever it lands): its
+        address, with HOST's user, keys and options, and HOST's host key (login nodes
+        behind one name share one); with JUMP, through HOST.  Each has its own master."""
+        import hashlib
+
+        self.node, self.jump, self.node_words = node, jump, []
+        if node:
+            self.node_words = ["-o", "HostName=%s" % node["address"], "-o",
+                               "Port=%d" % node["port"], "-o", "HostKeyAlias=%s"
+                               % host_key_name(self.options, self.host), "-o", "CheckHostIP=no"]
+            self.node_words += ["-o", "ProxyJump=%s" % self.host] if jump else []
+        where = "%s\0%s" % (self.key, self.host) + (
+            "\0%s\0%d\0%s" % (node["address"], node["port"], jump) if node else "")
+        self.socket = os.path.join(control_dir(), hashlib.sha1(where.encode()).hexdigest()[:16])
+
+    def follow(self, answer: dict) -> bool:
+        """The session lives on another login node (ANSWER names it): reach that node by its
+        address, else through HOST; then the connection this command opened to HOST ends.
+        A node that the node we landed on could not reach either is tried at its address
+        only: when that fails too, it is gone (True), and the connection stays as it was."""
+        node = login_node(answer)
+        if node is None:
+            raise Error("%s: session runs on login node %s, whose address is unknown"
+                        % (self.host, answer.get("login_node")), kind="elsewhere")
+        log.debug("%s: the session lives on login node %s (%s)", self.host, node["node"],
+                  node["address"])
+        landed, opened = self.socket, self.opened_here
+        self.point(node)
+        self.opened_here = False
+        try:
+            self.open(fall_back=False, jump=answer.get("alive", True))
+        except SshError as e:
+            if e.kind not in SSH_LINK or answer.get("alive", True):
+                self.exit_master(landed, opened)
+                raise
+            self.point(None)
+            self.socket, self.opened_here = landed, opened
+            return True
+        self.exit_master(landed, opened)
+        return False
+
+    def exit_master(self, socket: str, opened: bool) -> None:
+        """End the master at SOCKET when this command OPENED it."""
+        if opened and os.path.exists(socket):
+            subproc(["ssh"] + self.options + ["-S", socket, "-O", "exit", self.host],
+                    stdin=subprocess.DEVNULL, capture_output=True)
+
     def argv(self, *extra) -> list:
-        """ssh with the user's options and our control socket."""
-        words = ["ssh"] + self.options + ["-S", self.socket]
+        """ssh with the node's and the user's options and our control socket."""
+        words = ["ssh"] + self.node_words + self.options + ["-S", self.socket]
         if self.no_prompt:
             words += ["-o", "BatchMode=yes"]
         return words + list(extra)
@@ -3570,8 +3756,35 @@ class Connection(Transport):
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
-    def open(self) -> None:
-        """Start the master unless one runs; this is the only authentication."""
+    def open(self, fall_back=True, jump=False) -> None:
+        """Start the master unless one runs; this is the only authentication.  A login node
+        is reached the way it was (at its address, or through HOST), with JUMP also through
+        HOST after its address failed; one that does not answer is left for HOST
+        (FALL_BACK), whose helper then tells where the session is now."""
+        if self.alive():
+            return
+        node, tried = self.node, []
+        ways = [True] if self.jump else [False, True] if jump else [False]
+        for jump in ways if node else []:
+            self.point(node, jump)
+            try:
+                return self.open_master()
+            except SshError as e:
+                if e.kind not in SSH_LINK:
+                    raise SshError("%s (reaching its login node %s at %s)" % (
+                        e, node["node"], node["address"]), kind=e.kind) from None
+                tried.append(str(e))
+        if node and not fall_back:
+            raise SshError(MSG_NODE_UNREACHABLE.format(host=self.host, detail="; ".join(tried),
+                                                       **node), kind="unreachable")
+        if node:
+            log.debug("login node %s does not answer (%s); connecting to %s", node["node"],
+                      "; ".join(tried), self.host)
+            self.point(None)
+        self.open_master()
+
+    def open_master(self) -> None:
+        """Start the master unless one runs."""
         if self.alive():
             return
         with contextlib.suppress(FileNotFoundError):
@@ -3604,7 +3817,11 @@ class Connection(Transport):
         # ssh -f returns 0 only once it is authenticated and the master listens on its
         # socket: no `ssh -O check` needed to believe it.
         if code != 0 or not os.path.exists(self.socket):
-            raise classify_ssh_error(self.host, text + offered_host_key(self, text))
+            err = classify_ssh_error(self.host, text + offered_host_key(self, text))
+            if err.kind == "needs-person" and not self.no_prompt:  # it asked, and was answered
+                err = SshError(MSG_NEEDS_PERSON_TTY.format(
+                    host=self.host, detail=text.strip().splitlines()[-1]), kind=err.kind)
+            raise err
         self.opened_here = True
 
     def may_prompt(self):
@@ -3648,6 +3865,44 @@ class Connection(Transport):
         if os.path.exists(self.socket):
             subproc(self.argv("-O", "exit", self.host), stdin=subprocess.DEVNULL,
                     capture_output=True)
+
+
+MSG_NODE_UNREACHABLE = (
+    "session runs on login node {node} of {host} ({address} port {port}), which cannot be "
+    "reached from here, neither directly nor through {host}: {detail}. Reach {node} with "
+    "ssh yourself, or terminate the session from there")
+
+
+def login_node(answer: dict):
+    """The login node (node, address, port) that ANSWER or a record names, or None when it
+    names none that could be connected to."""
+    import ipaddress
+
+    address, port = answer.get("login_address"), answer.get("login_port")
+    try:
+        ipaddress.ip_address(address)
+        if not (isinstance(port, int) and 0 < port < 65536 and answer.get("login_node")):
+            return None
+    except ValueError:
+        return None
+    return dict(node=str(answer["login_node"]), address=address, port=port)
+
+
+def host_key_name(options: list, host: str) -> str:
+    """The name HOST's host key is known under (what ssh -G says: its HostKeyAlias, else its
+    HostName, with the port when not 22), so that a login node behind HOST is checked
+    against the key the user trusts for HOST."""
+    try:
+        r = subproc(["ssh"] + list(options) + ["-G", host], stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        r = None
+    seen = dict(line.split(" ", 1) for line in (r.stdout if r else "").splitlines()
+                if " " in line)
+    if seen.get("hostkeyalias", "none") != "none":
+        return seen["hostkeyalias"]
+    name, port = seen.get("hostname", host), seen.get("port", "22")
+    return name if port == "22" else "[%s]:%s" % (name, port)
 
 
 def offered_host_key(conn, stderr: str) -> str:
@@ -4090,6 +4345,17 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
     rec.update((k, info[k]) for k in JOB_FIELDS if info.get(k) is not None)
     if info.get("address"):  # where a batch job's server listens, as the login node sees it
         rec["remote_host"] = info["address"]
+    if login_node(info):  # which of the login nodes behind HOST runs it
+        rec.update((k, info[k]) for k in LOGIN_FIELDS)
+        # How the connection of this record goes (to HOST, wherever it lands; to the node's
+        # address; through HOST to it), and whether a new one may go straight to the node.
+        via = getattr(conn, "node", None)
+        rec["login_route"] = "name" if not via else "jump" if conn.jump else "direct"
+        known = old and old.get("login_address") == info["login_address"] and old.get(
+            "login_port") == info["login_port"] and "login_direct" in old  # probed before
+        rec["login_direct"] = rec["login_route"] == "direct" or not via and (
+            old["login_direct"] if known else port_answers(info["login_address"],
+                                                           info["login_port"]))
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
@@ -4308,6 +4574,27 @@ def check_local_port(port: int) -> None:
                         kind="local-port") from None
 
 
+MSG_NODE_GONE = ("login node {node} of {host}, which ran session {session}, is gone (down or out "
+                 "of the rotation); its server went with it")
+
+
+def port_answers(address: str, port: int, timeout: float = 2.0) -> bool:
+    """Does ADDRESS:PORT accept a TCP connection from here (no login: is a login node's sshd
+    reachable at its own address, or only through the name)?"""
+    import socket
+
+    try:
+        socket.create_connection((address, port), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def on_node(rec: dict) -> str:
+    """" (login node X)" when REC names the login node behind its host that runs it."""
+    return " (login node %s)" % rec["login_node"] if rec.get("login_node") else ""
+
+
 def cmd_start(run: Run) -> int:
     """Start or reattach to the server of the session, tunnel it, print the URL.  SIGTERM
     and SIGHUP (the terminal closed) stop a start like Ctrl-C: all of it, or nothing."""
@@ -4315,9 +4602,13 @@ def cmd_start(run: Run) -> int:
     with signals(interrupt):
         conn, rec, info = attach(run, start_params(run))
         try:  # from here on, the session is recorded: an interrupt leaves it
+            if info.get("node_gone"):
+                log.warning(MSG_NODE_GONE.format(host=s.host, session=s.name,
+                                                 node=info["node_gone"]))
             if not args.quiet:
-                log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
-                         "reattached to" if info["reused"] else "started", s.host, s.name,
+                log.info("%s Jupyter on %s%s (session %s, %s, %s) at local port %d",
+                         "reattached to" if info["reused"] else "started", s.host,
+                         on_node(rec), s.name,
                          rec["manager"], "socket %s" % info["sock"] if info.get("sock")
                          else "remote port %d" % info["port"], rec["local_port"])
             out = dict(public(rec), reused=info["reused"])
@@ -4417,6 +4708,7 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
 
 
 JOB_FIELDS = ("job_id", "node", "job_state", "time_left")  # of a batch manager's session
+LOGIN_FIELDS = ("login_node", "login_address", "login_port")  # behind HOST, where it runs
 
 
 def public(rec: dict) -> dict:
@@ -4428,6 +4720,7 @@ def public(rec: dict) -> dict:
     # two say which.  A record is written once its tunnel is up; --status looks again.
     out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
+    out["login_node"] = rec.get("login_node")
     out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
     out["idle_timeout"] = rec["idle_timeout"] if rec.get("ended") else rec_idle(rec)
     return out
@@ -4459,14 +4752,40 @@ def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False,
                             discover=discover, only=session.name if named else None)
     try:
         answers = conn.run_helper("status", params, timeout=session.timeout + 10)
+        answers += follow_nodes(session, recs[0], answers, no_prompt)
     except Error as e:
         return up, {}, e
+    finally:
+        if conn.opened_here and not up:  # a master to a login node found on the way
+            conn.close()
     return up, {a["session"]: a for a in answers}, None
+
+
+def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) -> list:
+    """The answers of the sessions in ANSWERS that live on other login nodes, asked there."""
+    by_node = {}
+    for a in answers:
+        if a.get("server") == "elsewhere" and login_node(a):
+            by_node.setdefault(json.dumps(login_node(a), sort_keys=True), []).append(a)
+    found = []
+    for node, here in by_node.items():
+        conn = session.connection(dict(rec, socket=None, login_node=None), rec["host"])
+        conn.no_prompt = conn.no_prompt or no_prompt
+        conn.point(json.loads(node))
+        up = conn.alive()
+        params = session.params(here[0]["session"], sessions=[a["session"] for a in here],
+                                session_managers={a["session"]: a.get("manager") for a in here})
+        try:
+            found += conn.run_helper("status", params, timeout=session.timeout + 10)
+        finally:
+            if conn.opened_here and not up:
+                conn.close()
+    return found
 
 
 def may_need_prompt(err: Error) -> bool:
     """Did a batch-mode ssh fail where a prompt (password, host key) could help?"""
-    return err.kind in ("auth", "hostkey-unknown")
+    return err.kind in ("auth", "hostkey-unknown", "needs-person")
 
 
 def ask_hosts(session: Session, by_host: dict) -> dict:
@@ -4600,6 +4919,8 @@ def cmd_status(run: Run) -> int:
                 log.warning("warning: %s", missing)
             a = None if missing else answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True)
+            if a and a.get("login_node"):  # where it runs now, as the host says
+                row["login_node"] = a["login_node"]
             if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
                 row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
@@ -4625,6 +4946,7 @@ def cmd_status(run: Run) -> int:
             row["pending"] = {keys[d]: dict(value=v, source=where)
                               for d, (v, where) in sorted(pending.items())}
             row["pending_text"] = pending_text(pending)
+            row["last_failure"] = last_failure(s.state, h, rec["session"])
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
@@ -4651,6 +4973,14 @@ def cmd_status(run: Run) -> int:
                 continue
             idle = "\tidle-timeout=%s" % ("%gmin" % r["idle_timeout"] if r["idle_timeout"]
                                            else "never")
+            if r.get("last_failure"):
+                pending += "\tlast --ensure failure: %s" % r["last_failure"]["message"]
+            if r["server"] == "gone":
+                pending = "\tlogin node %s is gone, and its server with it: --ensure starts " \
+                    "a new one on a node that answers, --terminate forgets it%s" % (
+                        r["login_node"], pending)
+            elif r["login_node"]:
+                pending = "\tlogin node %s%s" % (r["login_node"], pending)
             print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
@@ -4698,7 +5028,9 @@ def terminate_session(run: Run) -> dict:
         if rec is not None:  # one this machine never recorded leaves no record behind
             save_ended(s.state, host, session, "terminated")
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"),
-                recorded=rec is not None)
+                recorded=rec is not None,
+                login_node=result.get("node_gone") or (rec or {}).get("login_node"),
+                node_gone=bool(result.get("node_gone")))
 
 
 def unrecorded_sessions(s: Session, recs) -> list:
@@ -4725,8 +5057,9 @@ def say_terminated(run: Run, results: list) -> None:
         print(json.dumps(results if run.args.all else results[0]))
     elif not run.args.quiet:
         for r in results:
-            log.info("%s: session %s %s%s", r["host"], r["session"],
-                     "stopped" if r["stopped"] else "was not running",
+            log.info("%s: session %s %s%s", r["host"], r["session"], "forgotten: its login node "
+                     "%s is gone, and its server with it" % r["login_node"] if r["node_gone"]
+                     else "stopped" if r["stopped"] else "was not running",
                      "" if r["recorded"] else " (it was not recorded here)")
 
 
@@ -4757,7 +5090,9 @@ def every_session(run: Run, cfg, action):
         outcome = [item for f in futures for item in f.result()]
     code = 0
     for rec, _, err in outcome:
-        if err is not None:
+        if err is not None and getattr(err, "said", False):
+            code = max(code, err.code)
+        elif err is not None:
             log.error("error: %s (session %s): %s", rec["host"], rec["session"],
                       err.text().splitlines()[0])
             code = max(code, err.code)
@@ -4815,6 +5150,10 @@ def repair(run: Run, conn: Connection, old, params: dict):
                         kind="not-answering")
         time.sleep(0.3)
     lines = repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    if info.get("node_gone"):
+        lines = ["%s; started a new one on login node %s: %s" % (MSG_NODE_GONE.format(
+            host=host, session=rec["session"], node=info["node_gone"]),
+            rec.get("login_node"), rec["url"])]
     if old and not info["reused"]:  # started again as it last ran, whatever changed since
         pending = run.session.pending
         lines = ["%s, as it last ran%s: %s" % (lines[0].rsplit(": ", 1)[0], (
@@ -4880,6 +5219,45 @@ def ensure_session(run: Run):
     return rec, lines
 
 
+def failure_path(state: str, host: str, session: str) -> str:
+    """Where the last failure of --ensure for HOST/SESSION is remembered."""
+    return os.path.join(state, record_name(host, session)[:-len(".json")] + ".failure")
+
+
+def last_failure(state: str, host: str, session: str):
+    """The last failure of --ensure for HOST/SESSION ({message, at}), or None."""
+    fd = None
+    with contextlib.suppress(OSError):
+        fd = open_private(failure_path(state, host, session), os.O_RDONLY, "failure note")
+    if fd is None:
+        return None
+    with os.fdopen(fd) as f, contextlib.suppress(ValueError):
+        found = json.load(f)
+        return found if isinstance(found, dict) and isinstance(found.get("message"), str) \
+            else None
+    return None
+
+
+def ensure_said_once(run: Run):
+    """ensure_session; a failure already reported by the run before is not said again
+    (cron mails every output: once per change, not 288 times a day).  It stays visible
+    in --status until a run succeeds."""
+    s = run.session
+    path = failure_path(s.state, s.host, s.name)
+    try:
+        result = ensure_session(run)
+    except Error as e:
+        line = e.text().splitlines()[0]
+        last = last_failure(s.state, s.host, s.name)
+        e.said = bool(last) and last["message"] == line and not run.args.verbose  # -v: a person
+        if not e.said:
+            r_write_private(path, json.dumps(dict(message=line, at=int(time.time()))))
+        raise
+    with contextlib.suppress(OSError):
+        os.remove(path)
+    return result
+
+
 def say_ensured(run: Run, results: list) -> None:
     """Tell what --ensure did: nothing when all was well, else one line per repair."""
     if run.args.json:
@@ -4915,7 +5293,7 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     conn.open()
     state = conn.run_helper("status", s.params(sessions=[session]),
                             timeout=min(s.timeout, 15))[0]
-    if state["server"] != "running" and state.get("ended") != "died":
+    if state["server"] == "stopped" and state.get("ended") != "died":  # not "gone"
         how = state.get("ended") if state.get("ended") in ("shutdown", "idle") else "terminated"
         idle = idle_minutes(s.idle_timeout, s.manager)
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
@@ -4932,32 +5310,46 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     return new, lines
 
 
+def on_terminal() -> bool:
+    """Is there a person at a terminal who could answer ssh's questions?"""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
     s = run.session
-    failures = 0
+    failures, said = 0, None
     while True:
         time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else s.interval)
         current = fresh_record(s)
+        if current and current.get("socket") not in (None, conn.socket):
+            conn = s.connection(current)  # another command made the session a new connection
+            conn.no_prompt = not on_terminal()
         if healthy(s, current, conn):
-            rec, failures = current, 0
+            rec, failures, said = current, 0, None
             continue
         try:
             with locked(s.state, s.host, s.name):
                 result = watch_repair(run, conn, fresh_record(s) or rec, params)
         except Error as e:
-            if not link_failure(conn, e):
+            # A login that needs a person, without one: wait for a connection made on a
+            # terminal (`nbtunnel HOST` shares the same one), retrying at the slowest pace.
+            waits = e.kind == "needs-person" and conn.no_prompt
+            if not (waits or link_failure(conn, e)):
                 raise
-            failures += 1
-            log.warning("%s; trying again in %ds", str(e).splitlines()[0],
-                        min(BACKOFF_MAX, 2 ** (failures - 1)))
+            failures = BACKOFF_MAX if waits else failures + 1
+            line = str(e).splitlines()[0]
+            if line != said:  # one line when the state changes, not one per try
+                log.warning("%s; trying again in %ds, and every %ds at most until it changes",
+                            line, min(BACKOFF_MAX, 2 ** (failures - 1)), BACKOFF_MAX)
+                said = line
             continue
         if result is None:
             return
         rec, lines = result
         for line in lines:
             log.info("%s", line)
-        failures = 0
+        failures, said = 0, None
 
 
 def cmd_watch(run: Run) -> int:
@@ -4989,7 +5381,10 @@ def cmd_watch(run: Run) -> int:
                  else "remote port %d" % info["port"], rec["local_port"])
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
              session, s.interval, " and stops the server" if args.terminate else "")
-    s.no_prompt = conn.no_prompt = True
+    # On a terminal a repair may ask again what the login asks (a one-time code): once per
+    # new connection, with the progress line out of the way.  Without one, never.
+    s.no_prompt = True
+    conn.no_prompt = not on_terminal()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         watch_loop(run, conn, rec, dict(params, repair=True))
@@ -5002,7 +5397,9 @@ def cmd_watch(run: Run) -> int:
         s.records = load_records(s.state)
         say_terminated(run, [terminate_session(run)])
         return 0
-    close_tunnel(s, conn, fresh_record(s) or rec)
+    last = fresh_record(s) or rec
+    close_tunnel(s, conn if last.get("socket") in (None, conn.socket) else s.connection(last),
+                 last)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
 
@@ -5504,11 +5901,13 @@ def main(argv=None) -> int:
                 log.info("nothing to terminate: no sessions recorded")
             return 0
         action, say = ((terminate_session, say_terminated) if args.terminate
-                       else (ensure_session, say_ensured))
+                       else (ensure_said_once, say_ensured))
         code, results = every_session(run, cfg, action) if args.all else (0, [action(run)])
         say(run, results)
         return code
     except Error as e:
+        if getattr(e, "said", False):  # --ensure: the run before said it already
+            return e.code
         text = e.text()
         if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why
             text = text.splitlines()[0]

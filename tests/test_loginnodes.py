@@ -1,0 +1,213 @@
+"""A session lives on its login node, whichever node behind the name a command lands on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import _REMOTES, NbtRunner
+from helpers import api_status, kill_masters, wait_until
+from loginnodes import NODES, LoginNodes
+from unattended import finish, wait_logged
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[LoginNodes]:
+    if os.geteuid() != 0:
+        pytest.skip("login nodes need root (useradd, ip netns, sshd): run bash tests/run")
+    host = LoginNodes()
+    _REMOTES.append(host)
+    try:
+        host.start()
+        yield host
+    finally:
+        host.stop()
+
+
+def _runner(nodes: LoginNodes, made: list) -> NbtRunner:
+    runner = NbtRunner(nodes)
+    made.append(runner)
+    return runner
+
+
+@pytest.fixture
+def laptops(nodes: LoginNodes) -> Iterator:
+    """A function that makes a laptop: its own state directory, the same ssh config."""
+    made: list[NbtRunner] = []
+    nodes.land_on(None)
+    yield lambda: _runner(nodes, made)
+    nodes.land_on(None)
+    for node in NODES:  # a test that took a node down or apart brings it back first
+        if node not in nodes.inits:
+            nodes.start_node(node)
+        nodes.reach_peer(node, True)
+    for runner in made:
+        runner.cleanup()
+    subprocess.run(["rm", "-rf", str(nodes.home / ".local/state/nbtunnel")], check=False)
+
+
+def start(laptop: NbtRunner, *args: str) -> dict:
+    proc = laptop.run(laptop.remote.alias, "--json", *args, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def one_jupyter(nodes: LoginNodes, node: str) -> None:
+    """Exactly one Jupyter across the nodes, on NODE."""
+    found = nodes.jupyters()
+    assert [n for n, pids in found.items() for _ in pids] == [node], found
+
+
+def logins(nodes: LoginNodes, laptop: NbtRunner, *args: str, **kw):
+    """Run nbtunnel ARGS; (the finished process, logins it cost on each node)."""
+    before = {n: nodes.auth_count(node=n) for n in NODES}
+    proc = laptop.run(*args, timeout=180, **kw)
+    return proc, {n: nodes.auth_count(node=n) - before[n] for n in NODES}
+
+
+def test_every_command_reaches_the_node_of_the_session(nodes, laptops):
+    one, other = laptops(), laptops()
+    nodes.land_on("a")
+    info = start(one)
+    assert info["login_node"] == nodes.hostnames["a"] and not info["reused"]
+    one_jupyter(nodes, "a")
+    kill_masters(nodes.ssh_config)  # the connection is gone; the next lands on b
+    nodes.land_on("b")
+
+    # This laptop has a record: straight to node a, one login.
+    proc, cost = logins(nodes, one, "--status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)[0]
+    assert row["server"] == "running" and row["login_node"] == nodes.hostnames["a"]
+    assert cost == {"a": 1, "b": 0}
+    proc, cost = logins(nodes, one, nodes.alias, "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["reused"] and again["url"] == info["url"] and cost == {"a": 1, "b": 0}
+    assert api_status(again["url"]) == 200
+    one_jupyter(nodes, "a")
+    text = one.run("--status", timeout=60)
+    assert f"login node {nodes.hostnames['a']}" in text.stdout, text.stdout
+
+    # Another laptop, nothing recorded: it lands on b, learns, moves on to a.
+    proc, cost = logins(nodes, other, nodes.alias, "--json")
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["reused"] and seen["token"] == info["token"], seen
+    assert seen["login_node"] == nodes.hostnames["a"] and cost == {"a": 1, "b": 1}
+    assert api_status(seen["url"]) == 200
+    one_jupyter(nodes, "a")
+
+    # --ensure of a session this laptop has not recorded, landing on b: no second server.
+    kill_masters(nodes.ssh_config)
+    third = laptops()
+    proc = third.run(nodes.alias, "--ensure", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "reattached" in proc.stdout and "started" not in proc.stdout, proc.stdout
+    one_jupyter(nodes, "a")
+
+    # --ensure with a record, the connection gone: only the tunnel comes back.
+    kill_masters(nodes.ssh_config)
+    proc, cost = logins(nodes, one, nodes.alias, "--ensure")
+    assert proc.returncode == 0, proc.stderr
+    assert "reopened the tunnel" in proc.stdout and cost == {"a": 1, "b": 0}, (proc.stdout, cost)
+    assert api_status(info["url"]) == 200
+    one_jupyter(nodes, "a")
+
+    # --terminate from the other laptop, landing on b, stops the one on a.
+    kill_masters(nodes.ssh_config)
+    proc = other.run(nodes.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped" in proc.stderr and "not running" not in proc.stderr, proc.stderr
+    wait_until(lambda: not any(nodes.jupyters().values()), 30, message="jupyter stopped")
+    assert one.status()[0]["ended"] == "terminated"
+
+
+def test_a_start_on_the_other_node_never_starts_a_second_server(nodes, laptops):
+    laptop = laptops()
+    nodes.land_on("b")
+    info = start(laptop)
+    for _ in range(2):
+        for land in ("a", "b", "a"):
+            kill_masters(nodes.ssh_config)
+            nodes.land_on(land)
+            fresh = laptops()  # no record: lands where the name sends it
+            again = start(fresh)
+            assert again["reused"] and again["token"] == info["token"]
+            one_jupyter(nodes, "b")
+    assert info["login_node"] == nodes.hostnames["b"]
+    proc = laptop.run(nodes.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0 and "stopped" in proc.stderr, proc.stderr
+
+
+def test_a_node_taken_down(nodes, laptops):
+    laptop, other = laptops(), laptops()
+    nodes.land_on("a")
+    info = start(laptop)
+    one_jupyter(nodes, "a")
+    start(laptop, "--session", "second")
+    nodes.take_down("a")  # with its processes: both servers are gone
+    assert not any(nodes.jupyters().values())
+    nodes.land_on(None)  # the front's turn may name a; only b answers
+
+    proc = laptop.run("--status", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["session"]: r for r in json.loads(proc.stdout)}
+    assert rows["nbtunnel"]["server"] == "gone", rows
+    assert rows["nbtunnel"]["login_node"] == nodes.hostnames["a"]
+    text = laptop.run("--status", timeout=120).stdout
+    assert f"login node {nodes.hostnames['a']} is gone" in text, text
+
+    nodes.land_on("b")
+    proc = laptop.run(nodes.alias, "--ensure", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert f"login node {nodes.hostnames['a']}" in proc.stdout and "is gone" in proc.stdout
+    assert nodes.hostnames["b"] in proc.stdout, proc.stdout
+    rec = laptop.status()
+    now = next(r for r in rec if r["session"] == "nbtunnel")
+    assert now["url"] == info["url"] and now["login_node"] == nodes.hostnames["b"]
+    assert api_status(now["url"]) == 200
+    one_jupyter(nodes, "b")
+
+    proc = other.run(nodes.alias, "--terminate", "--session", "second", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "is gone" in proc.stderr and nodes.hostnames["a"] in proc.stderr, proc.stderr
+    one_jupyter(nodes, "b")  # the other session keeps running
+
+
+def test_watch_moves_to_a_node_that_answers(nodes, laptops):
+    laptop = laptops()
+    nodes.land_on("a")
+    proc = laptop.popen(nodes.alias, "--watch", "--interval", "1", "--timeout", "10")
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:"), (url, proc.poll())
+    one_jupyter(nodes, "a")
+    nodes.take_down("a")
+    nodes.land_on(None)
+    said = wait_logged(proc, "started a new one on login node", 180)
+    assert f"login node {nodes.hostnames['a']}" in said and "is gone" in said, said
+    assert api_status(url) == 200  # the same URL, served from the node that answers
+    one_jupyter(nodes, "b")
+    code, _, err = finish(proc)
+    assert code == 0, err
+
+
+def test_a_node_the_landing_node_cannot_reach_is_not_taken_for_gone(nodes, laptops):
+    """Proof that a node is gone takes both ends: the node the name lands on, and this side."""
+    laptop, other = laptops(), laptops()
+    nodes.land_on("a")
+    info = start(laptop)
+    nodes.reach_peer("b", False)
+    kill_masters(nodes.ssh_config)
+    nodes.land_on("b")
+    seen = start(other)  # b cannot reach a; this side can: a lives
+    assert seen["reused"] and seen["token"] == info["token"], seen
+    one_jupyter(nodes, "a")
+    kill_masters(nodes.ssh_config)
+    proc = other.run(nodes.alias, "--terminate", timeout=180)
+    assert proc.returncode == 0 and "stopped" in proc.stderr, proc.stderr
+    wait_until(lambda: not any(nodes.jupyters().values()), 30, message="jupyter stopped")
