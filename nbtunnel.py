@@ -23,7 +23,8 @@ Contents, top to bottom (each a "# Name ####" banner; the remote side's parts ar
 "# Name ----" banners):
     Constants, Pure helpers, Settings (options, config file, Session);
     Remote side: Files, Proofs: what is ours, Processes, Login environment,
-        Jupyter servers, Unix sockets, Session managers, Batch jobs, Operations;
+        Jupyter servers, Unix sockets, Session managers, Batch jobs, Login nodes,
+        Operations;
     Wire format, Plugins, Progress line, Running ssh, State,
     Proofs: what is ours (this machine's side), Actions,
     Unattended: ensure and watch, Service files and nginx, Command line.
@@ -553,8 +554,8 @@ SERVER_OPTIONS = [
     Option("--notebook-dir", "remote working directory (literal)", metavar="DIR"),
     Option("--manager", "session manager plugin (default tmux)", metavar="NAME"),
     Option("--remote-port", "remote port (default: a free one)", metavar="N", type=port),
-    Option("--unix-socket", "the remote server listens on a Unix socket in a private "
-           "directory instead of a TCP port (other users there cannot connect at all)",
+    Option("--unix-socket", "listen on a Unix socket in a private directory, not a TCP "
+           "port (no other user can connect)",
            switch=True),
     # minutes without activity, then Jupyter ends (idle_args); 0: never
     Option("--idle-timeout", "end Jupyter after MIN idle (0: never; batch: %d)"
@@ -5787,8 +5788,11 @@ def build_parser() -> argparse.ArgumentParser:
             option.help = "session manager: %s" % names(MANAGERS, "tmux")
         option.add_to(g)
     g = p.add_argument_group("the tunnel and ssh")
-    longer = ", ".join("%g with --manager %s" % (m.default_timeout, n) for n, m in
-                       sorted(MANAGERS.items()) if getattr(m, "default_timeout", None))
+    waits = {}  # default timeout: the managers that have it
+    for n, m in sorted(MANAGERS.items()):
+        if getattr(m, "default_timeout", None):
+            waits.setdefault(m.default_timeout, []).append(n)
+    longer = ", ".join("%g (%s)" % (t, ", ".join(ns)) for t, ns in sorted(waits.items()))
     for option in TUNNEL_OPTIONS:
         if option.dest == "timeout" and longer:
             option = copy.copy(option)
