@@ -150,6 +150,8 @@ MSG_LOCAL_PORT = (
 MSG_UNDONE = "the Jupyter this command started on {host} (session {session}) was stopped again"
 MSG_NOTHING_LEFT = "nothing is left running on {host}"
 MSG_REUSED_KEPT = "the server that already ran on {host} (session {session}) keeps running"
+MSG_NO_ANSWER = ("{host} did not answer: session {session} there was left as it was (a server "
+                 "it runs keeps running; --status shows it)")
 MSG_KEPT = ("Jupyter on {host} (session {session}) had started and is recorded; it keeps "
             "running (--terminate stops it)")
 MSG_BUSY = (
@@ -4381,6 +4383,7 @@ def start_remote(conn: Connection, params: dict, timeout: float) -> dict:
                 e.started = {} if info is None and "token" not in params else \
                     info if info and not info.get("reused") else None
                 e.reused = bool(info and info.get("reused"))
+                e.unknown = info is None and e.started is None  # the recorded one, as it was
         raise
 
 
@@ -4392,8 +4395,8 @@ def undo_start(session: Session, conn: Connection, params: dict, err: BaseExcept
     the server found running, when the start got that far."""
     host = session.host
     kept = info.get("reused") if info else getattr(err, "reused", False)
-    note = (MSG_REUSED_KEPT if kept else MSG_NOTHING_LEFT).format(host=host,
-                                                                 session=session.name)
+    note = (MSG_REUSED_KEPT if kept else MSG_NO_ANSWER if getattr(err, "unknown", False)
+            else MSG_NOTHING_LEFT).format(host=host, session=session.name)
     with signals(signal.SIG_IGN):
         if started is not None and forward:
             with contextlib.suppress(Error):

@@ -128,15 +128,30 @@ def test_ctrl_c_after_the_url_leaves_a_recorded_session(nbt, remote):
 
 
 def test_reattach_interrupted_keeps_the_running_server(nbt, remote):
-    first = nbt.run(remote.alias, "--session", "s", "--json")
-    assert first.returncode == 0, first.stderr
-    pids = jupyter_pids(remote)
-    proc, err = started(nbt)
-    err.wait_for(HELPER)
-    proc.send_signal(signal.SIGINT)
-    code, text = ended(proc, err)
+    """The link stalls under a reattach (its question is on the way), then Ctrl-C, then
+    the link is back: the server that was already running is left running.  The stall
+    holds the reattach at that moment, however fast the machine; without it a reattach
+    may finish before the Ctrl-C."""
+    proxy = TcpProxy((remote.ip, remote.port))
+    config = proxy_config(nbt, remote, proxy)
+    try:
+        first = nbt.run("nbproxy", "--ssh-config", str(config), "--session", "s", "--json")
+        assert first.returncode == 0, first.stderr
+        pids = jupyter_pids(remote)
+        proxy.stall()  # the master stays up here; what it sends gets no answer
+        proc = nbt.popen("nbproxy", "--ssh-config", str(config), "-v", "--session", "s")
+        err = Stderr(proc)
+        err.wait_for(HELPER)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        proxy.restore()  # the answer comes: it found the server running, and keeps it
+        code, text = ended(proc, err)
+    finally:
+        proxy.restore()
     assert code == 130, text
     assert "keeps running" in text, text
+    assert "Traceback" not in text
     assert jupyter_pids(remote) == pids
     (row,) = nbt.status()
     assert row["server"] == "running"
