@@ -3475,11 +3475,19 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
     error = None
     for port in candidates:
         port = port or free_local_port()
+        held = HELD.pop(port, None)  # --watch held the port while the link was down
         try:
+            if held:
+                held.stop_listening()
             tunnel.open(conn, port, destination)
+            if held:
+                held.hand_over(conn, destination)
             return port
         except Error as e:
             error = e
+        finally:
+            if held:
+                held.close()
     raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
 
 
@@ -3801,6 +3809,153 @@ def cmd_ensure(run: Run, host: str) -> int:
     return 0
 
 
+class PortHolder:
+    """While --watch repairs a dropped link: the tunnel's local port, held by this process.
+
+    When the master ends, its forward stops listening and every new connection to the
+    port would be refused at once.  A browser tab counts each refusal against its own
+    reconnection budget and waits longer before each next try (JupyterLab: a random
+    delay of up to 2**n - 1 seconds, 7 tries, then it stops), so the tab would stay
+    broken long after the tunnel is back.  Held connections are accepted and left
+    unanswered until the new master forwards the port again; then each is handed to
+    that master with `ssh -W` (OpenSSH passes the socket itself to the master, which
+    relays it as it relays its own -L forward).  Only connections made to this process
+    are handed over, and only to the server just proven to be the session's own."""
+
+    LIMIT = 64  # connections held at most; more are refused as before
+
+    def __init__(self, port: int):
+        import socket
+
+        self.port, self.held, self.relays = port, [], []
+        self.listener = socket.socket()
+        # SO_REUSEADDR: the master's old connections may linger in TIME_WAIT on this port.
+        # It never lets a bind succeed over another process's live listener.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind(("127.0.0.1", port))
+            self.listener.listen(self.LIMIT)
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.settimeout(0.1)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        """Accept and keep every connection until stop_listening."""
+        while not self.done.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # a timeout, or the listener closed
+                continue
+            if len(self.held) < self.LIMIT:
+                self.held.append(sock)
+            else:
+                sock.close()
+
+    def stop_listening(self) -> None:
+        """Let go of the port (the forward takes it next); the held connections stay."""
+        self.done.set()
+        self.thread.join()
+        self.listener.close()
+
+    def hand_over(self, conn, destination: str) -> None:
+        """Relay each held connection to DESTINATION through CONN's master."""
+        held, self.held = self.held, []
+        for sock in held:
+            with sock:
+                try:
+                    self.relays.append(subprocess.Popen(
+                        conn.argv("-o", "ControlMaster=no", "-W", destination, conn.host),
+                        stdin=sock, stdout=sock, stderr=subprocess.DEVNULL))
+                except OSError as e:
+                    log.debug("could not relay a held connection: %s", e)
+        RELAYS.extend(self.relays)
+        if held:
+            log.debug("handed %d held connection(s) to the new tunnel", len(held))
+
+    def close(self) -> None:
+        """Stop holding: close the port and whatever was not handed over."""
+        if not self.done.is_set():
+            self.stop_listening()
+        for sock in self.held:
+            sock.close()
+        self.held = []
+
+
+HELD = {}  # local port -> PortHolder, while --watch repairs that port's tunnel
+RELAYS = []  # `ssh -W` processes relaying connections that were held
+
+
+def hold_port(rec: dict, conn, tunnel) -> None:
+    """Hold REC's local port in this process while its master is down (see PortHolder);
+    nothing when it is held already, taken by another process, or the backend differs."""
+    port = rec.get("local_port")
+    if port in HELD or getattr(tunnel, "foreground", False) or not isinstance(conn, Connection) \
+            or getattr(tunnel, "name", "") != "ssh":
+        return
+    for attempt in range(5):  # the ended master may need a moment to let go of it
+        try:
+            HELD[port] = PortHolder(port)
+            log.debug("holding local port %d until the tunnel is back", port)
+            return
+        except OSError as e:
+            error = e
+            time.sleep(0.1)
+    log.debug("local port %s cannot be held while the link is down: %s", port, error)
+
+
+def drop_held() -> None:
+    """Stop holding ports (a repair ended without forwarding them again)."""
+    for port in list(HELD):
+        HELD.pop(port).close()
+
+
+def release_held() -> None:
+    """Close every held port and end the relays (--watch is ending)."""
+    drop_held()
+    for relay in RELAYS:
+        if relay.poll() is None:
+            relay.terminate()
+            relay.wait()
+    RELAYS.clear()
+
+
+def master_ended(rec) -> bool:
+    """Has the ssh master that holds REC's forward (its recorded listener) ended?"""
+    owner = (rec or {}).get("listener") or {}
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return False  # no master to look at: a foreground backend, or a record of old
+    if owner.get("start") is not None:
+        return process_start(pid) != owner["start"]  # also true for a zombie, or a reused pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def wait_watching(rec, seconds: float) -> bool:
+    """Sleep SECONDS, or less: True as soon as the master of REC's tunnel has ended.
+
+    The master ends when its connection drops, or stalls for as long as its ServerAlive
+    settings allow; a look at /proc ten times a second costs no ssh."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if master_ended(rec):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.1, left))
+        RELAYS[:] = [r for r in RELAYS if r.poll() is None]
+
+
 def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     if err.kind in SSH_REFUSALS:
@@ -3842,11 +3997,17 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
     args = run.args
     session = args.session
+    tunnel = get("tunnel", args.tunnel)
     failures = 0
     while True:
-        time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else args.interval)
+        if failures:
+            time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
+        else:
+            wait_watching(rec, args.interval)
         current = fresh_record(run, host, session)
-        if healthy(run, host, current, conn):
+        if master_ended(current or rec):
+            hold_port(current or rec, conn, tunnel)  # the tab's reconnections wait, not fail
+        elif healthy(run, host, current, conn):
             rec, failures = current, 0
             continue
         try:
@@ -3860,6 +4021,7 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
             log.warning("%s; trying again in %ds", str(e).splitlines()[0],
                         min(BACKOFF_MAX, 2 ** (failures - 1)))
             continue
+        drop_held()  # forwarded again by now, unless the tunnel had to move
         if result is None:
             return
         rec, lines = result
@@ -3887,6 +4049,7 @@ def cmd_watch(run: Run, host: str) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        release_held()
     if args.terminate:
         run.records = load_records(run.state)
         return cmd_terminate(run, host)
