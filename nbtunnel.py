@@ -3896,7 +3896,7 @@ def hold_port(rec: dict, conn, tunnel) -> None:
     if port in HELD or getattr(tunnel, "foreground", False) or not isinstance(conn, Connection) \
             or getattr(tunnel, "name", "") != "ssh":
         return
-    for attempt in range(5):  # the ended master may need a moment to let go of it
+    for _ in range(5):  # the ended master may need a moment to let go of it
         try:
             HELD[port] = PortHolder(port)
             log.debug("holding local port %d until the tunnel is back", port)

@@ -80,6 +80,14 @@ class LabTab:
             self.page.goto(self.address, timeout=90_000)
             self.page.wait_for_selector(".jp-Notebook .jp-Cell .cm-content", timeout=90_000)
             self.wait_idle(120)  # a cell run before the kernel is there would not run at all
+            # A dialog at start-up (a kernel to pick on a slow start) is answered as a
+            # person would, with its default button; what it said is kept.
+            self.startup_dialogs = self.dialogs()
+            for _ in self.startup_dialogs:
+                self.page.locator(".jp-Dialog .jp-mod-accept").first.click()
+                self.page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
+            if self.startup_dialogs:
+                self.wait_idle(120)
         except BaseException:
             self.close()
             raise
