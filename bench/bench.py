@@ -689,7 +689,8 @@ class Bench:
                 say("  %s: tunnel back %.2f s after the cut, cell answered %.2f s after that"
                     % (label, back[0] - cut, done - back[0]))
                 time.sleep(3)  # let --watch settle before the next cut
-            samples["dialogs"] = tab.dialogs()
+            tab.dismiss_dialogs()
+            samples["dialogs"] = sorted(set(tab.seen))
         finally:
             tab.close()
             watch.send_signal(signal.SIGINT)

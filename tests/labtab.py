@@ -68,6 +68,7 @@ class LabTab:
         self.address = f"http://127.0.0.1:{parts.port}/lab/tree/{name}?reset&token={token}"
         self.console: list[str] = []
         self.runs = 0
+        self.seen: list[str] = []  # dialogs that were dismissed
         self._pw = sync_playwright().start()
         try:
             self.browser = self._pw.chromium.launch(
@@ -100,6 +101,7 @@ class LabTab:
 
     def run(self, code: str) -> None:
         """Type CODE into the last cell and run it (Shift+Enter), without waiting."""
+        self.dismiss_dialogs()
         cell = self.page.locator(".jp-Notebook .jp-Cell").nth(self.runs)
         editor = cell.locator(".cm-content")
         editor.click()
@@ -155,6 +157,14 @@ class LabTab:
         self.page.locator(".jp-Dialog .jp-mod-accept").click()
         self.page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)
         self.wait_idle(120)
+
+    def dismiss_dialogs(self) -> None:
+        """Close any dialog (Escape, as a person would), keeping its first line in self.seen."""
+        for text in self.dialogs():
+            self.seen.append(text.strip().splitlines()[0] if text.strip() else "?")
+            self.page.keyboard.press("Escape")
+            with contextlib.suppress(Exception):
+                self.page.wait_for_selector(".jp-Dialog", state="detached", timeout=5_000)
 
     def dialogs(self) -> list[str]:
         """Text of the modal dialogs open in the tab (a 'Server Connection Error', ...)."""
