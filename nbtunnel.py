@@ -3817,10 +3817,9 @@ class PortHolder:
     reconnection budget and waits longer before each next try (JupyterLab: a random
     delay of up to 2**n - 1 seconds, 7 tries, then it stops), so the tab would stay
     broken long after the tunnel is back.  Held connections are accepted and left
-    unanswered until the new master forwards the port again; then each is handed to
-    that master with `ssh -W` (OpenSSH passes the socket itself to the master, which
-    relays it as it relays its own -L forward).  Only connections made to this process
-    are handed over, and only to the server just proven to be the session's own."""
+    unanswered until the new master forwards the port again; then each is relayed
+    through that forward.  Only connections made to this process
+    are relayed, and only to the server just proven to be the session's own."""
 
     LIMIT = 64  # connections held at most; more are refused as before
 
@@ -3862,19 +3861,25 @@ class PortHolder:
         self.listener.close()
 
     def hand_over(self, conn, destination: str) -> None:
-        """Relay each held connection to DESTINATION through CONN's master."""
+        """Relay each held connection through the port, now forwarded by the new master.
+
+        Only these few connections (the tab's kernel socket, a poll or two) pass through
+        this process, for as long as each lasts; every new one goes to ssh's own forward."""
+        import socket
+
         held, self.held = self.held, []
         for sock in held:
-            with sock:
-                try:
-                    self.relays.append(subprocess.Popen(
-                        conn.argv("-o", "ControlMaster=no", "-W", destination, conn.host),
-                        stdin=sock, stdout=sock, stderr=subprocess.DEVNULL))
-                except OSError as e:
-                    log.debug("could not relay a held connection: %s", e)
-        RELAYS.extend(self.relays)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                upstream.settimeout(None)
+            except OSError as e:
+                log.debug("could not relay a held connection: %s", e)
+                sock.close()
+                continue
+            for src, dst in ((sock, upstream), (upstream, sock)):
+                threading.Thread(target=relay, args=(src, dst), daemon=True).start()
         if held:
-            log.debug("handed %d held connection(s) to the new tunnel", len(held))
+            log.debug("relaying %d held connection(s) through the new tunnel", len(held))
 
     def close(self) -> None:
         """Stop holding: close the port and whatever was not handed over."""
@@ -3886,17 +3891,34 @@ class PortHolder:
 
 
 HELD = {}  # local port -> PortHolder, while --watch repairs that port's tunnel
-RELAYS = []  # `ssh -W` processes relaying connections that were held
 
 
-def hold_port(rec: dict, conn, tunnel) -> None:
+def relay(src, dst) -> None:
+    """Copy SRC to DST until either ends; then end both (one direction of a held connection)."""
+    import socket
+
+    try:
+        while True:
+            data = src.recv(1 << 16)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    for sock in (dst, src):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def hold_port(rec: dict, conn, tunnel, tries: int = 5) -> None:
     """Hold REC's local port in this process while its master is down (see PortHolder);
     nothing when it is held already, taken by another process, or the backend differs."""
     port = rec.get("local_port")
     if port in HELD or getattr(tunnel, "foreground", False) or not isinstance(conn, Connection) \
             or getattr(tunnel, "name", "") != "ssh":
         return
-    for _ in range(5):  # the ended master may need a moment to let go of it
+    error = None
+    for _ in range(tries):  # the ended master may need a moment to let go of it
         try:
             HELD[port] = PortHolder(port)
             log.debug("holding local port %d until the tunnel is back", port)
@@ -3908,19 +3930,14 @@ def hold_port(rec: dict, conn, tunnel) -> None:
 
 
 def drop_held() -> None:
-    """Stop holding ports (a repair ended without forwarding them again)."""
+    """Stop holding ports (a repair ended without forwarding them again); forget the
+    sentinels (a new master needs new ones)."""
     for port in list(HELD):
         HELD.pop(port).close()
+    for port in list(SENTINELS):
+        SENTINELS.pop(port).close()  # a new master needs a new one
 
 
-def release_held() -> None:
-    """Close every held port and end the relays (--watch is ending)."""
-    drop_held()
-    for relay in RELAYS:
-        if relay.poll() is None:
-            relay.terminate()
-            relay.wait()
-    RELAYS.clear()
 
 
 def master_ended(rec) -> bool:
@@ -3940,20 +3957,73 @@ def master_ended(rec) -> bool:
     return False
 
 
-def wait_watching(rec, seconds: float) -> bool:
-    """Sleep SECONDS, or less: True as soon as the master of REC's tunnel has ended.
+SENTINELS = {}  # local port -> Sentinel of that port's forward
+
+
+class Sentinel:
+    """An idle connection through a tunnel's forward, which carries nothing (no request,
+    no token) and ends the moment the master does.  A thread of its own waits on it and
+    holds the port (see PortHolder) at once: the browser's connections end at the same
+    moment and it retries within milliseconds, and one retry refused then makes
+    JupyterLab wait 10-30 s more."""
+
+    def __init__(self, rec: dict, conn, tunnel):
+        import socket
+
+        self.port, self.closed, self.ended = rec["local_port"], False, threading.Event()
+        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        self.sock.settimeout(None)
+        threading.Thread(target=self._wait, args=(rec, conn, tunnel), daemon=True).start()
+
+    def _wait(self, rec, conn, tunnel) -> None:
+        """Block until the connection ends; then take the port if the forward is gone."""
+        with contextlib.suppress(OSError):
+            while self.sock.recv(1 << 12):
+                pass
+        for _ in range(25):  # the forward's listener may close a moment after its connections
+            if self.closed:
+                break
+            hold_port(rec, conn, tunnel, tries=1)
+            if self.port in HELD:
+                log.debug("the tunnel's connection ended; holding local port %d", self.port)
+                break
+            time.sleep(0.002)
+        self.ended.set()
+
+    def close(self) -> None:
+        """Stop watching."""
+        self.closed = True
+        self.sock.close()
+
+
+def sentinel(rec: dict, conn, tunnel):
+    """The Sentinel of REC's tunnel, made when the port is proven ours; else None."""
+    port = rec.get("local_port")
+    if port not in SENTINELS and not getattr(tunnel, "foreground", False) and listener_ours(rec):
+        with contextlib.suppress(OSError):
+            SENTINELS[port] = Sentinel(rec, conn, tunnel)
+    return SENTINELS.get(port)
+
+
+def wait_watching(rec, seconds: float, conn, tunnel) -> None:
+    """Sleep SECONDS, or less: return as soon as the master of REC's tunnel has ended.
 
     The master ends when its connection drops, or stalls for as long as its ServerAlive
-    settings allow; a look at /proc ten times a second costs no ssh."""
+    settings allow; its Sentinel notices at once, a look at /proc ten times a second
+    backs that up."""
     deadline = time.monotonic() + seconds
     while True:
-        if master_ended(rec):
-            return True
+        if master_ended(rec) or rec.get("local_port") in HELD:
+            return
         left = deadline - time.monotonic()
         if left <= 0:
-            return False
-        time.sleep(min(0.1, left))
-        RELAYS[:] = [r for r in RELAYS if r.poll() is None]
+            return
+        watched = sentinel(rec, conn, tunnel)
+        if watched is None:
+            time.sleep(min(0.1, left))
+        elif watched.ended.wait(min(0.1, left)):
+            SENTINELS.pop(watched.port, None)
+            watched.close()
 
 
 def link_failure(conn: Connection, err: Error) -> bool:
@@ -4003,10 +4073,12 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
         if failures:
             time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
         else:
-            wait_watching(rec, args.interval)
+            wait_watching(rec, args.interval, conn, tunnel)
         current = fresh_record(run, host, session)
         if master_ended(current or rec):
             hold_port(current or rec, conn, tunnel)  # the tab's reconnections wait, not fail
+        if (current or rec).get("local_port") in HELD:
+            pass  # the forward is gone: repair at once
         elif healthy(run, host, current, conn):
             rec, failures = current, 0
             continue
@@ -4049,7 +4121,7 @@ def cmd_watch(run: Run, host: str) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        release_held()
+        drop_held()
     if args.terminate:
         run.records = load_records(run.state)
         return cmd_terminate(run, host)
