@@ -40,12 +40,12 @@ def test_open_tab_runs_cells_again_after_the_link_was_cut(nbt, remote, tab_of):
     tab.run("x + 2")  # right after the cut, in the same tab, no reload
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
     assert masters(nbt.ssh_config) and masters(nbt.ssh_config) != before
-    tab.wait_output("43", 30)  # the kernel kept its state: x is still 41
+    tab.wait_output("43", 60)  # the kernel kept its state: x is still 41
     assert tab.dialogs() == [] and tab.seen == []  # no "Server Connection Error"
 
     # And the cell after that, as usual.
     tab.run("x + 3")
-    tab.wait_output("44", 30)
+    tab.wait_output("44", 60)
     code, _, err = finish(proc)
     assert code == 0, err
 
@@ -60,7 +60,7 @@ def test_open_tab_runs_cells_again_after_repeated_cuts(nbt, remote, tab_of):
         wait_until(lambda: not masters(nbt.ssh_config), 15, message="master gone")
         wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
         tab.run(f"x + {2 + n}")
-        tab.wait_output(str(43 + n), 30)
+        tab.wait_output(str(43 + n), 60)
     assert tab.dialogs() == [] and tab.seen == []
     finish(proc)
 
