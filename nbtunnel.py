@@ -3738,7 +3738,8 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
 
 def repair(run: Run, host: str, conn: Connection, old, params: dict):
     """With the lock held: connect, start or reattach, forward again; (record, lines)."""
-    tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
+    tunnel_was_up = bool(old) and old["local_port"] not in HELD and conn.alive() \
+        and local_port_open(old["local_port"])  # a port --watch holds is no tunnel
     conn.open()
     rec, info = bring_up(run, host, conn, old, params)
     deadline = time.monotonic() + 10

@@ -153,6 +153,7 @@ class LabTab:
     def choose_kernel(self) -> None:
         """What the person does when the toolbar says "No Kernel": click it, take the
         preferred kernel in the dialog, wait until it is idle."""
+        self.dismiss_dialogs()
         self.page.locator(".jp-Toolbar-kernelName").first.click()
         self.page.locator(".jp-Dialog .jp-mod-accept").click()
         self.page.wait_for_selector(".jp-Dialog", state="detached", timeout=30_000)

@@ -80,6 +80,7 @@ def test_open_tab_gets_a_new_kernel_after_the_server_restarted(nbt, remote, tab_
     # The same tab, never reloaded, at the same URL: the old kernel is gone with its
     # server, and the tab says so ("No Kernel" on its toolbar). The person picks the
     # kernel again (one click and the dialog's Select) and runs cells on a new kernel.
+    # A "Server Connection Error" shown while the server restarted is dismissed first.
     wait_until(lambda: tab.kernel_name() == "No Kernel", 60, message="the tab shows the kernel gone")
     tab.choose_kernel()
     tab.run("y = 5; y * 2")
