@@ -28,10 +28,12 @@ renamed or dropped.
 Plugins are Python files that ``import nbtunnel`` and call ``nbtunnel.register(obj)``
 with an object whose ``kind`` is ``"manager"``, ``"environment"`` or ``"tunnel"``
 (see the base classes ``SessionManager``, ``PidFileManager``, ``BatchManager``,
-``ShellEnvironment``, ``TunnelBackend``); a plugin declares its options once as
-``nbtunnel.Option`` objects.  They are loaded from ``plugins/`` beside this file,
+``ShellEnvironment``, ``TunnelBackend``, ``Transport``); a plugin declares its options once
+as ``nbtunnel.Option`` objects.  They are loaded from ``plugins/`` beside this file,
 ``$XDG_CONFIG_HOME/nbtunnel/plugins``, ``$NBTUNNEL_PLUGIN_PATH`` and ``--plugin FILE``.
-Plugins describe commands as argv lists and data; they never run processes themselves.
+Plugins use only the names in ``__all__``.  Managers and environments describe remote
+commands as argv lists and data and run nothing; a tunnel backend, which works on this
+machine, starts local processes only through ``subproc``.
 """
 
 import argparse
@@ -60,6 +62,11 @@ except ImportError:  # not POSIX: main() refuses to run, with a message that say
     fcntl = None
 
 __version__ = "0.1.0"
+__all__ = [  # the plugin API: what plugins may use (README, "Writing a plugin")
+    "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "Session",
+    "register", "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment",
+    "TunnelBackend", "Transport", "shell_line", "forward_spec", "remote_call", "ssh_error",
+    "subproc"]
 
 log = logging.getLogger("nbtunnel")
 
@@ -117,6 +124,15 @@ MSG_SOCKET_TUNNEL = (
     "--unix-socket cannot be used with --tunnel {tunnel}: it cannot forward to a Unix "
     "socket; use --tunnel ssh (OpenSSH), or run without --unix-socket"
 )
+MSG_LOCAL_PORT = (
+    "local port {port} is in use on this machine; choose another with --local-port or "
+    "leave it out"
+)
+MSG_UNDONE = "the Jupyter this command started on {host} (session {session}) was stopped again"
+MSG_NOTHING_LEFT = "nothing is left running on {host}"
+MSG_REUSED_KEPT = "the server that already ran on {host} (session {session}) keeps running"
+MSG_KEPT = ("Jupyter on {host} (session {session}) had started and is recorded; it keeps "
+            "running (--terminate stops it)")
 MSG_BUSY = (
     "not terminating {session} on {host}: {n} kernel(s) busy ({names}); "
     "wait for them or pass --force"
@@ -158,7 +174,7 @@ class UsageError(Error):
 
 
 class SshError(Error):
-    """ssh itself failed; ``kind`` is one of SSH_KINDS."""
+    """ssh itself failed; ``kind`` is one of SSH_REFUSALS or SSH_LINK."""
 
 
 class RemoteError(Error):
@@ -212,9 +228,8 @@ def check_ssh_args(args) -> None:
             ("-o", o) for o in args.ssh_option or ()]:
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f]", value)):
             raise UsageError("invalid %s %r: empty or holds control characters" % (what, value))
-    origin = getattr(args, "origin", {})
     for what, dest in (("--ssh-config", "ssh_config"), ("-i", "identity")):
-        value = None if origin.get(dest) == "record" else getattr(args, dest)  # checked then
+        value = None if args.source(dest) == "record" else getattr(args, dest)  # checked then
         if value and value != "none" and "%" not in value and not os.path.exists(
                 os.path.expanduser(value)):
             raise UsageError("%s file %r not found on this machine" % (what, value))
@@ -297,7 +312,10 @@ def make_url(port: int, base_url: str, app: str, token: str) -> str:
 
 def seconds(text) -> float:
     """TEXT as a number of seconds above 0 and at most 30 days, else ValueError."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0  # not a number: the message below says what is wanted
     if not 0 < value <= 30 * 86400:  # also refuses nan and inf
         raise ValueError("must be a number of seconds above 0 and at most 30 days")
     return value
@@ -307,6 +325,80 @@ def port(text) -> int:
     """TEXT as a port number, else UsageError (check_port's message)."""
     return check_port(text, "port")
 
+
+def record_name(host: str, session: str) -> str:
+    """File name of the local record for HOST and SESSION (any HOST is safe)."""
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
+    digest = hashlib.sha1(host.encode()).hexdigest()[:8]
+    return "%s-%s@%s.json" % (safe, digest, session)
+
+
+def ssh_options(args) -> list:
+    """The user's ssh options as argv words, in ssh's own syntax."""
+    words = []
+    if args.ssh_config:
+        words += ["-F", args.ssh_config]
+    for opt in args.ssh_option or ():
+        words += ["-o", opt]
+    if args.jump:
+        words += ["-J", args.jump]
+    if args.identity:
+        words += ["-i", args.identity]
+    if args.accept_new:
+        words += ["-o", "StrictHostKeyChecking=accept-new"]
+    return strict_host_keys(words)
+
+
+def ssh_values(words) -> dict:
+    """The option values that ssh argv WORDS (as ssh_options makes them) stand for."""
+    values, flags = {}, {"-F": "ssh_config", "-J": "jump", "-i": "identity"}
+    for flag, word in zip(words[::2], words[1::2]):
+        if flag == "-o" and word == "StrictHostKeyChecking=accept-new":
+            values["accept_new"] = True
+        elif flag == "-o":
+            values.setdefault("ssh_option", []).append(word)
+        elif flag in flags:
+            values[flags[flag]] = word
+    return values
+
+
+def classify_ssh_error(host: str, stderr: str) -> SshError:
+    """Turn ssh's stderr into an SshError of a kind, with a message that names HOST."""
+    text = stderr.strip()
+    last = text.splitlines()[-1] if text else "ssh failed without a message"
+    if "IDENTIFICATION HAS CHANGED" in text:
+        return ssh_error(host, "hostkey-changed")
+    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
+        found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
+        offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
+        return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
+    if "Permission denied" in text or "Too many authentication failures" in text:
+        return ssh_error(host, "auth", last)
+    return ssh_error(host, "unreachable", last)
+
+
+def strict_host_keys(words: list) -> list:
+    """ssh option words with StrictHostKeyChecking=no (or off, false) turned into accept-new.
+
+    With "no", OpenSSH still connects to a host whose key has CHANGED (it only turns
+    off forwarding and passwords), and nbtunnel would hand that host its token:
+    accept-new keeps the convenience for unknown hosts and refuses changed keys."""
+    out = list(words)
+    for i in range(1, len(out)):
+        if out[i - 1] == "-o" and re.match(r"\s*stricthostkeychecking\s*[=\s]\s*\"?(no|off|false)"
+                                           r"\"?\s*\Z", out[i], re.IGNORECASE):
+            log.warning("warning: -o %s is used as StrictHostKeyChecking=accept-new: nbtunnel "
+                        "never connects to a host whose key has changed", out[i])
+            out[i] = "StrictHostKeyChecking=accept-new"
+    return out
+
+
+# Settings ####################################################################
+#
+# Every setting of a session is decided once, by resolve(), into a Session that remembers
+# where each came from; everything after it reads the Session, not the parser's Namespace.
 
 BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
             "0": False, "no": False, "false": False, "off": False}
@@ -409,111 +501,301 @@ TUNNEL_OPTIONS = [
     Option("--timeout", "bound on connecting and on server start-up (default %g)"
            % DEFAULT_TIMEOUT, metavar="SECONDS", type=seconds, start=False),
 ]
-# Config keys that are not options of a session: key -> (dest, repeatable).
-RUN_KEYS = {"session": ("session", False), "state-dir": ("state_dir", False),
-            "plugin": ("plugin", True), "nginx-listen": ("nginx_listen", False)}
+# Config keys that are not options of a session.
+RUN_KEYS = ("session", "state-dir", "plugin", "nginx-listen")
 
 
-def record_name(host: str, session: str) -> str:
-    """File name of the local record for HOST and SESSION (any HOST is safe)."""
-    import hashlib
 
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:60]
-    digest = hashlib.sha1(host.encode()).hexdigest()[:8]
-    return "%s-%s@%s.json" % (safe, digest, session)
-
-
-def ssh_options(args) -> list:
-    """The user's ssh options as argv words, in ssh's own syntax."""
-    words = []
-    if args.ssh_config:
-        words += ["-F", args.ssh_config]
-    for opt in args.ssh_option or ():
-        words += ["-o", opt]
-    if args.jump:
-        words += ["-J", args.jump]
-    if args.identity:
-        words += ["-i", args.identity]
-    if args.accept_new:
-        words += ["-o", "StrictHostKeyChecking=accept-new"]
-    return strict_host_keys(words)
+def config_path(args):
+    """The config file to read and whether it must exist (it must when named by --config)."""
+    if args.config:
+        return args.config, True
+    return os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+        "nbtunnel", "config.ini"), False
 
 
-def ssh_values(words) -> dict:
-    """The option values that ssh argv WORDS (as ssh_options makes them) stand for."""
-    values, flags = {}, {"-F": "ssh_config", "-J": "jump", "-i": "identity"}
-    for flag, word in zip(words[::2], words[1::2]):
-        if flag == "-o" and word == "StrictHostKeyChecking=accept-new":
-            values["accept_new"] = True
-        elif flag == "-o":
-            values.setdefault("ssh_option", []).append(word)
-        elif flag in flags:
-            values[flags[flag]] = word
-    return values
+def read_config(path, required: bool = False):
+    """The INI config file as a ConfigParser (missing is fine unless REQUIRED; broken is
+    an error)."""
+    import configparser
+
+    cfg = configparser.ConfigParser(interpolation=None)
+    if required and not os.path.isfile(path):
+        raise UsageError("config file %s not found" % path)
+    if path and os.path.exists(path):
+        try:
+            cfg.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError) as e:
+            raise UsageError("config file %s: %s" % (path, e)) from None
+    return cfg
 
 
-def classify_ssh_error(host: str, stderr: str) -> SshError:
-    """Turn ssh's stderr into an SshError of a kind, with a message that names HOST."""
-    text = stderr.strip()
-    last = text.splitlines()[-1] if text else "ssh failed without a message"
-    if "IDENTIFICATION HAS CHANGED" in text:
-        return SshError(MSG_HOSTKEY_CHANGED.format(host=host), kind="hostkey-changed")
-    if "Host key verification failed" in text or re.search(r"No \S+ host key is known", text):
-        found = re.search(r"^.*\bkey fingerprint is \S+", text, re.MULTILINE)
-        offered = MSG_HOSTKEY_OFFERED.format(line=found.group(0).strip()) if found else ""
-        return SshError(MSG_HOSTKEY.format(host=host) + offered, kind="hostkey-unknown")
-    if "Permission denied" in text or "Too many authentication failures" in text:
-        return SshError(MSG_AUTH.format(host=host, detail=last), kind="auth")
-    return SshError(MSG_UNREACHABLE.format(host=host, detail=last), kind="unreachable")
+def config_section(cfg, host) -> dict:
+    """The config keys in effect for HOST, each as (text, where): its [host HOST] section
+    over [DEFAULT]."""
+    name, defaults = "host %s" % host, cfg.defaults()
+    section = {k: (v, "config [DEFAULT]") for k, v in defaults.items()}
+    if host and cfg.has_section(name):
+        section.update((k, (v, "config [%s]" % name)) for k, v in cfg[name].items()
+                       if defaults.get(k) != v)
+    if section.get("plugin", ("", "config [DEFAULT]"))[1] != "config [DEFAULT]":
+        raise UsageError("config file: plugin = ... belongs in [DEFAULT] (plugins are loaded "
+                         "before the host is known)")
+    known = {o.key for o in session_options()} | set(RUN_KEYS) | {"host"}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise UsageError("config file: unknown key %r (known: %s)"
+                         % (unknown[0], ", ".join(sorted(known))))
+    return section
 
 
-def strict_host_keys(words: list) -> list:
-    """ssh option words with StrictHostKeyChecking=no (or off, false) turned into accept-new.
+class Session:
+    """The settings of one session for one command, decided once by ``resolve``: ``host``
+    (None: --status or --all without one), ``name``, ``values`` (each option's dest -> the
+    value asked for, None when none was; also read as attributes, as plugins' ``steps(args)``
+    and ``job_options(args)`` do), where each came from (``source``), the ``manager`` and
+    ``tunnel`` plugins (``batch``: a batch manager), the ``state`` directory and its
+    ``records``, ``timeout``, ``wait_timeout`` (for a job in a queue too), ``interval``
+    (--watch) and ``no_prompt`` (ssh never prompts: --ensure, --watch)."""
 
-    With "no", OpenSSH still connects to a host whose key has CHANGED (it only turns
-    off forwarding and passwords), and nbtunnel would hand that host its token:
-    accept-new keeps the convenience for unknown hosts and refuses changed keys."""
-    out = list(words)
-    for i in range(1, len(out)):
-        if out[i - 1] == "-o" and re.match(r"\s*stricthostkeychecking\s*[=\s]\s*\"?(no|off|false)"
-                                           r"\"?\s*\Z", out[i], re.IGNORECASE):
-            log.warning("warning: -o %s is used as StrictHostKeyChecking=accept-new: nbtunnel "
-                        "never connects to a host whose key has changed", out[i])
-            out[i] = "StrictHostKeyChecking=accept-new"
-    return out
+    def __init__(self, host, name: str, values: dict, origin: dict, state: str, records: list,
+                 nginx_listen=None):
+        self.host, self.name, self.values, self.origin = host, name, values, origin
+        self.state, self.records, self.nginx_listen = state, records, nginx_listen
+        self.no_prompt = False
+        self.manager = get("manager", values["manager"] or os.environ.get("NBTUNNEL_MANAGER")
+                           or "tmux")
+        self.batch = bool(getattr(self.manager, "batch", False))
+        self.tunnel = get("tunnel", values["tunnel"] or (
+            "ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS else "sshtunnel"))
+        self.timeout = values["timeout"] or DEFAULT_TIMEOUT
+        # A batch manager waits longer for its queue; connecting keeps the usual bound.
+        self.wait_timeout = values["timeout"] or getattr(
+            self.manager, "default_timeout", None) or DEFAULT_TIMEOUT
+
+    def __getattr__(self, name):  # an option's value: session.notebook_dir
+        if name not in self.__dict__.get("values", {}):
+            raise AttributeError(name)
+        return self.values[name]
+
+    def source(self, dest: str) -> str:
+        """Where the value of DEST (an option's dest, "session" or "state_dir") came from:
+        "command line", "config [host H]", "config [DEFAULT]", "record" or "default"."""
+        return self.origin.get(dest, "default")
+
+    def asked(self, start_only: bool = False) -> dict:
+        """The options that were asked for (not defaults), as recorded; with START_ONLY,
+        those that shape the server."""
+        return {o.dest: self.values[o.dest] for o in session_options()
+                if o.dest in self.origin and (o.start or not start_only)}
+
+    def record(self):
+        """The session's record as loaded, or None."""
+        return find_record(self.records, self.host, self.name)
+
+    def recorded(self, same_name=False) -> dict:
+        """{host: its records} of the recorded sessions (of HOST; named NAME too with
+        SAME_NAME), in record order."""
+        by_host = {}
+        for rec in self.records:
+            if self.host in (None, rec["host"]) and (not same_name or rec["session"] == self.name):
+                by_host.setdefault(rec["host"], []).append(rec)
+        return by_host
+
+    def params(self, session=None, **extra) -> dict:
+        """What a remote operation on SESSION (default: this one) is told: this one place
+        builds it."""
+        managers = {n: m.describe(session or self.name, self) for n, m in MANAGERS.items()}
+        return dict(session=session or self.name, timeout=self.timeout, managers=managers,
+                    manager=managers[self.manager.name], **extra)
+
+    def connection(self, rec=None, host=None) -> "Connection":
+        """The shared connection to HOST (default: the session's), with the ssh options
+        REC was recorded with unless others were asked for."""
+        host = host or self.host
+        options = ssh_options(self) or (rec or {}).get("ssh_options", [])
+        conn = self.tunnel.connection(host, options, self.timeout)
+        if conn is None:
+            conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
+            if rec and rec.get("socket") and os.path.exists(rec["socket"]):
+                conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
+        conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
+        return conn
 
 
-def offered_host_key(conn, stderr: str) -> str:
-    """After ssh refused an unknown host key: the fingerprint line of the key the host
-    offers, as ssh's own prompt would show it ("" when not that failure).
+def resolve_host(args, cfg, records):
+    """(HOST, the session name when it comes from the record too) from the command line,
+    the config default, or the only record."""
+    if args.host:
+        return args.host, None
+    if cfg.defaults().get("host"):
+        return cfg.defaults()["host"].strip(), None
+    candidates = records
+    if args.session is not None:
+        candidates = [r for r in records if r["session"] == args.session]
+    if len(candidates) == 1:
+        return candidates[0]["host"], None if args.session else candidates[0]["session"]
+    if args.terminate and not args.watch and not candidates:
+        return None, None
+    sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
+    why = "several sessions are recorded" if candidates else "nothing is recorded"
+    raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
 
-    In batch mode ssh does not print it, so ask ssh once more, at debug level, with
-    the same options (jump hosts and aliases included); this is the failure path only."""
-    if "IDENTIFICATION HAS CHANGED" in stderr or not (
-            "Host key verification failed" in stderr or "host key is known" in stderr):
-        return ""
-    argv = ["ssh"] + list(conn.options) + [
-        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no",
-        "-o", "ControlPath=none", "-o", "LogLevel=DEBUG1",
-        "-o", "ConnectTimeout=%d" % max(1, int(conn.timeout)), conn.host, "true"]
+
+def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Session:
+    """Decide every setting of a session once: HOST, then each option from the command
+    line (ARGS), the config section of that HOST, the session's record, the default.  HOST
+    stays None for --status or --all without one, or --terminate with nothing recorded;
+    a session of --all comes with HOST, NAME, STATE and RECORDS decided."""
+    values = {o.dest: getattr(args, o.dest, None) for o in session_options()}
+    origin = {dest: "command line" for dest, value in values.items() if value is not None}
+    fixed, loaded = state is not None, records is None
+    state = state or state_dir(args.state_dir or cfg.defaults().get("state-dir", "").strip())
+    records = load_records(state) if loaded else records
+    if host is None and (args.host or not (args.status or args.all)):
+        host, name = resolve_host(args, cfg, records)
+    if host is not None:
+        check_host(host)
+    section = config_section(cfg, host)
+    text, where = section.get("state-dir", ("", ""))
+    if args.state_dir or text.strip():
+        origin["state_dir"] = "command line" if args.state_dir else where
+    if not (fixed or args.state_dir) and where.startswith("config [host"):
+        state = state_dir(text.strip())  # the host's own state directory: its records
+        records = load_records(state) if loaded else records
+    text, where = section.get("session", ("", ""))
+    for value, came in ((name, "record"), (args.session, "command line"),
+                        (text.strip() or None, where)):
+        if value is not None:  # an empty --session= is refused, not taken as the default
+            name, origin["session"] = value, came
+            break
+    name = check_session(DEFAULT_SESSION if name is None else name)
+    rec = find_record(records, host, name) if host is not None and not args.status else None
+    rec = None if rec and rec.get("ended") else rec  # ended on purpose: nothing to take over
+    recorded = dict((rec or {}).get("options") or {})
+    if rec and "options" not in rec:  # a record from before options were recorded
+        recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
+                        app=rec.get("app"))
+    for option in session_options():
+        dest = option.dest
+        if values[dest] is None and option.key in section:
+            text, origin[dest] = section[option.key]
+            values[dest] = option.from_config(text)
+        elif values[dest] is None and option.sticky and recorded.get(dest) is not None:
+            values[dest], origin[dest] = recorded[dest], "record"
+        if values[dest] is not None:
+            values[dest] = option.convert(values[dest], origin[dest])
+    pending = {}
+    if (args.ensure or args.watch) and rec and isinstance(rec.get("options"), dict):
+        pending = repeat_recorded(values, origin, rec)
+    nginx = args.nginx_listen or section.get("nginx-listen", ("",))[0].strip() or None
+    session = Session(host, name, values, origin, state, records, nginx)
+    session.pending, session.cfg = pending, cfg
+    drop_other_plugins(session)
+    check_ssh_args(session)
+    session.interval = 0.0
+    with contextlib.suppress(ValueError):
+        session.interval = float(args.interval)
+    if not 0 < session.interval <= 3600:  # also refuses nan and inf
+        raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
+                         % (args.interval,))
+    return session
+
+
+def recorded_start_options(rec: dict) -> dict:
+    """The start options REC's server was started with (its manager included)."""
+    start = {o.dest for o in session_options() if o.start}
+    return dict({k: v for k, v in (rec.get("options") or {}).items() if k in start},
+                manager=rec.get("manager"))
+
+
+def repeat_recorded(values: dict, origin: dict, rec: dict) -> dict:
+    """A repair (--ensure, --watch, the units) restarts a server exactly as it last ran:
+    REC's start options replace those in VALUES (and ORIGIN).  Returns what a deliberate
+    start would use instead, {dest: (value, where from)}: it applies at the next one."""
+    recorded, pending = recorded_start_options(rec), {}
+    for option in session_options():
+        dest, was = option.dest, recorded.get(option.dest)
+        if not option.start or origin.get(dest) == "record" or values[dest] == was:
+            continue
+        if values[dest] is not None and (dest != "manager" or was is not None):
+            pending[dest] = (values[dest], origin[dest])
+        values[dest] = was
+        if was is None:
+            origin.pop(dest, None)
+        else:
+            origin[dest] = "record"
+    return pending
+
+
+def option_owner(option):
+    """The manager or tunnel plugin that OPTION belongs to, or None (the core's, or an
+    environment plugin's: those apply to every session)."""
+    for plugin, one in plugin_options():
+        if one.dest == option.dest and plugin.kind in ("manager", "tunnel"):
+            return plugin
+    return None
+
+
+def option_applies(option, names: dict) -> bool:
+    """Does OPTION mean anything for a session run by NAMES (its manager and tunnel)?"""
+    owner = option_owner(option)
+    return owner is None or owner.name == names.get(owner.kind)
+
+
+MSG_OTHER_PLUGIN = (
+    "{flag} is an option of the {kind} plugin {plugin}, and this session runs with --{kind} "
+    "{using}: leave {flag} out, or add --{kind} {plugin}"
+)
+
+
+def drop_other_plugins(session: Session) -> None:
+    """Refuse an option of a manager or tunnel plugin that does not serve SESSION when it
+    was given on the command line; ignore it from the config file (a [DEFAULT] may hold
+    Slurm keys for several hosts) or from an older record."""
+    names = dict(manager=session.manager.name, tunnel=session.tunnel.name)
+    session.pending = {dest: value for dest, value in session.pending.items()
+                       if all(option_applies(o, names) for o in session_options()
+                              if o.dest == dest)}
+    for option in session_options():
+        dest = option.dest
+        if session.values[dest] is None or option_applies(option, names):
+            continue
+        if session.source(dest) == "command line":
+            owner = option_owner(option)
+            raise UsageError(MSG_OTHER_PLUGIN.format(flag=option.flag, kind=owner.kind,
+                                                     plugin=owner.name, using=names[owner.kind]))
+        session.values[dest] = None
+        session.origin.pop(dest, None)
+
+
+def config_pending(cfg, rec: dict) -> dict:
+    """What the config file would change at the next deliberate start of the session of
+    REC: {dest: (value, where from)}; {} for an unreadable section."""
     try:
-        r = subproc(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                    timeout=conn.timeout + 5)
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    m = re.search(r"Server host key: (\S+) (\S+)", r.stderr)
-    if not m:
-        return ""
-    kind = m.group(1).replace("ssh-", "").split("-")[0].upper()
-    return "\n%s key fingerprint is %s" % (kind, m.group(2))
+        section = config_section(cfg, rec["host"])
+    except UsageError:
+        return {}
+    recorded, pending = recorded_start_options(rec), {}
+    names = dict(manager=rec.get("manager") or "tmux", tunnel=rec.get("tunnel") or "ssh")
+    for option in session_options():
+        if option.start and option.key in section and option_applies(option, names):
+            text, where = section[option.key]
+            try:
+                value = option.convert(option.from_config(text), where)
+            except UsageError:
+                continue
+            if value != recorded.get(option.dest):
+                pending[option.dest] = (value, where)
+    return pending
 
 
-def refuse_changed_host_key(conn, stderr: str) -> None:
-    """End a master that connected although the host key has changed (the user's
-    ssh_config said StrictHostKeyChecking no): nothing may be sent to that host."""
-    if "IDENTIFICATION HAS CHANGED" in stderr:
-        conn.close()
-        raise SshError(MSG_HOSTKEY_CHANGED.format(host=conn.host), kind="hostkey-changed")
+def pending_text(pending: dict) -> str:
+    """PENDING as a message shows it: notebook-dir B (config [host h]), ..."""
+    flags = {o.dest: o for o in session_options()}
+    return ", ".join("%s %s (%s)" % (flags[d].key, " ".join(flags[d].words(v)[1::2]) or "on",
+                                    where) for d, (v, where) in sorted(pending.items()))
 
 
 # Remote side: begin ##########################################################
@@ -589,12 +871,31 @@ def r_own_source():
 
 # Files ----------------------------------------------------------------------
 
+def r_dir_problem(path, others=0o077):
+    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
+    no one else may enter it), or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "cannot be examined (%s)" % (e.strerror or e)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
+    if st.st_mode & others:
+        return "is %s by group or others (mode %04o)" % (
+            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
+    return None
+
+
 def r_state_dir():
     """The private directory of nbtunnel's remote files, made 0700 on first use.  One that
     is a symlink, not this user's or writable by others is refused, never repaired: what
     another user could plant there (records, pid files) is not to be trusted."""
-    import stat
-
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     path = os.path.join(base, "nbtunnel")
     try:
@@ -605,19 +906,13 @@ def r_state_dir():
     except OSError as e:
         raise RemoteFail("state-dir", "cannot create the remote state directory %s: %s"
                          % (path, e)) from None
-    st = os.lstat(path)
-    move = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
-    if stat.S_ISLNK(st.st_mode):
-        problem, fix = "is a symbolic link", move
-    elif not stat.S_ISDIR(st.st_mode):
-        problem, fix = "is not a directory", move
-    elif st.st_uid != os.getuid():
-        problem, fix = "belongs to another user (uid %d)" % st.st_uid, move
-    elif st.st_mode & 0o022:
-        problem = "can be written by group or others (mode %03o)" % (st.st_mode & 0o777)
+    problem = r_dir_problem(path, 0o022)
+    if problem is None:
+        return path
+    if problem.startswith("is writable"):  # ours, but open to others: the mode can be mended
         fix = "check what is in it, then chmod 700 %s" % path
     else:
-        return path
+        fix = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
     raise RemoteFail("unsafe-state", "the remote state directory %s %s; nbtunnel keeps its "
                      "records there and trusts only a private directory of yours: %s"
                      % (path, problem, fix))
@@ -628,7 +923,8 @@ def r_files(session):
     d = r_state_dir()
     return {k: os.path.join(d, session + ext) for k, ext in (
         ("state", ".json"), ("log", ".log"), ("pid", ".pid"), ("spec", ".spec.json"),
-        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"))}
+        ("lock", ".lock"), ("output", ".out"), ("published", ".job.json"),
+        ("ended", ".ended"))}
 
 
 def r_read_json(path, owned=False):
@@ -648,20 +944,21 @@ def r_read_json(path, owned=False):
 
 
 def r_write_private(path, text):
-    """Write TEXT to PATH through a private temporary file in the same directory, renamed
-    over PATH: readers see the old or the new file, and a symlink at PATH is replaced, not
-    followed."""
+    """Write TEXT to PATH through a private temporary file (0600, made by mkstemp in the
+    same directory) renamed over PATH: a reader sees the old file or the new one, whole,
+    and a symlink planted at PATH is replaced, never followed.  Returns PATH."""
     import tempfile
 
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:40] + ".", suffix=".tmp",
                                dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.rename(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         r_remove(tmp)
         raise
+    return path
 
 
 def r_write_json(path, data):
@@ -717,6 +1014,9 @@ class RemoteLock:
                     raise RemoteFail("locked",
                                      "another nbtunnel is busy with this session") from None
                 time.sleep(0.1)
+        if fcntl and not os.fstat(self.fd).st_nlink:  # removed by its holder
+            os.close(self.fd)
+            return self.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -757,11 +1057,12 @@ def r_pid_is_jupyter(pid):
 
 
 def r_pid_start(pid):
-    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None
-    without /proc.  With the pid, it names one process: a reused pid has another."""
+    """When PID started: field 22 of /proc/PID/stat (clock ticks since boot), or None for a
+    zombie or without /proc.  With the pid, it names one process: a reused pid has another."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
-            return int(f.read().rpartition(b")")[2].split()[19])
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[19]) if fields[0] not in (b"Z", b"X") else None
     except (OSError, ValueError, IndexError, TypeError):
         return None
 
@@ -1030,10 +1331,10 @@ def r_api(info, path, method="GET", timeout=5):
                   timeout=timeout, sock=info.get("sock"), host=info.get("address"))
 
 
-def r_listen_inodes(port):
-    """Inodes of the sockets listening on TCP PORT (IPv4 and IPv6) in this network
-    namespace, or None without /proc/net/tcp."""
-    found, tables = set(), 0
+def r_tcp_listeners():
+    """The TCP sockets listening in this network namespace (IPv4 and IPv6), as {inode:
+    port}, or None without /proc/net/tcp."""
+    found, tables = {}, 0
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(name) as f:
@@ -1043,37 +1344,36 @@ def r_listen_inodes(port):
         tables += 1
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A" and \
-                    int(fields[1].rpartition(":")[2], 16) == port:
-                found.add(fields[9])
+            if len(fields) > 9 and fields[3] == "0A":  # 0A: LISTEN
+                found[fields[9]] = int(fields[1].rpartition(":")[2], 16)
     return found if tables else None
+
+
+def r_pid_sockets(pid):
+    """Inodes of the sockets among the open files of PID (empty when they cannot be read)."""
+    fds, found = "/proc/%s/fd" % pid, set()
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
 
 
 def r_port_held_by(port, pid):
     """True when a socket listening on PORT is one of PID's open files: only then may a
     request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
     proven and is taken as true: there only the pid checks protect the token."""
-    inodes = r_listen_inodes(port)
-    if inodes is None:
+    listeners = r_tcp_listeners()
+    if listeners is None:
         return True
-    return r_pid_holds(pid, inodes)
-
-
-def r_pid_holds(pid, inodes):
-    """Is one of the socket INODES among the open files of PID?"""
-    fds = "/proc/%d/fd" % pid
-    try:
-        names = os.listdir(fds) if inodes else []
-    except OSError:
-        return False
-    for name in names:
-        try:
-            target = os.readlink(os.path.join(fds, name))
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            return True
-    return False
+    return any(listeners.get(inode) == port for inode in r_pid_sockets(pid))
 
 
 # Unix sockets (--unix-socket) -----------------------------------------------
@@ -1089,27 +1389,6 @@ R_SOCK_MAX = 107 if sys.platform.startswith("linux") else 103
 R_SOCK_OLD = ("the Jupyter on this host is too old for --unix-socket (it needs Jupyter Server "
               "2, as Notebook 7 and JupyterLab 4 have; %s): upgrade it, or run without "
               "--unix-socket")
-
-
-def r_dir_problem(path, others=0o077):
-    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
-    no one else may enter it), or None."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return "cannot be examined (%s)" % (e.strerror or e)
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.geteuid():
-        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
-    if st.st_mode & others:
-        return "is %s by group or others (mode %04o)" % (
-            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
-    return None
 
 
 def r_socket_path(session, limit):
@@ -1179,9 +1458,7 @@ def r_sock_held_by(path, pid):
     if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.getuid() or dst.st_mode & 0o077:
         return False
     inodes = r_unix_listen_inodes(path)
-    if inodes is None:
-        return True
-    return r_pid_holds(pid, inodes)
+    return True if inodes is None else bool(inodes and inodes & r_pid_sockets(pid))
 
 
 def r_remove_socket(path):
@@ -1328,6 +1605,30 @@ def r_run_manager(mgr, what, session, env, launch=""):
     return r_run(argv, env=env)
 
 
+def r_manager_start(mgr, session, env, launch):
+    """Run the manager's start, up to three times while it fails because the server that
+    its sessions share was exiting (tmux's, its last session just ended: "server exited
+    unexpectedly") and has gone since: (status, out, err)."""
+    for attempt in range(3):
+        got = r_run_manager(mgr, "start", session, env, launch)
+        if got[0] == 0 or attempt == 2 or not r_server_gone(mgr, session, env, 5):
+            return got
+
+
+def r_server_gone(mgr, session, env, timeout):
+    """True once nothing listens on the socket of the manager's shared server (tmux leaves
+    the file), waiting up to TIMEOUT for the one there now to go (without /proc: True)."""
+    got = r_run_manager(mgr, "server", session, env)
+    path = got[1].strip() if got and got[0] == 0 else ""
+    if not path or not os.path.exists(path):
+        return False
+    old, deadline = r_unix_listen_inodes(path), time.time() + timeout
+    while old and time.time() < deadline:
+        time.sleep(0.02)
+        old &= r_unix_listen_inodes(path)
+    return not old
+
+
 def r_manager_log(mgr, session, env):
     """The last lines of what the session printed, as its manager shows them."""
     got = r_run_manager(mgr, "log", session, env)
@@ -1394,21 +1695,58 @@ def r_batch_argv(argv, words):
             for w in argv]
 
 
-def r_job_rows(mgr, text):
-    """One dict per job in TEXT, the output of the manager's state or find argv: the
-    fields its format names, and phase (waiting, running, ending or ended)."""
-    sep, fields = mgr["format"]["sep"], mgr["format"]["fields"]
-    rows = []
+def r_job_items(fmt, text):
+    """The jobs in TEXT: lines, or XML elements (children by TAG or TAG@NAME)."""
+    if fmt.get("xml"):
+        import xml.etree.ElementTree as ET
+
+        try:
+            root = ET.fromstring(text) if text.strip() else None
+        except ET.ParseError as e:
+            raise RemoteFail("scheduler", "cannot read the scheduler's XML: %s" % e) from None
+        return [dict((c.tag + ("@" + c.get("name") if c.get("name") else ""),
+                      (c.text or "").strip()) for c in el)
+                for el in (root.iter(fmt["xml"]) if root is not None else ())]
+    items = []
     for line in text.splitlines():
-        if not line.strip():
-            continue
-        words = [w.strip() for w in line.split(sep)]
-        if isinstance(fields, dict):  # KEY=VALUE items, named by the scheduler's keys
-            pairs = dict(w.partition("=")[::2] for w in words)
-            row = dict((ours, pairs.get(theirs, "")) for theirs, ours in fields.items())
+        if line.strip():
+            words = [w.strip() for w in line.split(fmt["sep"])]
+            items.append(dict(w.partition("=")[::2] for w in words)
+                         if isinstance(fmt["fields"], dict) else words)
+    return items
+
+
+def r_time_left(limit, start):
+    """H:MM:SS left of LIMIT seconds from START (local ISO time), or None."""
+    try:
+        left = int(float(limit) - (time.time() - time.mktime(time.strptime(
+            start[:19], "%Y-%m-%dT%H:%M:%S"))))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return "%d:%02d:%02d" % (max(left, 0) // 3600, max(left, 0) // 60 % 60, max(left, 0) % 60)
+
+
+def r_job_rows(mgr, text):
+    """One dict per job in TEXT (state or find output): the fields its format names, and
+    phase (waiting, running, ending or ended).  See BatchManager."""
+    import re
+
+    fields = mgr["format"]["fields"]
+    rows = []
+    for item in r_job_items(mgr["format"], text):
+        if isinstance(fields, dict):  # named by the scheduler's keys
+            row = {}
+            for theirs, ours in fields.items():
+                value = item.get(theirs, "")
+                if isinstance(ours, list):
+                    ours, found = ours[0], re.search(ours[1], value)
+                    value = found.group(1) if found else ""
+                row[ours] = value
         else:
-            row = dict(zip(fields, words + [""] * len(fields)))
+            row = dict(zip(fields, item + [""] * len(fields)))
         row = dict((k, None if v in R_JOB_NONE else v) for k, v in row.items())
+        if not row.get("time_left") and row.get("time_limit") and row.get("start_time"):
+            row["time_left"] = r_time_left(row["time_limit"], row["start_time"])
         state = row.get("state")
         row["phase"] = ("waiting" if state in mgr["waiting"] else "running"
                         if state in mgr["running"] else "ending" if state in mgr["ending"]
@@ -1421,12 +1759,17 @@ def r_job_state(mgr, job_id, env):
     """The scheduler's row for JOB_ID (phase "ended" once it has left the queue)."""
     import re
 
-    code, out, err = r_run(r_batch_argv(mgr["state"], dict(job=job_id)), env=env)
+    code, out, err = r_run(r_batch_argv(mgr["state"], dict(job=job_id, user=r_user())),
+                           env=env)
     if code != 0 and not (mgr.get("gone_re") and re.search(mgr["gone_re"], err + out)):
         raise RemoteFail("scheduler", "%s failed (exit %s): %s" % (
             mgr["state"][0], code, (err or out).strip() or "no message"))
     for row in r_job_rows(mgr, out) if code == 0 else []:
         if row.get("job_id") == job_id:
+            if row["phase"] == "waiting" and not row.get("reason") and mgr.get("reason"):
+                out = r_run(r_batch_argv(mgr["reason"], dict(job=job_id)), env=env)[1]
+                found = re.search(mgr["reason_re"], out, re.M)
+                row["reason"] = found and found.group(1).strip()
             return row
     return dict(job_id=job_id, state=None, reason=None, phase="ended")
 
@@ -1435,7 +1778,8 @@ def r_find_jobs(mgr, env):
     """The session's jobs that the scheduler still lists, found by the job's name."""
     code, out, _ = r_run(r_batch_argv(mgr["find"], dict(name=mgr["job_name"], user=r_user())),
                          env=env)
-    return r_job_rows(mgr, out) if code == 0 else []
+    return [r for r in (r_job_rows(mgr, out) if code == 0 else [])
+            if r.get("name") in (None, mgr["job_name"])]
 
 
 def r_batch_job(mgr, st):
@@ -1507,11 +1851,11 @@ def r_batch_start(p):
     with RemoteLock(paths["lock"], p["timeout"]):
         st = r_read_json(paths["state"])
         row, env = r_batch_job(mgr, st)
+        job = dict(session=session, manager=mgr["name"], job_name=mgr["job_name"],
+                   log=paths["log"], app=p.get("app"), started=time.time(), env=env)
         if row:
             if not st or st.get("job_id") != row["job_id"]:  # found by name: record it again
-                st = dict(session=session, manager=mgr["name"], batch=True,
-                          job_id=row["job_id"], job_name=mgr["job_name"], log=paths["log"],
-                          app=p.get("app"), started=time.time(), options=None, env=env)
+                st = dict(job, job_id=row["job_id"], options=None)
                 r_write_json(paths["state"], st)
             out = r_batch_answer(session, mgr, row, st, env)
             out["reused"] = True
@@ -1546,10 +1890,8 @@ def r_batch_start(p):
             raise RemoteFail("job-refused", "%s refused the job: %s" % (
                 argv[0], " / ".join((err or out).strip().splitlines()) or "exit %d" % code))
         job_id = found.group(1)
-        r_write_json(paths["state"], dict(
-            session=session, manager=mgr["name"], batch=True, job_id=job_id,
-            job_name=mgr["job_name"], log=paths["log"], app=p.get("app"), started=time.time(),
-            options=p.get("options"), env=env))
+        r_write_json(paths["state"], dict(job, job_id=job_id, options=p.get("options"),
+                                          env=env, started=time.time()))
         return dict(r_job_fields(dict(job_id=job_id, phase="waiting")), ready=None,
                     reused=False)
 
@@ -1563,11 +1905,11 @@ def r_op_job(p):
     env = st.get("env") or dict(os.environ)
     row = r_job_state(mgr, job_id, env)
     reason = row.get("reason") or ""
-    if row["phase"] == "waiting" and reason in mgr["fatal"]:
+    if row["phase"] == "waiting" and (reason in mgr["fatal"] or row["state"] in mgr["fatal"]):
         r_run(r_batch_argv(mgr["cancel"], dict(job=job_id)), env=env)
         r_wait_job_gone(mgr, job_id, env, 30)
         r_remove(paths["spec"], paths["state"])
-        text = mgr["reason_text"].get(reason)
+        text = mgr["reason_text"].get(reason) or mgr["reason_text"].get(row["state"])
         raise RemoteFail("job-refused", "job %s can never start, so it was cancelled: %s says "
                          "%s (%s)%s" % (job_id, mgr["state"][0], row.get("state"), reason,
                                         ": " + text if text else ""))
@@ -1619,8 +1961,7 @@ def r_batch_stop(p, mgr, st):
 
 
 def r_batch_status(session, mgr, st):
-    """The status entry of a batch session: its server's info while it answers, the
-    job's fields in any case."""
+    """The job's fields, and its server's info while it answers."""
     row, env = r_batch_job(mgr, st)
     if not row:
         return dict(session=session, server="stopped", ended=r_how_ended(session),
@@ -1689,11 +2030,9 @@ def r_node_address(toward):
 
 # Operations -----------------------------------------------------------------
 
-def r_op_start(p):
+def r_session_start(p):
     """Reattach to the live server of the session, or start one; its info."""
     session, mgr, timeout = p["session"], p["manager"], p["timeout"]
-    if mgr.get("batch"):
-        return r_batch_start(p)
     paths = r_files(session)
     with RemoteLock(paths["lock"], timeout):
         info = r_probe(session)
@@ -1776,8 +2115,8 @@ def r_start_server(p, paths, env, argv, cwd):
     import base64
 
     started = time.time()
-    rc, out, err = r_run_manager(mgr, "start", session, env,
-                                 base64.b64encode(paths["spec"].encode()).decode())
+    rc, out, err = r_manager_start(mgr, session, env,
+                                   base64.b64encode(paths["spec"].encode()).decode())
     if rc != 0:
         r_remove(paths["spec"])
         raise RemoteFail("launch", "%s could not start the session: %s"
@@ -1831,6 +2170,8 @@ def r_wait_runtime_file(p, paths, env, started, deadline):
                     raise RemoteFail("no-sock", R_SOCK_OLD % ("it said: " + refused),
                                      log_tail=text)
                 if "already in use" in text or "Address in use" in text:
+                    # the manager may not have noticed: end the session, freeing its name
+                    r_run_manager(p["manager"], "stop", p["session"], env)
                     return None, None, None
                 raise RemoteFail("launch", "Jupyter exited before it was ready", log_tail=text)
         time.sleep(0.01)  # a few stat() calls: polling often costs nothing and saves waiting
@@ -1871,29 +2212,24 @@ def r_wait_ready(session, pid, deadline, log):
         time.sleep(0.01)
 
 
-def r_op_stop(p):
+def r_session_stop(p, mgr, st):
     """Stop the server of the session (unless kernels are busy) and end its session."""
     session, timeout = p["session"], p["timeout"]
     paths = r_files(session)
-    with RemoteLock(paths["lock"], timeout):
-        st = r_read_json(paths["state"])
-        mgr = r_session_manager(p, st)
-        if mgr.get("batch"):
-            return r_batch_stop(p, mgr, st)
-        info = r_probe(session)
-        if info and not p.get("force"):
-            busy = r_busy_kernels(info)
-            if busy:
-                return dict(busy=busy, stopped=False)
-        how = r_stop_server(info, timeout) if info else None
-        if how != "alive":  # Jupyter leaves its socket file behind
-            r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
-        if st:
-            alive = r_run_manager(mgr, "alive", session, None)
-            if alive and alive[0] == 0:
-                r_run_manager(mgr, "stop", session, None)
-            r_remove(paths["state"], paths["pid"], paths["spec"])
-        return dict(stopped=bool(info), how=how, was_recorded=bool(st))
+    info = r_probe(session)
+    if info and not p.get("force"):
+        busy = r_busy_kernels(info)
+        if busy:
+            return dict(busy=busy, stopped=False)
+    how = r_stop_server(info, timeout) if info else None
+    if how != "alive":  # Jupyter leaves its socket file behind
+        r_remove_socket((info or {}).get("sock") or (st or {}).get("sock"))
+    if st:
+        alive = r_run_manager(mgr, "alive", session, None)
+        if alive and alive[0] == 0:
+            r_run_manager(mgr, "stop", session, None)
+        r_remove(paths["state"], paths["pid"], paths["spec"])
+    return dict(stopped=bool(info), how=how, was_recorded=bool(st))
 
 
 def r_session_manager(p, st, session=None):
@@ -1904,14 +2240,53 @@ def r_session_manager(p, st, session=None):
 
 
 def r_how_ended(session):
-    """Why SESSION has no live server: shutdown (asked through Jupyter's API, e.g. File >
-    Shut Down), died (killed or crashed: it may be restarted) or none (nothing recorded)."""
-    st = r_read_json(r_files(session)["state"])
+    """Why SESSION has no live server: terminated, shutdown (through Jupyter's API, e.g.
+    File > Shut Down), died (killed or crashed: it may be restarted) or none."""
+    paths = r_files(session)
+    st, ended = r_read_json(paths["state"]), r_read_json(paths["ended"])
+    if ended:
+        return ended.get("how")
     if not st:
         return "none"
     if "Shutting down on /api/shutdown request" in r_tail(st.get("log") or "", 40):
         return "shutdown"
     return "died"
+
+
+def r_session_status(session, mgr, st):
+    """SESSION's server's info, or why it is stopped."""
+    info = r_probe(session)
+    if info:
+        info["server"] = "running"
+        return info
+    return dict(session=session, server="stopped", ended=r_how_ended(session))
+
+
+R_KINDS = {"session": dict(start=r_session_start, stop=r_session_stop, status=r_session_status),
+           "batch": dict(start=r_batch_start, stop=r_batch_stop, status=r_batch_status)}
+
+
+def r_op_start(p):
+    """Reattach to the session's server (or job), or start one (a repair: not if it ended
+    on purpose)."""
+    how = r_how_ended(p["session"])
+    if p.get("repair") and how in ("terminated", "shutdown"):
+        raise RemoteFail("ended", how)
+    r_remove(r_files(p["session"])["ended"])
+    return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
+
+
+def r_op_stop(p):
+    """Stop the session's server (or job) unless kernels are busy."""
+    paths = r_files(p["session"])
+    with RemoteLock(paths["lock"], p["timeout"]):
+        st = r_read_json(paths["state"])
+        mgr = r_session_manager(p, st)
+        out = R_KINDS[mgr.get("kind", "session")]["stop"](p, mgr, st)
+        if not out.get("busy"):
+            r_write_json(paths["ended"], dict(how="terminated", at=time.time()))
+            r_remove(paths["log"], paths["output"], paths["lock"])
+        return out
 
 
 def r_op_status(p):
@@ -1920,15 +2295,7 @@ def r_op_status(p):
     for session in p["sessions"]:
         st = r_read_json(r_files(session)["state"])
         mgr = r_session_manager(p, st, session)
-        if mgr.get("batch"):
-            out.append(r_batch_status(session, mgr, st))
-            continue
-        info = r_probe(session)
-        if info:
-            info["server"] = "running"
-            out.append(info)
-        else:
-            out.append(dict(session=session, server="stopped", ended=r_how_ended(session)))
+        out.append(R_KINDS[mgr.get("kind", "session")]["status"](session, mgr, st))
     return out
 
 
@@ -1957,13 +2324,16 @@ def r_main(data):
 
 # Remote side: end ############################################################
 
-# What remote_program() sends (the wire format), four lines of Python:
+
+# Wire format #################################################################
+#
+# What remote_program() sends on the stdin of REMOTE_COMMAND, four lines of Python:
 #   import base64,zlib
 #   R_SOURCE=zlib.decompress(base64.b64decode(b"<the section, padded>")).decode()
 #   exec(compile(R_SOURCE,"nbtunnel.py","exec"))
 #   r_main(b"<base64 of the zlib-compressed JSON parameters>")
 # The section is read from this file (the installed module's file after `pip install`)
-# and compressed once per run.
+# and compressed once per run.  Transport.run_helper() sends it and calls parse_result().
 _REMOTE_CACHE = {}
 
 
@@ -2003,7 +2373,7 @@ def parse_result(host: str, stdout: str, stderr: str, code: int):
     if code == 255:  # ssh's own failure: its words, not the remote shell's
         raise classify_ssh_error(host, stderr)
     if re.search(r"(?i)\bpython3?\b.{0,20}not found|unknown command:? \W?python", stderr):
-        raise SshError(MSG_NO_PYTHON.format(host=host), kind="no-python")
+        raise ssh_error(host, "no-python")
     if "SyntaxError" in stderr:
         raise SshError(MSG_NO_PYTHON.format(host=host) + " (its python3 is too old)",
                        kind="no-python")
@@ -2026,7 +2396,8 @@ class SessionManager:
     never inside a shell line.  With ``detach = True`` the helper runs ``start``
     in a new session (setsid) with stdin from /dev/null and output to
     ``@OUTPUT@``, and does not wait for it: for managers that are a plain command
-    (nohup) rather than a program that detaches by itself (tmux, screen).
+    (nohup) rather than a program that detaches by itself (tmux, screen).  Work that no
+    remote command does is a function of the plugin's own, run by ``remote_call``.
     """
 
     kind = "manager"
@@ -2050,18 +2421,42 @@ class SessionManager:
         """argv that prints what the session itself shows (not Jupyter's log), or None."""
         return None
 
+    def server(self, session: str):
+        """argv that prints the path of the Unix socket of the one server that all sessions
+        share (tmux has one; screen and nohup have none), or None."""
+        return None
+
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this manager for SESSION, as plain data
+        checked to be argv lists of strings (ARGS: the session's options)."""
+        desc = dict(kind="session", name=self.name, program=getattr(self, "program", ""),
+                    start=self.start(session, ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]),
+                    alive=self.alive(session), stop=self.stop(session), log=self.log(session),
+                    server=getattr(self, "server", lambda session: None)(session),
+                    detach=bool(getattr(self, "detach", False)))
+        for key in ("start", "alive", "stop", "log", "server"):
+            check_argv(self, key + "()", desc[key], "return", optional=key != "start")
+        return desc
 
 
-def describe_manager(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of MANAGER for SESSION, as plain data (with
-    ARGS, the options of this run: a batch manager's job options)."""
-    if getattr(manager, "batch", False):
-        return describe_batch(manager, session, args)
-    launcher = ["@PYTHON@", "-c", R_LAUNCH_BOOT, "@LAUNCH@"]
-    return dict(name=manager.name, program=getattr(manager, "program", ""),
-                start=manager.start(session, launcher), alive=manager.alive(session),
-                stop=manager.stop(session), log=manager.log(session),
-                detach=bool(getattr(manager, "detach", False)))
+def remote_call(func, *args: str) -> list:
+    """A remote argv that runs FUNC, a plugin's own function, as `@PYTHON@ -c SOURCE ARGS`:
+    its source (inspect.getsource) and a call FUNC(*ARGS), whose return value is the exit
+    status.  FUNC keeps the remote section's rules: Python 3.6 grammar, standard library
+    only, self-contained (its imports inside it), no @WORD@ placeholders in its text."""
+    import inspect
+    import textwrap
+
+    call = "import sys\nsys.exit(%s(*sys.argv[1:]))\n" % func.__name__
+    return ["@PYTHON@", "-c", textwrap.dedent(inspect.getsource(func)) + call] + list(args)
+
+
+def check_argv(manager, what: str, argv, verb: str, optional=False, empty=False) -> None:
+    """Raise Error unless ARGV, what WHAT of MANAGER gives, is an argv list of strings."""
+    if not (optional and argv is None) and not (isinstance(argv, list) and (argv or empty)
+                                                and all(isinstance(w, str) for w in argv)):
+        raise Error("manager plugin %s: %s must %s an argv list of strings%s, not %r" % (
+            manager.name, what, verb, " or None" if optional else "", argv))
 
 
 class PidFileManager(SessionManager):
@@ -2101,10 +2496,16 @@ class BatchManager(SessionManager):
     - ``state()`` (with @JOB@) and ``find()`` (with @NAME@, @USER@: the session's jobs, for
       a reattach without a record) print one line per job in ``state_format``: ``sep``
       and ``fields``, a list of names for the columns, or a dict from the scheduler's
-      keys to names for KEY=VALUE items.  Names: job_id, state, reason, node, time_left,
-      expected_start.  ``gone_re`` matches state()'s error for a job it has forgotten.
+      keys to names for KEY=VALUE items; with ``xml``: the tag of each job's element
+      (fields a dict from child tags, TAG@NAME for a child with that name attribute).
+      A name may be [NAME, REGEX] (group 1 of REGEX in the value).  Names: job_id,
+      state, reason, node, time_left (else from time_limit in seconds and start_time,
+      local ISO), expected_start, name (then rows of other names are not the session's).
+      state() may use @USER@.  ``gone_re`` matches state()'s error for a job it has
+      forgotten.  ``reason()`` (with @JOB@, optional): argv whose output gives a waiting
+      job's reason when its row has none, as group 1 of ``reason_re``.
     - ``waiting``, ``running``, ``ending``: the scheduler's states of each phase; any other
-      means the job has ended.  ``fatal_reasons``: reasons of a waiting job that never
+      means the job has ended.  ``fatal_reasons``: reasons (or states) of a waiting job that never
       clear (the job is cancelled and the start fails with the reason and its
       ``reason_text``).
     - ``cancel()`` (with @JOB@) ends the job.  ``job_env``: the job's environment
@@ -2123,6 +2524,7 @@ class BatchManager(SessionManager):
     job_env = {}
     output_escapes = {}
     state_format = {"sep": "|", "fields": ["job_id", "state"]}
+    reason_re = ""
 
     def job_name(self, session: str) -> str:
         """The job's name, by which a reattach finds it."""
@@ -2148,34 +2550,36 @@ class BatchManager(SessionManager):
         """argv that cancels job @JOB@."""
         raise NotImplementedError
 
+    def reason(self):
+        """argv that tells why job @JOB@ waits (read with ``reason_re``), or None."""
+        return None
+
     def start(self, session, command):
         """A batch manager starts nothing itself: see ``submit``."""
         return self.submit()
 
+    def describe(self, session: str, args=None) -> dict:
+        """What the remote side needs to know of this batch manager for SESSION, checked
+        (with ARGS, the session's options: the job's options)."""
+        desc = dict(kind="batch", name=self.name, program=getattr(self, "program", ""),
+                    job_name=self.job_name(session),
+                    options=list(self.job_options(args)) if args is not None else [],
+                    format=dict(self.state_format), waiting=list(self.waiting),
+                    running=list(self.running), ending=list(self.ending),
+                    fatal=list(self.fatal_reasons), reason_text=dict(self.reason_text),
+                    job_id_re=self.job_id_re, gone_re=self.gone_re,
+                    job_env=dict(self.job_env), output_escapes=dict(self.output_escapes),
+                    reason=self.reason(), reason_re=self.reason_re)
+        for key in ("submit", "state", "find", "cancel"):
+            desc[key] = getattr(self, key)()
+            check_argv(self, key + "()", desc[key], "give")
+        check_argv(self, "job_options()", desc["options"], "give", empty=True)
+        check_argv(self, "reason()", desc["reason"], "give", optional=True)
+        return desc
 
-BATCH_METHODS = ("submit", "state", "find", "cancel")
 
-
-def describe_batch(manager, session: str, args=None) -> dict:
-    """What the remote side needs to know of the batch MANAGER for SESSION."""
-    desc = dict(name=manager.name, program=getattr(manager, "program", ""), batch=True,
-                job_name=manager.job_name(session),
-                options=list(manager.job_options(args)) if args is not None else [],
-                format=dict(manager.state_format), waiting=list(manager.waiting),
-                running=list(manager.running), ending=list(manager.ending),
-                fatal=list(manager.fatal_reasons), reason_text=dict(manager.reason_text),
-                job_id_re=manager.job_id_re, gone_re=manager.gone_re,
-                job_env=dict(manager.job_env), output_escapes=dict(manager.output_escapes))
-    for key in BATCH_METHODS:
-        desc[key] = getattr(manager, key)()
-    for key in BATCH_METHODS + ("options",):
-        argv = desc[key]
-        if not (isinstance(argv, list) and (argv or key == "options")
-                and all(isinstance(w, str) for w in argv)):
-            raise Error("manager plugin %s: %s must give an argv list of strings, not %r"
-                        % (manager.name, "job_options()" if key == "options" else key + "()",
-                           argv))
-    return desc
+TMUX_SOCKET = ('import os;print(os.path.join(os.path.realpath(os.environ.get("TMUX_TMPDIR") '
+               'or "/tmp"),"tmux-%d"%os.getuid(),"default"))')
 
 
 class Tmux(SessionManager):
@@ -2204,6 +2608,10 @@ class Tmux(SessionManager):
     def log(self, session):
         """The text of the session's pane."""
         return ["tmux", "capture-pane", "-p", "-J", "-t", "=" + self.target(session) + ":"]
+
+    def server(self, session):
+        """tmux's default socket: $TMUX_TMPDIR (else /tmp), then tmux-UID/default."""
+        return ["@PYTHON@", "-c", TMUX_SOCKET]
 
 
 class ShellEnvironment:
@@ -2296,7 +2704,7 @@ class RcFile(ShellEnvironment):
 
     name = "rc"
     order = 10
-    options = [Option("--rc", "remote shell file to source before launching", metavar="FILE")]
+    options = [Option("--rc", "shell file to source first", metavar="FILE")]
 
     def steps(self, args):
         """Source the file in the user's login shell; a missing file is an error."""
@@ -2314,8 +2722,8 @@ class Setup(ShellEnvironment):
 
     name = "setup"
     order = 90
-    options = [Option("--setup", "remote shell command to run before Jupyter starts, in the "
-                      "syntax of your login shell (raw: it is code)", metavar="CMD")]
+    options = [Option("--setup", "command to run last, in your login shell's syntax (it is "
+                      "code)", metavar="CMD")]
 
     def steps(self, args):
         """Evaluate the command; its failure fails the start."""
@@ -2331,8 +2739,8 @@ class TunnelBackend:
     A backend with ``foreground = True`` holds the forward in this process: after
     printing the URL nbtunnel calls ``serve(conn)``, which returns when the user
     presses Ctrl-C (or on SIGTERM), and then ``close``.  ``connection(host,
-    options, timeout)`` may return an object that replaces the OpenSSH
-    ``Connection`` (same methods), or None to use it.
+    options, timeout)`` may return a ``Transport`` that replaces the OpenSSH
+    ``Connection``, or None to use it.
     """
 
     kind = "tunnel"
@@ -2341,7 +2749,7 @@ class TunnelBackend:
     unix_socket = False  # True: open() also takes a remote Unix socket path as DESTINATION
 
     def connection(self, host: str, options: list, timeout: float):
-        """A replacement for the OpenSSH Connection, or None."""
+        """A Transport that replaces the OpenSSH Connection, or None."""
         return None
 
     def serve(self, conn) -> None:
@@ -2422,16 +2830,11 @@ def check_plugin(plugin) -> str:
                         % (kind, name, option))
         if option.flag in flags:
             raise Error("%s plugin %s: option %s is already taken" % (kind, name, option.flag))
-    if kind == "manager" and getattr(plugin, "batch", False):
-        describe_batch(plugin, "nbtunnel")  # raises if an argv is not a list of strings
-    elif kind == "manager":  # its description is plain data: argv lists of strings
-        desc = describe_manager(plugin, "nbtunnel")
-        for key in ("start", "alive", "stop", "log"):
-            argv = desc.get(key)
-            if (key == "start" or argv is not None) and not (
-                    isinstance(argv, list) and argv and all(isinstance(w, str) for w in argv)):
-                raise Error("manager plugin %s: %s() must return an argv list of strings%s, "
-                            "not %r" % (name, key, "" if key == "start" else " or None", argv))
+    if kind == "manager" and not callable(getattr(plugin, "describe", None)):
+        base = BatchManager if getattr(plugin, "batch", False) else SessionManager
+        plugin.describe = lambda session, args=None: base.describe(plugin, session, args)
+    if kind == "manager":  # duck-typed too: described as the base class it resembles
+        plugin.describe("nbtunnel")  # plain data: raises if an argv is not a list of strings
     return kind
 
 
@@ -2450,8 +2853,14 @@ def get(kind: str, name: str):
     try:
         return REGISTRIES[kind][name]
     except KeyError:
-        raise UsageError("unknown %s %r; known: %s"
-                         % (kind, name, ", ".join(sorted(REGISTRIES[kind])))) from None
+        pass
+    import difflib
+
+    known = sorted(REGISTRIES[kind])
+    close = difflib.get_close_matches(str(name), known, 1)
+    raise UsageError("unknown %s %r (%s); known: %s" % (
+        kind, name, "did you mean %s?" % close[0] if close else "no loaded plugin provides "
+        "it: see --plugin FILE", ", ".join(known))) from None
 
 
 register(Tmux())
@@ -2460,12 +2869,26 @@ register(Setup())
 register(SshForward())
 
 
-def plugin_files(extra=()) -> list:
-    """Plugin files to load, in order: beside this file, user config, env, --plugin."""
-    dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")]
+def shipped_plugins() -> str:
+    """The directory of the plugins that come with nbtunnel: the ``nbtunnel_plugins``
+    package that ``pip install`` puts beside this module, else ``plugins/`` beside this
+    file (a checkout, or the file copied with its plugins).  Only one of the two, so that
+    an unrelated ``plugins`` directory in site-packages is never loaded."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "nbtunnel_plugins")
+    return installed if os.path.isdir(installed) else os.path.join(here, "plugins")
+
+
+def plugin_dirs() -> list:
+    """Where plugin files are looked for, in order: shipped, user config, environment."""
     config = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-    dirs.append(os.path.join(config, "nbtunnel", "plugins"))
-    dirs += [d for d in os.environ.get("NBTUNNEL_PLUGIN_PATH", "").split(os.pathsep) if d]
+    dirs = [shipped_plugins(), os.path.join(config, "nbtunnel", "plugins")]
+    return dirs + [d for d in os.environ.get("NBTUNNEL_PLUGIN_PATH", "").split(os.pathsep) if d]
+
+
+def plugin_files(extra=()) -> list:
+    """Plugin files to load, in order: shipped, user config, environment, --plugin."""
+    dirs = plugin_dirs()
     found = []
     for d in dirs:
         if os.path.isdir(d):
@@ -2629,13 +3052,15 @@ class Progress:
                     self._draw()
 
     def _line(self) -> str:
-        text = "nbtunnel: %s (%.1f s)" % (self.texts[-1], time.monotonic() - self.started)
+        """The line, cut to the terminal's width (never wrap: \r only returns to the last
+        row), the text cut and never the time it has waited."""
+        clock = " (%.1f s)" % (time.monotonic() - self.started)
         try:
             width = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, AttributeError, ValueError):
             width = 0
         width = width or 80  # a terminal that tells no size says 0
-        return text[:max(10, width - 1)]  # never wrap: \r only returns to the last row
+        return ("nbtunnel: " + self.texts[-1])[:max(10, width - 1 - len(clock))] + clock
 
     def _draw(self):
         if self.out is None or not self.texts or self.frozen:
@@ -2666,6 +3091,41 @@ def subproc(argv, **kw) -> subprocess.CompletedProcess:
     """Run one local process; the only place nbtunnel starts one (logged with -v)."""
     log.debug("+ %s", shlex.join(argv))
     return subprocess.run(argv, **kw)
+
+
+def spawn(argv, **kw) -> subprocess.Popen:
+    """Start one local process and return at once; logged like subproc."""
+    log.debug("+ %s", shlex.join(argv))
+    return subprocess.Popen(argv, **kw)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals(handler):
+    """Route Ctrl-C, SIGTERM and SIGHUP (the terminal closed) to HANDLER while the block
+    runs; only the main thread may, elsewhere (--all's workers) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {n: signal.signal(n, handler) for n in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for n, h in old.items():
+            signal.signal(n, h)
+
+
+SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_CHANGED,
+                "auth": MSG_AUTH, "unreachable": MSG_UNREACHABLE, "no-python": MSG_NO_PYTHON,
+                "no-answer": "{host} did not answer within {detail}"}
+
+
+def ssh_error(host: str, kind: str, detail="") -> SshError:
+    """The SshError of KIND (one of SSH_REFUSALS or SSH_LINK) about HOST, in nbtunnel's words."""
+    text = SSH_MESSAGES.get(kind, "{host}: {detail}")
+    return SshError(text.format(host=host, detail=detail), kind=kind)
 
 
 CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
@@ -2723,7 +3183,76 @@ HELPER_WAIT = {"start": "waiting for Jupyter on %s", "stop": "stopping Jupyter o
                "status": "asking %s", "job": None}  # None: the caller's line stays
 
 
-class Connection:
+class Transport:
+    """How a command reaches HOST: one connection that all its steps share (the OpenSSH
+    ``Connection``, or what a tunnel backend's ``connection()`` returns).  It has ``host``,
+    ``options`` (ssh argv words), ``timeout``, ``socket`` (control socket or None) and
+    ``opened_here`` (open() connected in this command); it implements open, alive, pipe
+    and close, and run_helper sends the helper through pipe.  Connecting or carrying bytes
+    fails with ``ssh_error(host, kind, detail)``: kind in SSH_REFUSALS or SSH_LINK."""
+
+    socket = None
+    opened_here = False
+    unfinished = None  # (ssh process, timeout) of a helper whose wait was interrupted
+
+    def argv(self, *extra) -> list:
+        """The ssh command line of HOST with the user's options, EXTRA appended."""
+        return ["ssh"] + self.options + list(extra)
+
+    def open(self) -> None:
+        """Connect and authenticate, unless connected already."""
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        """Is the connection up (no new login needed)?"""
+        raise NotImplementedError
+
+    def pipe(self, command: str, data: bytes, timeout: float):
+        """Run the constant COMMAND on HOST with DATA on its stdin, connecting if need be;
+        (stdout bytes, stderr bytes, exit status); a timeout is kind "no-answer"."""
+        raise NotImplementedError
+
+    def run_helper(self, op: str, params: dict, timeout: float, wait=None):
+        """Run the remote helper's operation OP with PARAMS; its result, or the Error it
+        names.  WAIT is what the progress line says meanwhile (by default, as OP says)."""
+        text = HELPER_WAIT.get(op, "waiting for %s")
+        wait = wait or (text % self.host if text else None)
+        with progress(wait) if wait else contextlib.nullcontext():
+            out, err, code = self.pipe(REMOTE_COMMAND, remote_program(op, params), timeout)
+        return parse_result(self.host, out.decode("utf-8", "replace"),
+                            err.decode("utf-8", "replace"), code)
+
+    def finish_helper(self):
+        """After an interrupted run_helper: wait until the remote operation has ended and
+        return its result (raise its Error); None when nothing is known of it."""
+        (proc, timeout), self.unfinished = self.unfinished or (None, 0), None
+        if proc is None:
+            return None
+        with contextlib.suppress(OSError):  # a program cut short runs nothing there
+            proc.stdin.close()
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return None
+        return parse_result(self.host, out.decode("utf-8", "replace"),
+                            err.decode("utf-8", "replace"), proc.returncode)
+
+    def control(self, command: str, *extra) -> None:
+        """Send a control command (forward, cancel, exit) to the master."""
+        raise Error("the connection to %s has no master for ssh -O %s" % (self.host, command))
+
+    def master_pid(self):
+        """Pid of the local process that holds the connection and its forwards, or None."""
+        return None
+
+    def close(self) -> None:
+        """Disconnect, ending every forward the connection holds."""
+        raise NotImplementedError
+
+
+class Connection(Transport):
     """One OpenSSH master connection to HOST, shared by every step of a command."""
 
     def __init__(self, host: str, options: list, key: str, timeout: float):
@@ -2733,12 +3262,12 @@ class Connection:
         digest = hashlib.sha1(("%s\0%s" % (key, host)).encode()).hexdigest()[:16]
         self.socket = os.path.join(control_dir(), digest)
         self.opened_here = False
-        self.batch = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
+        self.no_prompt = sys.stdin is None or not sys.stdin.isatty()  # cron: never prompt
 
     def argv(self, *extra) -> list:
         """ssh with the user's options and our control socket."""
         words = ["ssh"] + self.options + ["-S", self.socket]
-        if self.batch:
+        if self.no_prompt:
             words += ["-o", "BatchMode=yes"]
         return words + list(extra)
 
@@ -2760,36 +3289,34 @@ class Connection:
         m = r and re.search(r"pid=(\d+)", r.stderr)
         return int(m.group(1)) if m else None
 
-    def master_argv(self, *extra) -> list:
-        """ssh that starts the master (it stays in the background: ControlPersist)."""
-        return self.argv("-M", "-o", "ControlPersist=yes",
-                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, *extra)
-
     def open(self) -> None:
         """Start the master unless one runs; this is the only authentication."""
         if self.alive():
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)  # a socket left by a master that died
-        argv = self.master_argv("-f", "-N", self.host)
+        argv = self.argv("-M", "-o", "ControlPersist=yes",  # it stays in the background
+                         "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
+                         "-o", "ExitOnForwardFailure=yes", *SERVER_ALIVE, "-f", "-N", self.host)
         import tempfile
 
         # ssh -f keeps stderr open in the background: a file, not a pipe, collects it.
         with tempfile.TemporaryFile() as err, progress("connecting to %s" % self.host), \
                 self.may_prompt():
             try:
-                r = subproc(argv, stdin=None if not self.batch else subprocess.DEVNULL,
+                r = subproc(argv, stdin=None if not self.no_prompt else subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=err,
-                            timeout=None if not self.batch else self.timeout + 5)
+                            timeout=None if not self.no_prompt else self.timeout + 5)
                 code = r.returncode
             except subprocess.TimeoutExpired:
-                raise SshError(MSG_UNREACHABLE.format(
-                    host=self.host, detail="no answer within %gs" % self.timeout),
-                    kind="unreachable") from None
+                raise ssh_error(self.host, "unreachable",
+                                "no answer within %gs" % self.timeout) from None
             except FileNotFoundError:
                 raise SshError("no ssh program found on this machine; install OpenSSH",
                                kind="no-ssh") from None
+            except BaseException:  # interrupted: a master that got going must not stay
+                self.close()
+                raise
             err.seek(0)
             text = err.read().decode("utf-8", "replace")
         refuse_changed_host_key(self, text)
@@ -2802,26 +3329,30 @@ class Connection:
     def may_prompt(self):
         """Around an ssh that may ask the user something on the terminal: the progress
         line stops redrawing, so the prompt stays readable."""
-        return contextlib.nullcontext() if self.batch else progress.frozen_while()
+        return contextlib.nullcontext() if self.no_prompt else progress.frozen_while()
 
-    def run_helper(self, op: str, params: dict, timeout: float) -> dict:
-        """Run the remote helper for OP over the master (if none runs, ssh connects
-        by itself for this one command); return its result."""
+    def pipe(self, command: str, data: bytes, timeout: float):
+        """COMMAND over the master (if none runs, ssh connects by itself for this one
+        command), DATA on its stdin: (stdout, stderr, exit status)."""
         argv = self.argv("-T", "-o", "ControlMaster=no",
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
-                         self.host, REMOTE_COMMAND)
-        prompt = contextlib.nullcontext() if os.path.exists(self.socket) else self.may_prompt()
-        text = HELPER_WAIT.get(op, "waiting for %s")
-        shown = progress(text % self.host) if text else contextlib.nullcontext()
-        with shown, prompt:
+                         self.host, command)
+        # Over a master, ssh cannot prompt: it runs in a session of its own, so a Ctrl-C at
+        # the terminal reaches nbtunnel alone, which may then let the operation finish.
+        shared = os.path.exists(self.socket)
+        with contextlib.nullcontext() if shared else self.may_prompt():
+            proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=shared)
             try:
-                r = subproc(argv, input=remote_program(op, params), capture_output=True,
-                            timeout=timeout)
+                out, err = proc.communicate(data, timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise SshError("%s did not answer within %gs" % (self.host, timeout),
-                               kind="no-answer") from None
-        out, err = (r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace"))
-        return parse_result(self.host, out, err, r.returncode)
+                proc.kill()
+                proc.communicate()
+                raise ssh_error(self.host, "no-answer", "%gs" % timeout) from None
+            except BaseException:
+                self.unfinished = (proc, timeout)
+                raise
+        return out, err, proc.returncode
 
     def control(self, command: str, *extra) -> None:
         """Send a control command (forward, cancel, exit) to the master."""
@@ -2836,6 +3367,39 @@ class Connection:
         if os.path.exists(self.socket):
             subproc(self.argv("-O", "exit", self.host), stdin=subprocess.DEVNULL,
                     capture_output=True)
+
+
+def offered_host_key(conn, stderr: str) -> str:
+    """After ssh refused an unknown host key: the fingerprint line of the key the host
+    offers, as ssh's own prompt would show it ("" when not that failure).
+
+    In batch mode ssh does not print it, so ask ssh once more, at debug level, with
+    the same options (jump hosts and aliases included); this is the failure path only."""
+    if "IDENTIFICATION HAS CHANGED" in stderr or not (
+            "Host key verification failed" in stderr or "host key is known" in stderr):
+        return ""
+    argv = ["ssh"] + list(conn.options) + [
+        "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no",
+        "-o", "ControlPath=none", "-o", "LogLevel=DEBUG1",
+        "-o", "ConnectTimeout=%d" % max(1, int(conn.timeout)), conn.host, "true"]
+    try:
+        r = subproc(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    timeout=conn.timeout + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    m = re.search(r"Server host key: (\S+) (\S+)", r.stderr)
+    if not m:
+        return ""
+    kind = m.group(1).replace("ssh-", "").split("-")[0].upper()
+    return "\n%s key fingerprint is %s" % (kind, m.group(2))
+
+
+def refuse_changed_host_key(conn, stderr: str) -> None:
+    """End a master that connected although the host key has changed (the user's
+    ssh_config said StrictHostKeyChecking no): nothing may be sent to that host."""
+    if "IDENTIFICATION HAS CHANGED" in stderr:
+        conn.close()
+        raise ssh_error(conn.host, "hostkey-changed")
 
 
 # State #######################################################################
@@ -2854,10 +3418,11 @@ def shown(path: str) -> str:
     return path if len(path) <= 160 else "%s...%s" % (path[:80], path[-60:])
 
 
-def state_dir(args) -> str:
-    """The local state directory: created 0700 when missing; refused when it is not a
-    private directory of ours (never chmod-ed: `--state-dir /tmp` must not change /tmp)."""
-    path = args.state_dir or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
+def state_dir(path=None) -> str:
+    """The local state directory PATH (default: $NBTUNNEL_STATE_DIR, else in $XDG_STATE_HOME):
+    created 0700 when missing; refused when it is not a private directory of ours (never
+    chmod-ed: `--state-dir /tmp` must not change /tmp)."""
+    path = path or os.environ.get("NBTUNNEL_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "nbtunnel")
     path = os.path.abspath(os.path.expanduser(path))
     try:
@@ -2927,28 +3492,10 @@ def load_records(directory: str) -> list:
     return records
 
 
-def write_private(directory: str, name: str, text: str) -> str:
-    """Write TEXT to DIRECTORY/NAME through a private temporary file (0600, made by
-    mkstemp in the same directory) renamed over it: a planted symlink is replaced,
-    never followed, and a reader sees the old file or the new one, whole."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix="." + name[:40] + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return os.path.join(directory, name)
-
-
 def save_record(directory: str, rec: dict) -> None:
     """Write REC atomically, readable by the user only."""
-    write_private(directory, record_name(rec["host"], rec["session"]),
-                  json.dumps(rec, indent=1, sort_keys=True))
+    r_write_private(os.path.join(directory, record_name(rec["host"], rec["session"])),
+                    json.dumps(rec, indent=1, sort_keys=True))
 
 
 def drop_record(directory: str, host: str, session: str) -> None:
@@ -2959,6 +3506,33 @@ def drop_record(directory: str, host: str, session: str) -> None:
             os.unlink(os.path.join(directory, name))
 
 
+ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)"}
+
+
+def save_ended(directory: str, host: str, session: str, how: str) -> dict:
+    """Remember that HOST/SESSION ended on purpose (HOW, a key of ENDED), in place of its
+    record: a repair must not start it again and --status says so.  Only that is kept (no
+    token, no port): the next deliberate start begins afresh and replaces it."""
+    drop_record(directory, host, session)
+    rec = dict(host=host, session=session, ended=how, ended_at=int(time.time()))
+    save_record(directory, rec)
+    return rec
+
+
+def ended_record(session) -> dict:
+    """The record of SESSION (a Session) when it says the session ended on purpose, else None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        rec = read_record(os.path.join(session.state, record_name(session.host, session.name)))
+        if isinstance(rec, dict) and rec.get("ended"):
+            return rec
+    return None
+
+
+def start_again(host: str, session: str) -> str:
+    """The command that starts an ended session again."""
+    return "nbtunnel %s --session %s" % (shlex.quote(host), session)
+
+
 @contextlib.contextmanager
 def locked(directory: str, host: str, session: str, timeout=None):
     """Serialise nbtunnel runs on one host and session (start, terminate, ensure).
@@ -2966,25 +3540,36 @@ def locked(directory: str, host: str, session: str, timeout=None):
     With TIMEOUT, give up after that many seconds instead of waiting for ever
     (a cron job must not pile up behind a run that hangs)."""
     path = os.path.join(directory, "." + record_name(host, session)[:-5] + ".lock")
-    fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
-    if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
-        os.unlink(path)
-        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
-        if fd is None:
-            raise Error("cannot make the lock file %s" % path)
+    deadline = time.monotonic() + (timeout or 0)
+    while True:
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, "lock file")
+        if fd is None:  # a planted symlink or file: remove it (unlink never follows) and retry
+            os.unlink(path)
+            fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, "lock file")
+            if fd is None:
+                raise Error("cannot make the lock file %s" % path)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Error("another nbtunnel run for %s (session %s) has been busy "
+                                    "for over %ds; try again later" % (host, session, timeout)
+                                    ) from None
+                    time.sleep(0.2)
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.fstat(fd).st_nlink:
+            break
+        os.close(fd)  # its holder removed it when done: lock the file there now
     try:
-        deadline = time.monotonic() + (timeout or 0)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if timeout else 0))
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Error("another nbtunnel run for %s (session %s) has been busy for "
-                                "over %ds; try again later" % (host, session, timeout)) from None
-                time.sleep(0.2)
         yield
     finally:
+        with contextlib.suppress(OSError):  # no lock files pile up, one per host ever tried
+            os.unlink(path)
         os.close(fd)
 
 
@@ -3006,24 +3591,12 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def process_start(pid):
-    """When process PID started (Linux: clock ticks since boot, from /proc), or None.
-
-    Together with the pid it names one process: a pid reused later has another start."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, TypeError, ValueError, IndexError):
-        return None
-    return int(fields[19]) if len(fields) > 19 and fields[0] not in ("Z", "X") else None
-
-
 def tunnel_listener(conn, tunnel) -> dict:
     """Which local process holds the tunnel's port: the ssh master, or this process for a
     backend that forwards in the foreground; recorded so that a later run can prove that
     the listener on the port is still ours before it sends the token there."""
     pid = os.getpid() if getattr(tunnel, "foreground", False) else conn.master_pid()
-    return dict(pid=pid, start=process_start(pid) if pid else None)
+    return dict(pid=pid, start=r_pid_start(pid) if pid else None)
 
 
 def listener_ours(rec: dict) -> bool:
@@ -3036,7 +3609,7 @@ def listener_ours(rec: dict) -> bool:
     pid = owner.get("pid") if isinstance(owner, dict) else None
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         pid = os.getpid()  # a server of our own, as in the unit tests, or a record of old
-    elif owner.get("start") is not None and process_start(pid) != owner.get("start"):
+    elif owner.get("start") is not None and r_pid_start(pid) != owner.get("start"):
         return False  # that process is gone; the pid may be someone else's now
     if pid != os.getpid() and os.path.isdir("/proc/%d" % pid) \
             and os.stat("/proc/%d" % pid).st_uid != os.geteuid():
@@ -3074,23 +3647,8 @@ def listening_ports(pid) -> list:
         return []
     if not os.path.isdir("/proc/self/fd"):
         return lsof_ports(pid)
-    try:
-        inodes = set()
-        for fd in os.listdir("/proc/%d/fd" % pid):
-            with contextlib.suppress(OSError):
-                link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-                if link.startswith("socket:["):
-                    inodes.add(link[8:-1])
-    except (OSError, TypeError):
-        return []
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError), open(table) as f:
-            for line in f.readlines()[1:]:
-                w = line.split()
-                if len(w) > 9 and w[3] == "0A" and w[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(w[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
+    listeners = r_tcp_listeners() or {}
+    return sorted({listeners[i] for i in r_pid_sockets(pid) if i in listeners})
 
 
 def lsof_ports(pid: int) -> list:
@@ -3098,8 +3656,8 @@ def lsof_ports(pid: int) -> list:
     if not shutil.which("lsof"):
         return []
     try:
-        r = subprocess.run(["lsof", "-nP", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-Fn"],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        r = subproc(["lsof", "-nP", "-a", "-p", str(pid), "-iTCP", "-sTCP:LISTEN", "-Fn"],
+                    stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return []
     return sorted({int(m) for m in re.findall(r"^n.*:(\d+)$", r.stdout, re.MULTILINE)})
@@ -3108,7 +3666,7 @@ def lsof_ports(pid: int) -> list:
 def find_forward(conn, info: dict):
     """The local port of a forward the master already holds to the server INFO, or None."""
     pid = conn.master_pid()
-    listener = dict(pid=pid, start=process_start(pid))
+    listener = dict(pid=pid, start=r_pid_start(pid))
     for port in listening_ports(pid):
         if api_ok(dict(info, local_port=port, listener=listener), timeout=3):
             return port
@@ -3119,123 +3677,100 @@ def find_forward(conn, info: dict):
 
 
 class Run:
-    """Everything one command needs: options, state directory, plugins."""
+    """One command: ARGS, what it was asked to do (the action and its flags), for SESSION."""
 
-    def __init__(self, args, cfg=None):
-        self.args = args
-        self.batch = False  # True: ssh never prompts, even on a terminal (--ensure, --watch)
-        if cfg is not None and not args.state_dir and cfg.defaults().get("state-dir"):
-            args.state_dir = cfg.defaults()["state-dir"].strip()
-        self.state = state_dir(args)
-        self.records = load_records(self.state)
-
-    def connection(self, host: str, rec=None, tunnel=None) -> Connection:
-        """The shared connection for HOST, with the options it was recorded with."""
-        options = ssh_options(self.args) or (rec or {}).get("ssh_options", [])
-        tunnel = tunnel or get("tunnel", self.args.tunnel)
-        conn = tunnel.connection(host, options, self.args.timeout)
-        if conn is None:
-            conn = Connection(host, options, os.path.realpath(self.state), self.args.timeout)
-            if rec and rec.get("socket") and os.path.exists(rec["socket"]):
-                conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
-        conn.batch = getattr(conn, "batch", False) or self.batch
-        return conn
-
-    def manager(self, name=None) -> SessionManager:
-        """The session manager plugin chosen for this run."""
-        return get("manager", name or self.args.manager)
-
-    def params(self, session: str, **extra) -> dict:
-        """What a remote operation on SESSION is told: this one place builds it."""
-        managers = {n: describe_manager(m, session, self.args) for n, m in MANAGERS.items()}
-        return dict(session=session, timeout=self.args.timeout, manager=managers[self.args.manager],
-                    managers=managers, **extra)
+    def __init__(self, args, session: Session, plugins=()):
+        self.args, self.session, self.plugins = args, session, list(plugins)
 
 
 def start_params(run: Run) -> dict:
-    """What the remote "start" operation is told for this run's options."""
-    args = run.args
-    app = args.app or (guess_app(args.jupyter) if args.jupyter is not None else DEFAULT_APP)
-    steps, used = environment_steps(args)
-    mgr, tunnel = run.manager(), get("tunnel", args.tunnel)
-    log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", mgr.name,
-              mgr.source, tunnel.name, tunnel.source, ", ".join(
+    """What the remote "start" operation is told for this session's options."""
+    s = run.session
+    app = s.app or (guess_app(s.jupyter) if s.jupyter is not None else DEFAULT_APP)
+    steps, used = environment_steps(s)
+    log.debug("plugins: manager %s (%s), tunnel %s (%s), environment: %s", s.manager.name,
+              s.manager.source, s.tunnel.name, s.tunnel.source, ", ".join(
                   "%s (%s)" % (e.name, e.source) for e in used) or "login shell only")
-    sock = bool(getattr(args, "unix_socket", False))
+    sock = bool(s.unix_socket)
     if sock:
-        check_socket_mode(args, mgr, tunnel)
-    return run.params(args.session, argv=jupyter_argv(app, args.jupyter) + (
-                      socket_server_args() if sock else server_args()),
-                      app=app, notebook_dir=args.notebook_dir,
-                      remote_port=None if sock else args.remote_port, unix_socket=sock,
-                      sock_max=local_socket_max(), env_steps=steps,
-                      environment=[e.name for e in used],
-                      options=session_values(args, start_only=True))
+        check_socket_mode(s)
+    return s.params(argv=jupyter_argv(app, s.jupyter) + (
+                    socket_server_args() if sock else server_args()),
+                    app=app, notebook_dir=s.notebook_dir,
+                    remote_port=None if sock else s.remote_port, unix_socket=sock,
+                    sock_max=local_socket_max(), env_steps=steps,
+                    environment=[e.name for e in used], options=s.asked(start_only=True))
 
 
-def check_socket_mode(args, mgr, tunnel) -> None:
+def check_socket_mode(session: Session) -> None:
     """Refuse --unix-socket where it cannot work: a batch manager (the socket would be on a
     compute node), a tunnel backend that cannot forward to a socket, a --remote-port."""
-    if getattr(mgr, "batch", False):
-        raise UsageError(MSG_SOCKET_BATCH.format(manager=mgr.name))
-    if not getattr(tunnel, "unix_socket", False):
-        raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=tunnel.name))
-    if args.remote_port and args.origin.get("remote_port") != "record":
+    if session.batch:
+        raise UsageError(MSG_SOCKET_BATCH.format(manager=session.manager.name))
+    if not getattr(session.tunnel, "unix_socket", False):
+        raise UsageError(MSG_SOCKET_TUNNEL.format(tunnel=session.tunnel.name))
+    if session.remote_port and session.source("remote_port") != "record":
         raise UsageError("--remote-port cannot be combined with --unix-socket (the server "
                          "listens on no port)")
 
 
-def fresh_record(run: Run, host: str, session: str):
-    """The record of HOST/SESSION as it is on disk now (another run may have changed it),
-    or None when there is none or it is damaged (load_records has warned about that)."""
+def fresh_record(session: Session):
+    """The record of SESSION as it is on disk now (another run may have changed it), or
+    None when there is none or it is damaged (load_records has warned about that)."""
+    host, name = session.host, session.name
     try:
-        rec = read_record(os.path.join(run.state, record_name(host, session)))
-        ok = (rec["host"], rec["session"]) == (host, session) and isinstance(rec["token"], str) \
+        rec = read_record(os.path.join(session.state, record_name(host, name)))
+        ok = (rec["host"], rec["session"]) == (host, name) and isinstance(rec["token"], str) \
             and all(isinstance(rec[k], int) for k in ("local_port", "remote_port"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return rec if ok else None
 
 
-def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
+def bring_up(run: Run, conn: Connection, old, params: dict):
     """With the lock held and CONN open: start or reattach, forward, record; (record, info).
+    All of it or nothing: a server this run started is stopped when a later step fails.
 
     A server that has to be started again gets the token of OLD, and the tunnel
     OLD's local port when it is free, so the URL stays the same.
     """
-    args = run.args
-    session = args.session
-    tunnel = get("tunnel", args.tunnel)
+    s = run.session
     if old and re.match(r"[A-Za-z0-9]{16,}\Z", str(old.get("token", ""))):
         params = dict(params, token=old["token"])
+    info = started = local_port = None  # what this run started and has not recorded yet
     try:
-        if getattr(run.manager(), "batch", False):
+        if s.batch:
             info = batch_start(run, conn, params)
         else:
-            info = conn.run_helper("start", params, timeout=args.timeout * 2 + 30)
+            info = start_remote(conn, params, s.timeout * 2 + 30)
+        started = None if info["reused"] else info
         dest = destination(info)
-        if old is None and not conn.opened_here and not args.local_port:
+        if old is None and not conn.opened_here and not s.local_port:
             port = find_forward(conn, info)  # the record was lost, the forward was not
             old = dict(local_port=port, destination=dest) if port else None
-        local_port = open_tunnel(conn, tunnel, old, dest, args.local_port)
+        local_port = open_tunnel(conn, s.tunnel, old, dest, s.local_port)
         if info.get("sock"):
-            check_socket_forward(run, host, conn, tunnel, info, local_port)
-    except BaseException:
-        if conn.opened_here:
-            conn.close()  # leave nothing running after a failure
-        raise
+            check_socket_forward(s, conn, info, local_port)
+        rec = new_record(s, conn, old, params, info, local_port)
+        save_record(s.state, rec)
+    except BaseException as e:
+        raise undo_start(s, conn, params, e, info, getattr(e, "started", started),
+                         local_port) from None
+    return rec, info
+
+
+def new_record(s: Session, conn: Connection, old, params: dict, info: dict, local_port: int):
+    """The record of the server INFO, tunnelled from LOCAL_PORT."""
+    host, session, tunnel, mgr = s.host, s.name, s.tunnel, s.manager
     app = info.get("app") or params["app"]
-    mgr = run.manager()
     rec = dict(host=host, session=session, manager=mgr.name, tunnel=tunnel.name,
                environment=params.get("environment", []), plugin=mgr.source, app=app,
                local_port=local_port, remote_port=info["port"], token=info["token"],
-               remote_socket=info.get("sock"), destination=dest,
+               remote_socket=info.get("sock"), destination=destination(info),
                base_url=info["base_url"], pid=info["pid"], log=info.get("log"),
                ssh_options=conn.options, socket=conn.socket, started=info.get("started"),
-               options=session_values(args))
-    for key in JOB_FIELDS:
-        if info.get(key) is not None:
-            rec[key] = info[key]
+               options=s.asked())
+    rec.update((k, info[k]) for k in JOB_FIELDS if info.get(k) is not None)
     if info.get("address"):  # where a batch job's server listens, as the login node sees it
         rec["remote_host"] = info["address"]
     was = server_options(old, info) if info["reused"] else None
@@ -3245,8 +3780,62 @@ def bring_up(run: Run, host: str, conn: Connection, old, params: dict):
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
     rec["listener"] = tunnel_listener(conn, tunnel)
-    save_record(run.state, rec)
-    return rec, info
+    return rec
+
+
+def start_remote(conn: Connection, params: dict, timeout: float) -> dict:
+    """The remote "start"; interrupted, it is first let finish (a start cut off halfway
+    would go on there unseen), and the KeyboardInterrupt carries its info as "started"
+    when it started a server."""
+    try:
+        return conn.run_helper("start", params, timeout=timeout)
+    except KeyboardInterrupt as e:
+        with signals(signal.SIG_IGN), progress("interrupted: waiting for %s" % conn.host):
+            with contextlib.suppress(Error):
+                info = conn.finish_helper()
+                # not known (no answer): a server may run that nobody else knows of
+                e.started = {} if info is None and "token" not in params else \
+                    info if info and not info.get("reused") else None
+                e.reused = bool(info and info.get("reused"))
+        raise
+
+
+def undo_start(session: Session, conn: Connection, params: dict, err: BaseException,
+               info, started, forward) -> BaseException:
+    """After a start failed or was interrupted: stop the server STARTED by this run (its
+    forward on local port FORWARD too) and the connection opened for it; ERR again, its
+    message saying what is left.  Further signals wait until this is done.  INFO is
+    the server found running, when the start got that far."""
+    host = session.host
+    kept = info.get("reused") if info else getattr(err, "reused", False)
+    note = (MSG_REUSED_KEPT if kept else MSG_NOTHING_LEFT).format(host=host,
+                                                                 session=session.name)
+    with signals(signal.SIG_IGN):
+        if started is not None and forward:
+            with contextlib.suppress(Error):
+                session.tunnel.close(conn, forward, destination(started))
+        if started is not None and session.batch:
+            cancel_job(session, conn, params, started.get("job_id"))
+            note = "job %s was cancelled" % started.get("job_id")
+        elif started is not None:
+            try:
+                conn.run_helper("stop", dict(params, force=True),
+                                timeout=session.timeout * 2 + 30)
+                note = MSG_UNDONE.format(host=host, session=session.name)
+            except Error as e:
+                note = "the Jupyter it started on %s (session %s) could not be stopped: %s; " \
+                    "stop it with --terminate --session %s" % (host, session.name, e,
+                                                                 session.name)
+        if conn.opened_here:
+            conn.close()  # leave nothing running after a failure
+    if isinstance(err, KeyboardInterrupt):
+        return KeyboardInterrupt(note)
+    if started is None:
+        return err
+    if type(err) in (Error, SshError, RemoteError):
+        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail)
+    log.error("%s", note)  # beside the message of an error nobody foresaw
+    return err
 
 
 def forward_answers(port: int, timeout: float = 10.0) -> bool:
@@ -3262,22 +3851,16 @@ def forward_answers(port: int, timeout: float = 10.0) -> bool:
         return False
 
 
-def check_socket_forward(run: Run, host: str, conn, tunnel, info: dict, local_port: int):
+def check_socket_forward(session: Session, conn, info: dict, local_port: int):
     """After a forward to the server's Unix socket: fail clearly when it does not reach it.
 
     sshd refuses stream-local forwarding (AllowStreamLocalForwarding no) per connection,
     while `ssh -O forward` still succeeds; the remote has just proven the socket is the
     server's, so a forward that gets no answer is sshd's refusal.  A server started for
-    this run is stopped again: a run without --unix-socket must find none."""
+    this run is stopped again (undo_start): a run without --unix-socket must find none."""
     if forward_answers(local_port):
         return
-    with contextlib.suppress(Error):
-        tunnel.close(conn, local_port, destination(info))
-    if not info.get("reused"):
-        with contextlib.suppress(Error):
-            conn.run_helper("stop", run.params(run.args.session, force=True),
-                            timeout=run.args.timeout * 2 + 30)
-    raise Error(MSG_NO_STREAMLOCAL.format(host=host) + (
+    raise Error(MSG_NO_STREAMLOCAL.format(host=session.host) + (
         "" if not info.get("reused") else " (stop the running server first: --terminate)"),
         kind="no-streamlocal")
 
@@ -3308,41 +3891,41 @@ def batch_start(run: Run, conn: Connection, params: dict) -> dict:
     One short remote operation a second over the shared connection tells how the job
     fares; a terminal shows it on the progress line.  A job that this run submitted
     is cancelled when the wait ends early: --timeout, Ctrl-C, or an error."""
-    args, host = run.args, conn.host
-    answer = conn.run_helper("start", params, timeout=args.timeout + 60)
+    s, host = run.session, conn.host
+    answer = start_remote(conn, params, s.timeout + 60)
     reused, job = answer["reused"], answer["job_id"]
     log.debug("%s job %s on %s", "found" if reused else "submitted", job, host)
-    deadline = time.monotonic() + args.wait_timeout
+    deadline = time.monotonic() + s.wait_timeout
     try:
         with progress(job_line(answer)):
             while not answer.get("ready"):
                 if time.monotonic() > deadline:
                     raise Error(MSG_JOB_TIMEOUT.format(
-                        job=job, host=host, timeout=args.wait_timeout,
+                        job=job, host=host, timeout=s.wait_timeout,
                         state=answer.get("job_state") or "waiting", reason=": %s" % answer[
                             "reason"] if answer.get("reason") else ""), kind="timeout")
                 time.sleep(1)
                 answer = conn.run_helper("job", dict(params, job_id=job),
-                                         timeout=args.timeout + 30)
+                                         timeout=s.timeout + 30)
                 progress.update(job_line(answer))
     except (Error, KeyboardInterrupt) as e:
         if not reused and getattr(e, "kind", None) not in ("job-refused", "job-ended"):
-            cancel_job(run, conn, params, job)
+            cancel_job(s, conn, params, job)
+        e.reused = reused  # for undo_start's message
         raise
     info = dict(answer["ready"], reused=reused)
     return info
 
 
-def cancel_job(run: Run, conn: Connection, params: dict, job) -> None:
+def cancel_job(session: Session, conn: Connection, params: dict, job) -> None:
     """Cancel the job JOB this run submitted, and say so (on stderr, even with -q)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop it
-    try:
-        conn.run_helper("stop", dict(params, force=True), timeout=run.args.timeout * 2 + 30)
-        log.error("cancelled job %s on %s", job, conn.host)
-    except Error as e:
-        log.error("could not cancel job %s on %s: %s", job, conn.host, e)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with signals(signal.SIG_IGN):  # a second Ctrl-C must not stop it
+        try:
+            conn.run_helper("stop", dict(params, force=True), timeout=session.timeout * 2 + 30,
+                            wait="cancelling job %s on %s" % (job, conn.host))
+            log.error("cancelled job %s on %s", job, conn.host)
+        except Error as e:
+            log.error("could not cancel job %s on %s: %s", job, conn.host, e)
 
 
 def server_options(old, info: dict) -> dict:
@@ -3362,42 +3945,71 @@ def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
     if was is None:
         return
     changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+
+    def value(v):
+        return "not set" if v is None else json.dumps(v)
+
     if changed:
         log.warning("warning: the server on %s (session %s) runs with other options than asked "
                     "(%s); it keeps its own. To restart it with these, run: nbtunnel.py %s "
                     "--session %s --terminate, then this command again", host, session,
-                    ", ".join("%s %s, asked %s" % (flags.get(k, k), json.dumps(was.get(k)),
-                                                   json.dumps(now.get(k))) for k in changed),
+                    ", ".join("%s %s, asked %s" % (flags.get(k, k), value(was.get(k)),
+                                                   value(now.get(k))) for k in changed),
                     host, session)
 
 
-def attach(run: Run, host: str, params: dict):
+def attach(run: Run, params: dict):
     """Under the lock: connect, start or reattach, forward, record; (connection, record, info)."""
-    with locked(run.state, host, run.args.session):
-        old = fresh_record(run, host, run.args.session)
-        conn = run.connection(host, old)
-        conn.open()
-        rec, info = bring_up(run, host, conn, old, params)
+    s = run.session
+    with locked(s.state, s.host, s.name):
+        old = fresh_record(s)
+        if s.local_port and not (old and old.get("local_port") == s.local_port):
+            check_local_port(s.local_port)  # before anything starts over there
+        conn = s.connection(old)
+        try:
+            conn.open()
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(MSG_NOTHING_LEFT.format(host=s.host)) from None
+        rec, info = bring_up(run, conn, old, params)
     return conn, rec, info
 
 
-def cmd_start(run: Run, host: str) -> int:
-    """Start or reattach to the server of HOST/SESSION, tunnel it, print the URL."""
-    args = run.args
-    session = args.session
-    conn, rec, info = attach(run, host, start_params(run))
-    if not args.quiet:
-        log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
-                 "reattached to" if info["reused"] else "started", host, session,
-                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
-                 else "remote port %d" % info["port"], rec["local_port"])
-    out = dict(public(rec), reused=info["reused"])
-    print(json.dumps(out) if args.json else rec["url"], flush=True)
-    if args.open:
-        open_browser(run.state, rec)
-    tunnel = get("tunnel", args.tunnel)
-    if tunnel.foreground:
-        serve_foreground(conn, tunnel, rec["local_port"], recorded_destination(rec))
+def check_local_port(port: int) -> None:
+    """Error unless 127.0.0.1:PORT can be bound here now, as ssh would bind it."""
+    import socket
+
+    with contextlib.closing(socket.socket()) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise Error(MSG_LOCAL_PORT.format(port=port), kind="local-port") from None
+            raise Error("local port %d cannot be used here: %s; choose another with "
+                        "--local-port or leave it out" % (port, e.strerror),
+                        kind="local-port") from None
+
+
+def cmd_start(run: Run) -> int:
+    """Start or reattach to the server of the session, tunnel it, print the URL.  SIGTERM
+    and SIGHUP (the terminal closed) stop a start like Ctrl-C: all of it, or nothing."""
+    args, s = run.args, run.session
+    with signals(interrupt):
+        conn, rec, info = attach(run, start_params(run))
+        try:  # from here on, the session is recorded: an interrupt leaves it
+            if not args.quiet:
+                log.info("%s Jupyter on %s (session %s, %s, %s) at local port %d",
+                         "reattached to" if info["reused"] else "started", s.host, s.name,
+                         rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                         else "remote port %d" % info["port"], rec["local_port"])
+            out = dict(public(rec), reused=info["reused"])
+            print(json.dumps(out) if args.json else rec["url"], flush=True)
+            if args.open:
+                open_browser(s.state, rec)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(MSG_KEPT.format(host=s.host, session=s.name)) from None
+    if s.tunnel.foreground:
+        serve_foreground(conn, s.tunnel, rec["local_port"], recorded_destination(rec))
     return 0
 
 
@@ -3415,7 +4027,8 @@ def open_page(directory: str, rec: dict) -> str:
     import html
 
     name = record_name(rec["host"], rec["session"])[:-5] + "-open.html"
-    return write_private(directory, name, OPEN_PAGE.format(url=html.escape(rec["url"], quote=True)))
+    return r_write_private(os.path.join(directory, name),
+                           OPEN_PAGE.format(url=html.escape(rec["url"], quote=True)))
 
 
 def open_browser(directory: str, rec: dict) -> None:
@@ -3488,6 +4101,8 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
         finally:
             if held:
                 held.close()
+    if wanted:
+        check_local_port(wanted)  # taken since it was checked (a race): say so plainly
     raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
 
 
@@ -3499,7 +4114,11 @@ def public(rec: dict) -> dict:
     keys = ("host", "session", "url", "local_port", "remote_port", "remote_socket", "token",
             "manager", "app", "pid", "log", "tunnel", "plugin", "environment")
     out = {k: rec.get(k) for k in keys}
+    # "tunnel" is the backend here but the state in --status (both documented): these
+    # two say which.  A record is written once its tunnel is up; --status looks again.
+    out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
+    out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
     return out
 
 
@@ -3511,17 +4130,17 @@ def find_record(records, host, session):
     return None
 
 
-def ask_host(run: Run, host: str, recs: list, batch: bool = False):
+def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False):
     """(master up, {session: answer}, None or the Error) for the sessions RECS of HOST."""
-    conn = run.connection(host, recs[0])
-    conn.batch = conn.batch or batch
+    conn = session.connection(recs[0], host)
+    conn.no_prompt = conn.no_prompt or no_prompt
     up = conn.alive()
     # Over the master when it runs; otherwise over a connection of its own that
     # ends with the command: one handshake either way, and nothing left running.
-    params = run.params(recs[0]["session"], sessions=[r["session"] for r in recs],
-                        session_managers={r["session"]: r.get("manager") for r in recs})
+    params = session.params(recs[0]["session"], sessions=[r["session"] for r in recs],
+                            session_managers={r["session"]: r.get("manager") for r in recs})
     try:
-        answers = conn.run_helper("status", params, timeout=run.args.timeout + 10)
+        answers = conn.run_helper("status", params, timeout=session.timeout + 10)
     except Error as e:
         return up, {}, e
     return up, {a["session"]: a for a in answers}, None
@@ -3532,7 +4151,7 @@ def may_need_prompt(err: Error) -> bool:
     return err.kind in ("auth", "hostkey-unknown")
 
 
-def ask_hosts(run: Run, by_host: dict) -> dict:
+def ask_hosts(session: Session, by_host: dict) -> dict:
     """Ask every host at once (one thread and one connection each): {host: (up, answers)}
     in the order of BY_HOST.
 
@@ -3541,14 +4160,14 @@ def ask_hosts(run: Run, by_host: dict) -> dict:
     asked again one after the other, with their prompts."""
     import concurrent.futures
 
-    def one(host, batch):
+    def one(host, no_prompt):
         try:
-            return ask_host(run, host, by_host[host], batch)
+            return ask_host(session, host, by_host[host], no_prompt)
         except Error as e:
             return False, {}, e
 
     hosts = list(by_host)
-    interactive = not run.batch and sys.stdin is not None and sys.stdin.isatty()
+    interactive = not session.no_prompt and sys.stdin is not None and sys.stdin.isatty()
     got = {}
     if len(hosts) == 1:
         got[hosts[0]] = one(hosts[0], False)
@@ -3567,34 +4186,87 @@ def ask_hosts(run: Run, by_host: dict) -> dict:
     return {h: got[h][:2] for h in hosts}
 
 
-def cmd_status(run: Run, host) -> int:
-    """Ask each recorded host about its sessions; one line (or JSON object) each."""
-    args = run.args
-    records = [r for r in run.records if host is None or r["host"] == host]
-    if args.session_given:
-        records = [r for r in records if r["session"] == args.session]
-    by_host = {}
-    for rec in records:
-        by_host.setdefault(rec["host"], []).append(rec)
-    asked = ask_hosts(run, by_host)
+MSG_NO_MANAGER = (
+    "{host} (session {session}): its session manager {manager} is not available here "
+    "(plugin {plugin} is not loaded), so its server state is unknown; reinstall nbtunnel "
+    "with its plugins, or load that plugin with --plugin FILE"
+)
+
+
+def missing_manager(rec: dict):
+    """The message for a record whose session manager plugin is not loaded, or None.
+    Such a session is never reported as stopped: nothing here can ask about it."""
+    name = rec.get("manager") or "tmux"
+    if name in MANAGERS:
+        return None
+    return MSG_NO_MANAGER.format(host=rec["host"], session=rec["session"], manager=name,
+                                 plugin=rec.get("plugin") or name)
+
+
+def nothing_recorded(records: list, host, session) -> str:
+    """What --status says when no record matches HOST (and SESSION): what is recorded,
+    and the recorded host closest to a mistyped one."""
+    import difflib
+
+    if not records:
+        return "no sessions recorded"
+    what = "for %s" % host if host is not None else ""
+    what += "%s session %s" % (" and" if what else "for", session) if session else ""
+    hosts = sorted({r["host"] for r in records})
+    close = difflib.get_close_matches(host, hosts, 1) if host is not None else []
+    listed = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records)
+    return "nothing recorded %s%s; recorded sessions: %s" % (
+        what, " (did you mean %s?)" % close[0] if close else "", listed)
+
+
+def cmd_status(run: Run) -> int:
+    """Ask each recorded host about its sessions; one line (or JSON object) each.
+    Sessions whose manager plugin is missing are not asked about: state unknown."""
+    args, s = run.args, run.session
+    by_host = s.recorded(same_name=s.source("session") != "default")
+    def ask(rec):  # an ended session needs no question: nothing runs
+        return not missing_manager(rec) and not rec.get("ended")
+
+    asked = ask_hosts(s, {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
+                          if any(ask(r) for r in recs)})
     rows = []
     for h, recs in by_host.items():
-        up, answers = asked[h]
+        up, answers = asked.get(h, (None, {}))
         for rec in recs:
-            a = answers.get(rec["session"])
+            if rec.get("ended"):
+                rows.append(dict(public(rec), server="stopped", tunnel="down",
+                                 tunnel_state="down", pending={}, pending_text=""))
+                continue
+            missing = missing_manager(rec)
+            if missing:
+                log.warning("warning: %s", missing)
+            a = None if missing else answers.get(rec["session"])
             row = dict(public(rec), server=a["server"] if a else "unknown")
+            if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
+                row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
-            row["tunnel"] = "up" if (held_here or up) and local_port_open(
-                rec["local_port"]) else "down"
+            port_open = local_port_open(rec["local_port"])
+            if port_open and up is None:  # a host not asked: is its master still there?
+                up = s.connection(rec, host=h).alive()
+            row["tunnel"] = "up" if (held_here or up) and port_open else "down"
             if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
             for key in JOB_FIELDS if a and "job_id" in a else ():
                 row[key] = a.get(key)
+            if missing:
+                row["missing_plugin"] = rec.get("manager")
+                row.update({k: None for k in ("job_state", "time_left") if k in row})  # stale
             row["plugin"] = rec.get("plugin") or (
                 MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
-            row["backend"] = rec.get("tunnel")
+            row["backend"] = row["tunnel_backend"] = rec.get("tunnel")
+            row["tunnel_state"] = row["tunnel"]
             row["environment"] = rec.get("environment", [])
+            pending = config_pending(s.cfg, rec) if "options" in rec else {}
+            keys = {o.dest: o.key for o in session_options()}
+            row["pending"] = {keys[d]: dict(value=v, source=where)
+                              for d, (v, where) in sorted(pending.items())}
+            row["pending_text"] = pending_text(pending)
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
@@ -3604,50 +4276,58 @@ def cmd_status(run: Run, host) -> int:
         for r in rows:
             job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
                 "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s" % (
+            gone = ("\tmanager plugin %s not loaded" % r["missing_plugin"]
+                    if "missing_plugin" in r else "")
+            pending = ("\tpending: %s at next start" % r["pending_text"]
+                       if r["pending_text"] else "")
+            if r["ended"]:
+                print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
+                    r["host"], r["session"], ENDED.get(r["ended"], r["ended"]),
+                    start_again(r["host"], r["session"])))
+                continue
+            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
-                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job))
-        if not rows and not args.quiet:
-            log.info("no sessions recorded")
+                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
+                gone, pending))
+    if not rows and not args.quiet:
+        log.info("%s", nothing_recorded(s.records, s.host,
+                                        s.name if s.source("session") != "default" else None))
     return 0
 
 
-def close_tunnel(run: Run, conn: Connection, host: str, session: str, rec=None) -> None:
-    """Remove the forward of HOST/SESSION (recorded as REC); end the master too unless
-    another recorded session's tunnel uses it."""
-    others = [r for r in load_records(run.state) if r.get("socket") == conn.socket
-              and (r["host"], r["session"]) != (host, session)]
+def close_tunnel(session: Session, conn: Connection, rec=None) -> None:
+    """Remove the forward of SESSION (recorded as REC); end the master too unless another
+    recorded session's tunnel uses it."""
+    others = [r for r in load_records(session.state) if r.get("socket") == conn.socket
+              and (r["host"], r["session"]) != (session.host, session.name)]
     if not others:
         conn.close()
-    elif rec:
+    elif rec and "local_port" in rec:
         with contextlib.suppress(Error):
             get("tunnel", rec.get("tunnel", "ssh")).close(conn, rec["local_port"],
                                                            recorded_destination(rec))
 
 
-def terminate_session(run: Run, host: str) -> dict:
+def terminate_session(run: Run) -> dict:
     """Stop the server gracefully, end its session, close the tunnel, drop the record;
     the remote's answer (raises exit 3 while kernels are busy and --force is not given)."""
-    args = run.args
-    session = args.session
-    rec = find_record(run.records, host, session)
-    with locked(run.state, host, session):
-        conn = run.connection(host, rec)
+    s = run.session
+    host, session, rec = s.host, s.name, s.record()
+    with locked(s.state, host, session):
+        conn = s.connection(rec)
         conn.open()
         try:
-            params = run.params(session, force=args.force)
-            result = conn.run_helper("stop", params, timeout=args.timeout * 2 + 30)
+            result = conn.run_helper("stop", s.params(force=run.args.force),
+                                     timeout=s.timeout * 2 + 30)
+            if result.get("busy"):
+                raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
+                                            names=", ".join(result["busy"])), 3)
         except BaseException:
             if conn.opened_here:
                 conn.close()
             raise
-        if result.get("busy"):
-            if conn.opened_here:
-                conn.close()
-            raise Error(MSG_BUSY.format(session=session, host=host, n=len(result["busy"]),
-                                        names=", ".join(result["busy"])), 3)
-        close_tunnel(run, conn, host, session, rec)
-        drop_record(run.state, host, session)
+        close_tunnel(s, conn, rec)
+        save_ended(s.state, host, session, "terminated")
     return dict(host=host, session=session, stopped=result["stopped"], how=result.get("how"))
 
 
@@ -3661,33 +4341,22 @@ def say_terminated(run: Run, results: list) -> None:
                      "stopped" if r["stopped"] else "was not running")
 
 
-def cmd_terminate(run: Run, host: str) -> int:
-    """Stop the server of HOST/SESSION and its tunnel (idempotent)."""
-    say_terminated(run, [terminate_session(run, host)])
-    return 0
-
-
-def every_session(run: Run, cfg, host, action):
+def every_session(run: Run, cfg, action):
     """--all: ACTION (terminate_session or ensure_session) for every recorded session (of
     HOST), all hosts at once, one connection each: the sessions of one host go one after
     the other over its connection.  Results come in record order; the exit code is the
     worst one."""
     import concurrent.futures
 
-    by_host = {}
-    for rec in run.records:
-        if host is None or rec["host"] == host:
-            by_host.setdefault(rec["host"], []).append(rec)
+    s = run.session
+    by_host = s.recorded()
 
     def one_host(h):
         done = []
         for rec in by_host[h]:
-            sub = argparse.Namespace(**copy.deepcopy(run.pristine))
-            sub.host, sub.session = rec["host"], rec["session"]
             try:
-                subrun = Run(sub, cfg)
-                resolve(sub, cfg, subrun.records)
-                done.append((rec, action(subrun, h), None))
+                one = resolve(run.args, cfg, s.records, h, rec["session"], s.state)
+                done.append((rec, action(Run(run.args, one, run.plugins)), None))
             except Error as e:
                 done.append((rec, None, e))
         return done
@@ -3736,12 +4405,18 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
             % (where, rec["local_port"], moved, rec["url"])]
 
 
-def repair(run: Run, host: str, conn: Connection, old, params: dict):
+def repair(run: Run, conn: Connection, old, params: dict):
     """With the lock held: connect, start or reattach, forward again; (record, lines)."""
+    host = run.session.host
     tunnel_was_up = bool(old) and old["local_port"] not in HELD and conn.alive() \
         and local_port_open(old["local_port"])  # a port --watch holds is no tunnel
     conn.open()
-    rec, info = bring_up(run, host, conn, old, params)
+    try:
+        rec, info = bring_up(run, conn, old, params)
+    except Error as e:  # the remote knows it ended on purpose (shut down, or another laptop)
+        if e.kind != "ended":
+            raise
+        return ended_on_purpose(run, conn, old, str(e).rsplit(": ", 1)[-1])
     deadline = time.monotonic() + 10
     while not api_ok(rec):
         if time.monotonic() > deadline:
@@ -3749,10 +4424,27 @@ def repair(run: Run, host: str, conn: Connection, old, params: dict):
                                                  port=rec["local_port"], log=rec.get("log")),
                         kind="not-answering")
         time.sleep(0.3)
-    return rec, repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    lines = repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    if old and not info["reused"]:  # started again as it last ran, whatever changed since
+        pending = run.session.pending
+        lines = ["%s, as it last ran%s: %s" % (lines[0].rsplit(": ", 1)[0], (
+            "; %s will apply when you start it yourself" % pending_text(pending))
+            if pending else "", rec["url"])]
+    return rec, lines
 
 
-def healthy(run: Run, host: str, rec, conn=None) -> bool:
+def ended_on_purpose(run: Run, conn: Connection, old, how: str):
+    """Close what is left of a session that ended on purpose (HOW) and remember that;
+    (its record, one line saying so)."""
+    s = run.session
+    with contextlib.suppress(Error):
+        close_tunnel(s, conn, old)
+    rec = save_ended(s.state, s.host, s.name, how)
+    return rec, ["Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)"
+                 % (s.host, s.name, ENDED.get(how, how), start_again(s.host, s.name))]
+
+
+def healthy(session: Session, rec, conn=None) -> bool:
     """Is the session of REC up and answering, both ends of its tunnel proven ours?
 
     The local end is proven by api_ok.  The remote end of a TCP tunnel could be anyone
@@ -3762,12 +4454,12 @@ def healthy(run: Run, host: str, rec, conn=None) -> bool:
     if not rec:
         return False
     if not rec.get("remote_socket"):
-        conn = conn or run.connection(host, rec)
+        conn = conn or session.connection(rec)
         if not conn.alive():
             return False  # no tunnel without its master
         try:
-            state = conn.run_helper("status", run.params(rec["session"], sessions=[
-                rec["session"]]), timeout=min(run.args.timeout, 15) + 10)[0]
+            state = conn.run_helper("status", session.params(rec["session"], sessions=[
+                rec["session"]]), timeout=min(session.timeout, 15) + 10)[0]
         except Error:
             return False
         if state.get("server") != "running" or (state.get("port"), state.get("pid")) != (
@@ -3776,20 +4468,24 @@ def healthy(run: Run, host: str, rec, conn=None) -> bool:
     return api_ok(rec)
 
 
-def ensure_session(run: Run, host: str):
-    """Start or repair the server and tunnel of HOST/SESSION: (record, repair lines)."""
-    args = run.args
-    session = args.session
-    run.batch = True  # never prompt, even on a terminal
-    progress.silent = True  # and say nothing while all is well
-    rec = fresh_record(run, host, session)
+def ensure_session(run: Run):
+    """Start or repair the server and tunnel of the session: (record, repair lines)."""
+    s = run.session
+    s.no_prompt = True  # never prompt, even on a terminal (and main() keeps the line off)
+    rec = fresh_record(s)
     lines = []
-    if not healthy(run, host, rec):  # no login: one question over the master, one request
+    if ended_record(s):  # ended on purpose: it stays so, and nothing needs a login
+        return ended_record(s), lines
+    if not healthy(s, rec):  # no login: one question over the master, one request
         params = start_params(run)
-        with locked(run.state, host, session, timeout=args.timeout * 3 + 60):
-            rec = fresh_record(run, host, session)
-            if not healthy(run, host, rec):  # else a run we waited for has repaired it
-                rec, lines = repair(run, host, run.connection(host, rec), rec, params)
+        with locked(s.state, s.host, s.name, timeout=s.timeout * 3 + 60):
+            rec = fresh_record(s)
+            if ended_record(s):
+                return ended_record(s), lines
+            if not healthy(s, rec):  # else a run we waited for has repaired it
+                # Only a session recorded here is repaired; a first run here starts it.
+                params = dict(params, repair=rec is not None)
+                rec, lines = repair(run, s.connection(rec), rec, params)
     return rec, lines
 
 
@@ -3802,12 +4498,6 @@ def say_ensured(run: Run, results: list) -> None:
         for _, lines in results:
             for line in lines:
                 print(line)
-
-
-def cmd_ensure(run: Run, host: str) -> int:
-    """For cron: start or repair the server and tunnel of HOST/SESSION; silent when healthy."""
-    say_ensured(run, [ensure_session(run, host)])
-    return 0
 
 
 class PortHolder:
@@ -3948,7 +4638,7 @@ def master_ended(rec) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
         return False  # no master to look at: a foreground backend, or a record of old
     if owner.get("start") is not None:
-        return process_start(pid) != owner["start"]  # also true for a zombie, or a reused pid
+        return r_pid_start(pid) != owner["start"]  # also true for a zombie, or a reused pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -4031,62 +4721,64 @@ def link_failure(conn: Connection, err: Error) -> bool:
     """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
     if err.kind in SSH_REFUSALS:
         return False
-    if err.kind in ("unreachable", "not-answering"):
-        return True  # the link is down, or the server is there but slow: look again later
     if err.kind == "no-answer":
         conn.close()  # a hung link: drop the master so that the next try reconnects
-        return True
+    if err.kind in SSH_LINK + ("not-answering",):
+        return True  # the link is down, or the server is there but slow: look again later
     return not conn.alive()
 
 
-def watch_repair(run: Run, host: str, conn: Connection, rec: dict, params: dict):
+def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
     """With the lock held: find out what broke and repair it; (record, lines), or None
     when the server was shut down on purpose (File > Shut Down, or --terminate)."""
-    args = run.args
-    session = args.session
-    if healthy(run, host, rec, conn):
+    s = run.session
+    host, session = s.host, s.name
+    if healthy(s, rec, conn):
         return rec, []  # another run repaired it meanwhile
     if not conn.alive():
         log.warning("the connection to %s is down; reconnecting", host)
-    tunnel_was_up = conn.alive() and local_port_open(rec["local_port"])
+    tunnel_was_up = rec["local_port"] not in HELD and conn.alive() \
+        and local_port_open(rec["local_port"])  # a port --watch holds is no tunnel
     conn.open()
-    state = conn.run_helper("status", run.params(session, sessions=[session]),
-                            timeout=min(args.timeout, 15))[0]
+    state = conn.run_helper("status", s.params(sessions=[session]),
+                            timeout=min(s.timeout, 15))[0]
     if state["server"] != "running" and state.get("ended") != "died":
         log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
                  "shut down" if state.get("ended") == "shutdown" else "terminated")
-        close_tunnel(run, conn, host, session, rec)
-        drop_record(run.state, host, session)
+        close_tunnel(s, conn, rec)
+        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
+                   else "terminated")
         return None
-    new, lines = repair(run, host, conn, rec, params)
+    new, lines = repair(run, conn, rec, params)
+    if new.get("ended"):
+        log.info("%s", lines[0])
+        return None
     if tunnel_was_up and not lines and state["server"] == "running":
         lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
     return new, lines
 
 
-def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -> None:
+def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
-    args = run.args
-    session = args.session
-    tunnel = get("tunnel", args.tunnel)
+    s = run.session
+    tunnel = s.tunnel
     failures = 0
     while True:
         if failures:
             time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
         else:
-            wait_watching(rec, args.interval, conn, tunnel)
-        current = fresh_record(run, host, session)
+            wait_watching(rec, s.interval, conn, tunnel)
+        current = fresh_record(s)
         if master_ended(current or rec):
             hold_port(current or rec, conn, tunnel)  # the tab's reconnections wait, not fail
         if (current or rec).get("local_port") in HELD:
             pass  # the forward is gone: repair at once
-        elif healthy(run, host, current, conn):
+        elif healthy(s, current, conn):
             rec, failures = current, 0
             continue
         try:
-            with locked(run.state, host, session):
-                result = watch_repair(run, host, conn, fresh_record(run, host, session) or rec,
-                                      params)
+            with locked(s.state, s.host, s.name):
+                result = watch_repair(run, conn, fresh_record(s) or rec, params)
         except Error as e:
             if not link_failure(conn, e):
                 raise
@@ -4103,20 +4795,39 @@ def watch_loop(run: Run, host: str, conn: Connection, rec: dict, params: dict) -
         failures = 0
 
 
-def cmd_watch(run: Run, host: str) -> int:
+def cmd_watch(run: Run) -> int:
     """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
-    args = run.args
-    session = args.session
-    params = start_params(run)
-    conn, rec, info = attach(run, host, params)  # may prompt on a terminal; reconnections never do
+    args, s = run.args, run.session
+    host, session = s.host, s.name
+    ended = ended_record(s)
+    if ended:
+        log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
+                 host, session, ENDED.get(ended["ended"], ended["ended"]),
+                 start_again(host, session))
+        return 0
+    params = dict(start_params(run), repair=fresh_record(s) is not None)
+    try:
+        conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
+    except Error as e:
+        if e.kind != "ended":
+            raise
+        with locked(s.state, host, session):
+            conn = s.connection(fresh_record(s))
+            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
+                                            str(e).rsplit(": ", 1)[-1])[1][0])
+        return 0
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
+    if not info["reused"]:
+        log.info("started Jupyter on %s (session %s, %s, %s) at local port %d", host, session,
+                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                 else "remote port %d" % info["port"], rec["local_port"])
     log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
-             session, args.interval, " and stops the server" if args.terminate else "")
-    run.batch = conn.batch = True
+             session, s.interval, " and stops the server" if args.terminate else "")
+    s.no_prompt = conn.no_prompt = True
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        watch_loop(run, host, conn, rec, params)
+        watch_loop(run, conn, rec, dict(params, repair=True))
         return 0  # the server was shut down: nothing left to watch
     except KeyboardInterrupt:
         pass
@@ -4124,9 +4835,10 @@ def cmd_watch(run: Run, host: str) -> int:
         signal.signal(signal.SIGTERM, previous)
         drop_held()
     if args.terminate:
-        run.records = load_records(run.state)
-        return cmd_terminate(run, host)
-    close_tunnel(run, conn, host, session, fresh_record(run, host, session) or rec)
+        s.records = load_records(s.state)
+        say_terminated(run, [terminate_session(run)])
+        return 0
+    close_tunnel(s, conn, fresh_record(s) or rec)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
 
@@ -4158,12 +4870,13 @@ def program_argv() -> list:
     return [os.path.abspath(sys.executable), os.path.abspath(__file__)]
 
 
-def service_argv(args, host: str, action: str, state: str, rec=None, plugins=()) -> list:
+def service_argv(session: Session, action: str, plugins=()) -> list:
     """The nbtunnel command line a unit runs: ACTION (--ensure or --watch) with every option
-    of the session in effect, and the recorded local port so that the URL stays the same."""
-    rec = rec or {}
-    argv = [host, action, "--session", args.session, "--state-dir", os.path.abspath(state)]
-    values = session_values(args)
+    of SESSION in effect, and the recorded local port so that the URL stays the same."""
+    rec = session.record() or {}
+    argv = [session.host, action, "--session", session.name, "--state-dir",
+            os.path.abspath(session.state)]
+    values = session.asked()
     if rec.get("local_port") and not values.get("local_port"):
         values["local_port"] = rec["local_port"]
     for path_option in ("ssh_config", "identity"):  # relative or ~ means something else
@@ -4201,6 +4914,8 @@ def cron_entry(argv: list, env: dict, title: str) -> str:
         "# %s: start or repair it every %d minutes; quiet while all is well." % (
             title, SERVICE_INTERVAL),
         "# Install with: crontab -e (paste the last line), then check: crontab -l",
+        "# Remove with: crontab -e (delete that line). --terminate alone keeps the line, which "
+        "then leaves the session ended until you start it yourself.",
         "# cron has no ssh-agent: ssh needs a key without a passphrase (-i) or SSH_AUTH_SOCK "
         "set to a running agent's socket.",
         "*/%d * * * * %s" % (SERVICE_INTERVAL, " ".join(words)), ""])
@@ -4234,6 +4949,9 @@ def systemd_unit(argv: list, env: dict, title: str, name: str) -> str:
         "# Save as ~/.config/systemd/user/%s.service, then run:" % name,
         "#   systemctl --user daemon-reload && systemctl --user enable --now %s" % name,
         "#   loginctl enable-linger \"$USER\"   # keep it running while you are logged out",
+        "# Remove with: systemctl --user disable --now %s && rm ~/.config/systemd/user/%s.service"
+        % (name, name),
+        "# After --terminate or File > Shut Down it leaves the session ended until you start it.",
         "# Without a terminal ssh cannot ask for a passphrase: use a key without one, or an",
         "# ssh-agent and Environment=SSH_AUTH_SOCK=... below.",
         "[Unit]",
@@ -4274,9 +4992,10 @@ def launchd_plist(argv: list, env: dict, title: str, label: str, home: str) -> s
     except (TypeError, ValueError) as e:  # XML cannot hold most control characters
         raise UsageError("cannot write a launchd plist for these options: %s" % e) from None
     comment = ("<!-- %s.\n     Save as ~/Library/LaunchAgents/%s.plist and run: launchctl load -w "
-               "~/Library/LaunchAgents/%s.plist\n     ssh runs without a terminal: a key with "
-               "a passphrase must be in your ssh-agent. -->\n"
-               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label))
+               "~/Library/LaunchAgents/%s.plist\n     Remove with: launchctl unload -w ~/Library/"
+               "LaunchAgents/%s.plist, then delete that file.\n     ssh runs without a "
+               "terminal: a key with a passphrase must be in your ssh-agent. -->\n"
+               % (re.sub(r"-{2,}|[<>&]", "-", title), label, label, label))
     head, sep, body = text.partition("<plist")
     return head + comment + sep + body
 
@@ -4324,16 +5043,15 @@ def check_listen(value: str) -> str:
     return value
 
 
-def cmd_print_service(run: Run, host: str) -> int:
-    """Print a crontab line, systemd unit or launchd plist that keeps HOST/SESSION up."""
-    args, kind = run.args, run.args.print_service
-    rec = find_record(run.records, host, args.session)
+def cmd_print_service(run: Run) -> int:
+    """Print a crontab line, systemd unit or launchd plist that keeps the session up."""
+    s, kind = run.session, run.args.print_service
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
-    plugins = [p for p in plugin_files(args.plugin or ()) if os.path.dirname(p) != here]
+    plugins = [p for p in plugin_files(run.plugins) if os.path.dirname(p) != here]
     action = "--ensure" if kind == "cron" else "--watch"
-    argv = program_argv() + service_argv(args, host, action, run.state, rec, plugins)
-    title = "Jupyter on %s (session %s)" % (host, args.session)
-    name = service_name(host, args.session)
+    argv = program_argv() + service_argv(s, action, plugins)
+    title = "Jupyter on %s (session %s)" % (s.host, s.name)
+    name = service_name(s.host, s.name)
     if kind == "cron":
         text = cron_entry(argv, service_env(), title)
     elif kind == "systemd":
@@ -4345,17 +5063,16 @@ def cmd_print_service(run: Run, host: str) -> int:
     return 0
 
 
-def cmd_print_nginx(run: Run, host: str) -> int:
-    """Print an nginx server block in front of the recorded tunnel of HOST/SESSION."""
-    args = run.args
-    rec = find_record(run.records, host, args.session)
-    port = args.local_port or (rec or {}).get("local_port")
+def cmd_print_nginx(run: Run) -> int:
+    """Print an nginx server block in front of the recorded tunnel of the session."""
+    s, rec = run.session, run.session.record()
+    port = s.local_port or (rec or {}).get("local_port")
     if not port:
-        raise UsageError(MSG_NGINX_NO_PORT.format(host=host, session=args.session))
-    listen = check_listen(args.nginx_listen or NGINX_LISTEN)
+        raise UsageError(MSG_NGINX_NO_PORT.format(host=s.host, session=s.name))
+    listen = check_listen(s.nginx_listen or NGINX_LISTEN)
     sys.stdout.write(nginx_server_block(port, listen, "Jupyter on %s (session %s)"
-                                        % (host, args.session)))
-    if rec and not args.quiet:
+                                        % (s.host, s.name)))
+    if rec and not run.args.quiet:
         address = listen if ":" in listen else "127.0.0.1:" + listen
         log.info("once nginx runs, open %s", rec["url"].replace(
             "127.0.0.1:%d" % rec["local_port"], address, 1))
@@ -4364,35 +5081,149 @@ def cmd_print_nginx(run: Run, host: str) -> int:
 
 # Command line ################################################################
 
+MSG_SEE_HELP = " (see nbtunnel --help)"
+ARGPARSE_ERROR = re.compile(r"argument (\S+): (.*)\Z", re.S)
+
+
+def close_option(word: str, known) -> str:
+    """' did you mean --X?' for the option in KNOWN closest to WORD, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word.split("=", 1)[0], sorted(known), 1, 0.6)
+    return "; did you mean %s?" % close[0] if close else ""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, not the usage block: the library raises
+    UsageError (exit 2) and main() prints it like any other error."""
+
+    def parse_args(self, args=None, namespace=None):
+        """Like argparse's, with unrecognized words reported by unrecognized()."""
+        args, extra = self.parse_known_args(args, namespace)
+        if extra:
+            raise UsageError(self.unrecognized(extra))
+        return args
+
+    def unrecognized(self, extra: list) -> str:
+        """The message for words the parser did not take: the first one is named."""
+        word = extra[0]
+        if word.startswith("-") and word != "-":
+            return "unrecognized option %s%s%s" % (
+                word.split("=", 1)[0], close_option(word, self._option_string_actions),
+                MSG_SEE_HELP)
+        return "unexpected argument %r: HOST was given already%s" % (word, MSG_SEE_HELP)
+
+    def error(self, message: str):
+        """Turn argparse's message into one line that says what to do, and raise it."""
+        m = ARGPARSE_ERROR.match(message)
+        action = m and self._option_string_actions.get(m.group(1).split("/")[-1])
+        if not action:
+            raise UsageError(message + MSG_SEE_HELP)
+        flag, what = action.option_strings[-1], m.group(2)
+        if what.startswith("expected one argument"):
+            text = "option %s needs a value: %s %s, or %s=VALUE if it starts with -" % (
+                flag, flag, action.metavar or "VALUE", flag)
+        elif what.startswith("invalid choice") and action.choices:
+            import difflib
+
+            value = re.search(r"invalid choice: (.*?)(?: \(choose from|\Z)", what).group(1)
+            close = difflib.get_close_matches(value.strip("'"), list(action.choices), 1)
+            text = "invalid %s %s%s; choose from %s" % (
+                flag, value, " (did you mean %s?)" % close[0] if close else "",
+                ", ".join(action.choices))
+        elif what.startswith("not allowed with argument"):
+            other = what.rsplit(" ", 1)[-1].split("/")[-1]
+            text = "%s cannot be combined with %s" % (flag, other)
+        elif what.startswith("ignored explicit argument"):
+            value = what.split(" ", 3)[-1].strip("'")
+            text = "option %s takes no value (got %s=%s)" % (flag, flag, value)
+        else:
+            text = "%s: %s" % (flag, what)
+        raise UsageError(text + MSG_SEE_HELP)
+
+
+# What --help lists as the environment variables nbtunnel reads (this side only).
+ENV_VARS = (("NBTUNNEL_CONFIG", "config file"), ("NBTUNNEL_STATE_DIR", "records"),
+            ("NBTUNNEL_MANAGER", "default --manager"),
+            ("NBTUNNEL_PLUGIN_PATH", "more plugin directories"),
+            ("NBTUNNEL_RUNTIME_DIR", "ssh control sockets"), ("XDG_CONFIG_HOME", None),
+            ("XDG_STATE_HOME", None), ("XDG_RUNTIME_DIR", None), ("TERM", "dumb: no progress"))
+EXAMPLES = (
+    ("nbtunnel myserver --open", "start or reattach, open the browser"),
+    ("nbtunnel --status", "every recorded session and its state"),
+    ("nbtunnel myserver --terminate", "stop Jupyter, its session, the tunnel"),
+    ("nbtunnel hpc --conda analysis --module cuda/12.2 --notebook-dir ~/work", ""),
+    ("nbtunnel hpc --manager slurm --partition gpu --gres gpu:1 --time 8:00:00", ""),
+)
+EXIT_CODES = ("0 done; 1 could not do it (unreachable, refused, Jupyter failed); "
+              "2 bad usage or input; 3 --terminate refused: kernels busy (--force)")
+
+
+def names(registry: dict, default=None) -> str:
+    """The plugin names of REGISTRY for --help, DEFAULT marked."""
+    return ", ".join(n + (" (default)" if n == default else "") for n in
+                     sorted(registry, key=lambda n: (n != default, n)))
+
+
+def help_epilog() -> str:
+    """The end of --help: examples, plugins, files, environment, exit codes."""
+    import textwrap
+
+    def item(title, text):
+        return textwrap.fill(text, 79, initial_indent="%-14s" % title, subsequent_indent=" " * 14,
+                             break_on_hyphens=False, break_long_words=False)
+
+    envs = sorted(ENVIRONMENTS.values(), key=lambda e: getattr(e, "order", 50))
+    home = os.path.expanduser("~")
+    tilde = lambda path: "~" + path[len(home):] if path.startswith(home + "/") else path  # noqa: E731
+    lines = ["examples:"] + ["  %-30s %s" % e if e[1] else "  " + e[0] for e in EXAMPLES]
+    lines += ["", "\n".join([
+        item("managers:", names(MANAGERS, "tmux")),
+        item("environments:", ", ".join(e.name for e in envs) + " (set up in this order)"),
+        item("tunnels:", names(TUNNELS, "ssh")),
+        item("config file:", "%s (INI: [DEFAULT] and [host ALIAS] sections, keys are the long "
+             "options without dashes)" % tilde(config_path(argparse.Namespace(config=None))[0])),
+        item("plugins from:", ", ".join(tilde(d) for d in plugin_dirs()[:2]) +
+             ", $NBTUNNEL_PLUGIN_PATH, --plugin FILE"),
+        item("environment:", ", ".join("%s (%s)" % (n, what) if what else n
+                                       for n, what in ENV_VARS)),
+        item("exit codes:", EXIT_CODES)])]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    p = argparse.ArgumentParser(
-        prog="nbtunnel", allow_abbrev=False, description="Start or reattach to Jupyter on a "
-        "host you reach over SSH, tunnel it to 127.0.0.1 here, and print the URL.")
+    """The command-line interface; its errors are UsageError (see Parser)."""
+    p = Parser(
+        prog="nbtunnel", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [HOST] [--status | --terminate | --ensure | --watch |\n"
+        "                --print-service KIND | --print-nginx] [options]", epilog=help_epilog(),
+        description="Start or reattach to Jupyter on a host you reach over SSH, tunnel it to\n"
+        "127.0.0.1 here, and print the URL.")
     p.add_argument("host", nargs="?", metavar="HOST",
-                   help="ssh destination: host, user@host, ssh://user@host:port or an alias")
+                   help="user@host, ssh://user@host:port or an ssh alias")
     act = p.add_mutually_exclusive_group()
     act.add_argument("--terminate", action="store_true", help="stop the server and the tunnel")
     act.add_argument("--status", action="store_true", help="show recorded sessions")
     act.add_argument("--ensure", action="store_true",
-                     help="for cron: start or repair whatever is missing; silent when all is well")
+                     help="for cron: repair what is missing; silent when all is well")
     p.add_argument("--watch", action="store_true",
-                   help="stay in the foreground and keep the tunnel healthy; Ctrl-C closes the "
-                   "tunnel (with --terminate: also stops the server)")
+                   help="stay in the foreground, keeping server and tunnel up")
     p.add_argument("--interval", metavar="SECONDS", default="5",
-                   help="with --watch: seconds between health checks (default 5)")
-    act.add_argument("--print-service", choices=("cron", "systemd", "launchd"),
-                     help="print a crontab line, systemd unit or launchd plist that keeps "
-                     "the session alive")
+                   help="with --watch: seconds between checks (default 5)")
+    act.add_argument("--print-service", choices=("cron", "systemd", "launchd"), metavar="KIND",
+                     help="print a cron, systemd or launchd unit keeping it alive")
     act.add_argument("--print-nginx", action="store_true",
                      help="print an nginx server block in front of the tunnel")
     p.add_argument("--force", action="store_true",
                    help="with --terminate: even if kernels are busy")
-    p.add_argument("--all", action="store_true", help="with --terminate or --ensure: every "
-                   "recorded session (of HOST), all hosts at once")
+    p.add_argument("--all", action="store_true",
+                   help="with --terminate/--ensure: every session (of HOST)")
     g = p.add_argument_group("the server")
     g.add_argument("--session", metavar="NAME", help="remote session name (default nbtunnel)")
     for option in SERVER_OPTIONS:
+        if option.dest == "manager":
+            option = copy.copy(option)
+            option.help = "session manager: %s" % names(MANAGERS, "tmux")
         option.add_to(g)
     g = p.add_argument_group("the tunnel and ssh")
     longer = ", ".join("%g with --manager %s" % (m.default_timeout, n) for n, m in
@@ -4401,6 +5232,9 @@ def build_parser() -> argparse.ArgumentParser:
         if option.dest == "timeout" and longer:
             option = copy.copy(option)
             option.help += "; waiting for a batch job: %s" % longer
+        elif option.dest == "tunnel":
+            option = copy.copy(option)
+            option.help = "tunnel backend: %s" % names(TUNNELS, "ssh")
         option.add_to(g)
     g = p.add_argument_group("nbtunnel")
     g.add_argument("--plugin", metavar="FILE", action="append", help="load a plugin file")
@@ -4413,147 +5247,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="show every ssh command run")
     g.add_argument("--version", action="version", version="nbtunnel " + __version__)
+    # Plugins' options: one group per manager or tunnel backend, one for the environment
+    # (whose plugins each add one option that its help already explains).
+    env = p.add_argument_group("the remote environment (in your login shell, in this order)")
     groups = {}
-    for plugin, option in plugin_options():
+    for plugin, option in sorted(plugin_options(), key=lambda po: getattr(po[0], "order", 50)):
+        if plugin.kind == "environment":
+            option.add_to(env)
+            continue
         if plugin.name not in groups:
-            groups[plugin.name] = p.add_argument_group(
-                "%s %s plugin" % (plugin.name, plugin.kind),
-                ((type(plugin).__doc__ or "").strip().splitlines() or [None])[0])
+            groups[plugin.name] = p.add_argument_group("with --%s %s" % (plugin.kind,
+                                                                        plugin.name))
         option.add_to(groups[plugin.name])
     return p
-
-
-def config_path(args):
-    """The config file to read and whether it must exist (it must when named by --config)."""
-    if args.config:
-        return args.config, True
-    return os.environ.get("NBTUNNEL_CONFIG") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
-        "nbtunnel", "config.ini"), False
-
-
-def read_config(path, required: bool = False):
-    """The INI config file as a ConfigParser (missing is fine unless REQUIRED; broken is
-    an error)."""
-    import configparser
-
-    cfg = configparser.ConfigParser(interpolation=None)
-    if required and not os.path.isfile(path):
-        raise UsageError("config file %s not found" % path)
-    if path and os.path.exists(path):
-        try:
-            cfg.read(path)
-        except (configparser.Error, OSError, UnicodeDecodeError) as e:
-            raise UsageError("config file %s: %s" % (path, e)) from None
-    return cfg
-
-
-def config_section(cfg, host) -> dict:
-    """The config keys in effect for HOST: its [host HOST] section over [DEFAULT]."""
-    name = "host %s" % host
-    section = dict(cfg[name]) if host and cfg.has_section(name) else dict(cfg.defaults())
-    known = {o.key for o in session_options()} | set(RUN_KEYS) | {"host"}
-    unknown = sorted(set(section) - known)
-    if host and cfg.has_section(name) and cfg[name].get("plugin") != cfg.defaults().get("plugin"):
-        raise UsageError("config file: plugin = ... belongs in [DEFAULT] (plugins are loaded "
-                         "before the host is known)")
-    if unknown:
-        raise UsageError("config file: unknown key %r (known: %s)"
-                         % (unknown[0], ", ".join(sorted(known))))
-    return section
-
-
-def apply_config(args, cfg, host) -> None:
-    """Fill what the command line left open from the config section of HOST."""
-    section = config_section(cfg, host)
-    for key, (dest, multiple) in RUN_KEYS.items():
-        if key in section and getattr(args, dest, None) in (None, []):
-            value = section[key]
-            setattr(args, dest, [v.strip() for v in value.splitlines() if v.strip()]
-                    if multiple else value.strip())
-    for option in session_options():
-        if getattr(args, option.dest, None) is None and option.key in section:
-            setattr(args, option.dest, option.from_config(section[option.key]))
-            args.origin[option.dest] = "config file"
-
-
-def apply_record(args, rec) -> None:
-    """Fill what the command line and config left open from the session's record."""
-    recorded = dict((rec or {}).get("options") or {})
-    if rec and "options" not in rec:  # a record from before options were recorded
-        recorded = dict(ssh_values(rec.get("ssh_options") or []), manager=rec.get("manager"),
-                        app=rec.get("app"))
-    for option in session_options():
-        if option.sticky and getattr(args, option.dest, None) is None and \
-                recorded.get(option.dest) is not None:
-            setattr(args, option.dest, recorded[option.dest])
-            args.origin[option.dest] = "record"
-
-
-def resolve_host(args, cfg, records):
-    """HOST from the command line, the config default, or the only record."""
-    if args.host:
-        return args.host
-    if cfg.defaults().get("host"):
-        return cfg.defaults()["host"].strip()
-    candidates = records
-    if args.session is not None:
-        candidates = [r for r in records if r["session"] == args.session]
-    if len(candidates) == 1:
-        args.session = candidates[0]["session"]
-        return candidates[0]["host"]
-    if args.terminate and not args.watch and not candidates:
-        return None
-    sessions = ", ".join("%s (session %s)" % (r["host"], r["session"]) for r in records) or "none"
-    why = "several sessions are recorded" if candidates else "nothing is recorded"
-    raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
-
-
-def resolve(args, cfg, records):
-    """Decide every setting of this run, once: HOST, then each option from the command
-    line, the config section of that HOST, the session's record, the default.  Returns
-    HOST (None for --status without one, or --terminate with nothing recorded)."""
-    args.origin = {o.dest: "command line" for o in session_options()
-                   if getattr(args, o.dest, None) is not None}
-    several = args.status or getattr(args, "all", False)
-    host = None if several and not args.host else resolve_host(args, cfg, records)
-    if host is not None:
-        check_host(host)
-    apply_config(args, cfg, host)
-    args.session_given = args.session is not None
-    args.session = check_session(DEFAULT_SESSION if args.session is None else args.session)
-    if host is not None and not args.status:
-        apply_record(args, find_record(records, host, args.session))
-    for option in session_options():
-        value = getattr(args, option.dest, None)
-        if value is not None:
-            setattr(args, option.dest, option.convert(value, args.origin[option.dest]))
-    check_ssh_args(args)
-    args.manager = args.manager or os.environ.get("NBTUNNEL_MANAGER") or "tmux"
-    args.tunnel = args.tunnel or ("ssh" if shutil.which("ssh") or "sshtunnel" not in TUNNELS
-                                  else "sshtunnel")
-    # A batch manager waits longer for its queue; connecting keeps the usual bound.
-    args.wait_timeout = args.timeout or getattr(
-        get("manager", args.manager), "default_timeout", None) or DEFAULT_TIMEOUT
-    args.timeout = args.timeout or DEFAULT_TIMEOUT
-    get("tunnel", args.tunnel)
-    try:
-        args.interval = seconds(args.interval)
-        if args.interval > 3600:
-            raise ValueError("at most 3600")
-    except ValueError:
-        raise UsageError("invalid --interval %r: must be more than 0 and at most 3600"
-                         % (args.interval,)) from None
-    if args.watch and (args.status or args.ensure):
-        raise UsageError("--watch cannot be combined with --%s"
-                         % ("status" if args.status else "ensure"))
-    return host
-
-
-def session_values(args, start_only: bool = False) -> dict:
-    """The options in effect that were asked for (not defaults), as recorded."""
-    return {o.dest: getattr(args, o.dest) for o in session_options()
-            if o.dest in args.origin and (o.start or not start_only)}
 
 
 TOKEN_WORDS = re.compile(
@@ -4586,12 +5292,15 @@ def configure_logging(args) -> None:
 
 def early_options(argv):
     """What must be known before the parser can be built: -v/-q, --config, --plugin."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--plugin", action="append", default=[])
     pre.add_argument("--config")
     pre.add_argument("-v", "--verbose", action="store_true")
     pre.add_argument("-q", "--quiet", action="store_true")
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except UsageError:  # e.g. --plugin without a value: the full parser will say so
+        known, _ = pre.parse_known_args([])
     return known
 
 
@@ -4610,44 +5319,39 @@ def main(argv=None) -> int:
         # Plugins bring options of their own, so they are loaded before the parser is
         # built: those of --plugin, else those the config file's [DEFAULT] names.
         plugins = early.plugin or cfg.defaults().get("plugin", "").splitlines()
-        load_plugins(plugin_files([p.strip() for p in plugins if p.strip()]))
+        plugins = [p.strip() for p in plugins if p.strip()]
+        load_plugins(plugin_files(plugins))
         args = build_parser().parse_args(argv)
-        run = Run(args, cfg)
-        run.pristine = copy.deepcopy(vars(args))  # as given, for each session of --all
-        host = resolve(args, cfg, run.records)
-        if args.all:
-            if not (args.terminate or args.ensure) or args.watch:
-                raise UsageError("--all goes with --terminate or --ensure")
-            action, say = ((terminate_session, say_terminated) if args.terminate
-                           else (ensure_session, say_ensured))
-            code, results = every_session(run, cfg, host, action)
-            say(run, results)
-            return code
-        if args.status:
-            return cmd_status(run, host)
-        if args.print_service:
-            return cmd_print_service(run, host)
-        if args.print_nginx:
-            return cmd_print_nginx(run, host)
-        if args.ensure:
-            return cmd_ensure(run, host)
-        if args.watch:
-            return cmd_watch(run, host)
-        if args.terminate:
-            if host is None:
-                if not args.quiet:
-                    log.info("nothing to terminate: no sessions recorded")
-                return 0
-            return cmd_terminate(run, host)
-        return cmd_start(run, host)
+        progress.silent = args.ensure  # for cron: no line even on a terminal
+        run = Run(args, resolve(args, cfg), plugins)
+        if args.watch and (args.status or args.ensure):
+            raise UsageError("--watch cannot be combined with --%s"
+                             % ("status" if args.status else "ensure"))
+        if args.all and (not (args.terminate or args.ensure) or args.watch):
+            raise UsageError("--all goes with --terminate or --ensure")
+        for flag, cmd in (("status", cmd_status), ("print_service", cmd_print_service),
+                          ("print_nginx", cmd_print_nginx), ("watch", cmd_watch)):
+            if getattr(args, flag):
+                return cmd(run)
+        if not (args.terminate or args.ensure):
+            return cmd_start(run)
+        if run.session.host is None and not args.all:
+            if not args.quiet:
+                log.info("nothing to terminate: no sessions recorded")
+            return 0
+        action, say = ((terminate_session, say_terminated) if args.terminate
+                       else (ensure_session, say_ensured))
+        code, results = every_session(run, cfg, action) if args.all else (0, [action(run)])
+        say(run, results)
+        return code
     except Error as e:
         text = e.text()
         if args is not None and args.ensure and not args.verbose:  # cron mail: one line says why
             text = text.splitlines()[0]
         log.error("error: %s", text)
         return e.code
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as e:
+        log.error("interrupted%s", "; %s" % e if str(e) else "")
         return 130
     except Exception as e:  # a bug, or an OS error nobody foresaw: one line, not a traceback
         log.debug("traceback:", exc_info=True)
@@ -4660,4 +5364,7 @@ def main(argv=None) -> int:
 sys.modules.setdefault("nbtunnel", sys.modules[__name__])
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for number in STOP_SIGNALS:  # done: a late Ctrl-C must not turn the exit into a traceback
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)

@@ -65,8 +65,8 @@ class Conda(nbtunnel.ShellEnvironment):
 
     name = "conda"
     order = 40
-    options = [nbtunnel.Option("--conda", "activate this conda/mamba/micromamba environment "
-                               "(name or path)", metavar="ENV")]
+    options = [nbtunnel.Option("--conda", "conda/mamba/micromamba environment to activate",
+                               metavar="ENV")]
 
     def steps(self, args):
         """Find the tool, run its shell hook, activate ENV."""

@@ -41,7 +41,7 @@ class Modules(nbtunnel.ShellEnvironment):
 
     name = "modules"
     order = 30
-    options = [nbtunnel.Option("--module", "run `module load NAME` (Lmod, environment-modules); "
+    options = [nbtunnel.Option("--module", "module load NAME (Lmod, environment-modules); "
                                "repeatable", metavar="NAME", multiple=True)]
 
     def steps(self, args):

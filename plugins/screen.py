@@ -6,34 +6,42 @@ Like tmux, screen keeps Jupyter in a detached session that survives logout;
 
 import nbtunnel
 
-# `screen -S NAME` takes NAME as a prefix ("nb" also finds "nbtunnel"), so
-# alive/stop/log run these lines in the remote Python: they find the exact
-# session in `screen -ls` and address it as PID.NAME, which is unique.
-# argv: NAME ACTION, where ACTION is check, quit or log.  Python 3.6-compatible.
-EXACT = r"""
-import os, re, subprocess, sys, tempfile, time
-name, action = sys.argv[1], sys.argv[2]
-out = subprocess.Popen(["screen", "-ls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       stdin=subprocess.DEVNULL).communicate()[0].decode("utf-8", "replace")
-found = re.findall(r"^\s+(\d+\." + re.escape(name) + r")\s", out, re.M)
-if not found:
-    sys.exit(1)
-for ident in found:
-    if action == "quit":
-        subprocess.call(["screen", "-S", ident, "-X", "quit"])
-    elif action == "log":
-        fd, path = tempfile.mkstemp()
-        os.close(fd)
-        try:
-            subprocess.call(["screen", "-S", ident, "-X", "hardcopy", path])
-            for _ in range(50):  # -X returns before the screen server has written the file
-                if os.path.getsize(path):
-                    break
-                time.sleep(0.05)
-            sys.stdout.write(open(path, errors="replace").read())
-        finally:
-            os.remove(path)
-"""
+
+def exact_session(name, action):
+    """Run on the remote (nbtunnel.remote_call): find the screen session called exactly NAME
+    and do ACTION to it: "check" (nothing), "quit" or "log" (print its window); exit status
+    1 when there is none.
+
+    `screen -S NAME` takes NAME as a prefix ("nb" also finds "nbtunnel"; only newer screens
+    prefer an exact match), so the session is found in `screen -ls` and addressed as
+    PID.NAME, which is unique.  Runs alone: Python 3.6 grammar, standard library only."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    listing = subprocess.run(["screen", "-ls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL).stdout.decode("utf-8", "replace")
+    found = re.findall(r"^\s+(\d+\." + re.escape(name) + r")\s", listing, re.M)
+    for ident in found:
+        if action == "quit":
+            subprocess.call(["screen", "-S", ident, "-X", "quit"])
+        elif action == "log":
+            fd, path = tempfile.mkstemp()
+            os.close(fd)
+            try:
+                subprocess.call(["screen", "-S", ident, "-X", "hardcopy", path])
+                for _ in range(50):  # -X returns before the screen server has written the file
+                    if os.path.getsize(path):
+                        break
+                    time.sleep(0.05)
+                with open(path, errors="replace") as f:
+                    sys.stdout.write(f.read())
+            finally:
+                os.remove(path)
+    return 0 if found else 1
 
 
 class Screen(nbtunnel.SessionManager):
@@ -48,15 +56,15 @@ class Screen(nbtunnel.SessionManager):
 
     def alive(self, session):
         """Exit status 0 when exactly this session exists."""
-        return ["@PYTHON@", "-c", EXACT, session, "check"]
+        return nbtunnel.remote_call(exact_session, session, "check")
 
     def stop(self, session):
         """Quit the session and what runs in it."""
-        return ["@PYTHON@", "-c", EXACT, session, "quit"]
+        return nbtunnel.remote_call(exact_session, session, "quit")
 
     def log(self, session):
         """The text of the session's window."""
-        return ["@PYTHON@", "-c", EXACT, session, "log"]
+        return nbtunnel.remote_call(exact_session, session, "log")
 
 
 nbtunnel.register(Screen())

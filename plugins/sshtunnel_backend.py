@@ -12,7 +12,10 @@ comes from ``ssh -G`` (HostName, User, Port, IdentityFile, known_hosts files),
 otherwise from the ssh_config file through paramiko.  Host keys are checked
 against known_hosts; an unknown host is refused, and so are ProxyJump and
 ProxyCommand (with ``ssh`` present, where it can tell).  Without ``ssh``, the remote
-helper also runs over paramiko (a second authentication).
+helper also runs over paramiko (a second authentication), through ``ParamikoConnection``,
+an ``nbtunnel.Transport``.  Failures to connect are ``nbtunnel.SshError`` of the kind
+OpenSSH's would be ("auth", "hostkey-unknown", "hostkey-changed", "unreachable"), so
+``--watch`` retries a dropped link and stops at a refusal.
 """
 
 import os
@@ -92,6 +95,11 @@ def settings(host, options):
                 hostkeyalias=found.get("hostkeyalias"))
 
 
+def known_name(conf):
+    """The host's name in known_hosts: HOSTNAME, or [HOSTNAME]:PORT off port 22."""
+    return conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"])
+
+
 def host_key(conf):
     """The recorded key of the host (paramiko PKey); an unknown host is an error."""
     import paramiko
@@ -101,11 +109,10 @@ def host_key(conf):
         path = os.path.expanduser(path)
         if os.path.isfile(path):
             keys.load(path)
-    name = conf.get("hostkeyalias") or (
-        conf["hostname"] if conf["port"] == 22 else "[%s]:%d" % (conf["hostname"], conf["port"]))
+    name = conf.get("hostkeyalias") or known_name(conf)
     found = keys.lookup(name)
     if not found:
-        raise nbtunnel.Error(nbtunnel.MSG_HOSTKEY.format(host=name))
+        raise nbtunnel.ssh_error(name, "hostkey-unknown")
     for kind in ("ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512", "ssh-rsa"):
         if kind in found:
             return found[kind]
@@ -118,12 +125,13 @@ def auth(conf):
     return [p for p in paths if os.path.isfile(p)]
 
 
-class ParamikoConnection:
-    """The remote helper over paramiko, for machines without an ssh binary."""
+class ParamikoConnection(nbtunnel.Transport):
+    """The remote helper over paramiko, for machines without an ssh binary: no master
+    process (master_pid is None) and no ``ssh -O`` control."""
 
     def __init__(self, host, options, timeout):
         self.host, self.options, self.timeout = host, list(options), timeout
-        self.socket, self.opened_here, self.client = None, False, None
+        self.client = None
 
     def alive(self):
         """Is the paramiko connection up?"""
@@ -134,38 +142,43 @@ class ParamikoConnection:
         """Connect and authenticate with keys; the host key must be known."""
         import paramiko
 
+        if self.alive():
+            return
         conf = settings(self.host, self.options)
+        key = host_key(conf)
         client = paramiko.SSHClient()
-        client.get_host_keys().add(
-            conf["hostname"] if conf["port"] == 22
-            else "[%s]:%d" % (conf["hostname"], conf["port"]),
-            host_key(conf).get_name(), host_key(conf))
+        client.get_host_keys().add(known_name(conf), key.get_name(), key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             client.connect(conf["hostname"], conf["port"], username=conf["user"],
                            key_filename=auth(conf) or None, timeout=self.timeout,
                            look_for_keys=not conf["identities"])
         except paramiko.AuthenticationException as e:
-            raise nbtunnel.Error(nbtunnel.MSG_AUTH.format(host=self.host, detail=e)) from None
+            raise nbtunnel.ssh_error(self.host, "auth", e) from None
+        except paramiko.BadHostKeyException:
+            raise nbtunnel.ssh_error(self.host, "hostkey-changed") from None
         except (OSError, paramiko.SSHException) as e:
-            raise nbtunnel.Error(
-                nbtunnel.MSG_UNREACHABLE.format(host=self.host, detail=e)) from None
+            raise nbtunnel.ssh_error(self.host, "unreachable", e) from None
         self.client, self.opened_here = client, True
 
-    def run_helper(self, op, params, timeout):
-        """Send the helper on stdin of `python3 - || python -`, as the OpenSSH path does
-        (connecting first for a one-off command such as --status)."""
+    def pipe(self, command, data, timeout):
+        """COMMAND with DATA on its stdin over paramiko (connecting first for a one-off
+        command such as --status): (stdout, stderr, exit status)."""
+        import socket
+
+        import paramiko
+
         if self.client is None:
             self.open()
-        stdin, stdout, stderr = self.client.exec_command(nbtunnel.REMOTE_COMMAND, timeout=timeout)
-        stdin.write(nbtunnel.remote_program(op, params))
-        stdin.channel.shutdown_write()
-        out = stdout.read().decode("utf-8", "replace")
-        err = stderr.read().decode("utf-8", "replace")
-        return nbtunnel.parse_result(self.host, out, err, stdout.channel.recv_exit_status())
-
-    def control(self, command, *extra):
-        """No master to control."""
+        try:
+            stdin, stdout, stderr = self.client.exec_command(command, timeout=timeout)
+            stdin.write(data)
+            stdin.channel.shutdown_write()
+            return stdout.read(), stderr.read(), stdout.channel.recv_exit_status()
+        except socket.timeout:
+            raise nbtunnel.ssh_error(self.host, "no-answer", "%gs" % timeout) from None
+        except (OSError, paramiko.SSHException) as e:
+            raise nbtunnel.ssh_error(self.host, "unreachable", e) from None
 
     def close(self):
         """Disconnect."""
@@ -182,7 +195,8 @@ def remote_address(destination):
         return ("127.0.0.1", destination)
     addr, sep, port = str(destination).rpartition(":")
     if not sep or not port.isdigit() or destination.startswith("/"):
-        raise nbtunnel.Error(nbtunnel.MSG_SOCKET_TUNNEL.format(tunnel="sshtunnel"))
+        raise nbtunnel.Error("the sshtunnel backend cannot forward to a Unix socket (%s): "
+                             "use --tunnel ssh" % destination)
     return (addr, int(port))
 
 
@@ -214,16 +228,24 @@ class SshtunnelBackend(nbtunnel.TunnelBackend):
                 local_bind_address=("127.0.0.1", local_port),
                 remote_bind_address=remote)
             fwd.start()
-        except (sshtunnel.BaseSSHTunnelForwarderError, ValueError) as e:
+        except (sshtunnel.HandlerSSHTunnelForwarderError, ValueError) as e:
             raise nbtunnel.Error("sshtunnel could not forward port %d to %s: %s"
                                  % (local_port, conn.host, e)) from None
+        except sshtunnel.BaseSSHTunnelForwarderError as e:
+            # No session with the host; sshtunnel only logs why.  Connecting once more
+            # (this failure path only) raises the SshError of the reason's kind.
+            probe = ParamikoConnection(conn.host, conn.options, conn.timeout)
+            probe.open()
+            probe.close()
+            raise nbtunnel.ssh_error(conn.host, "unreachable", e) from None
         self.forwarder = fwd
 
     def serve(self, conn):
         """Wait while the forward lives; Ctrl-C (KeyboardInterrupt) ends the wait."""
         while self.forwarder and self.forwarder.is_active:
             time.sleep(0.5)
-        raise nbtunnel.Error("the sshtunnel connection to %s closed" % conn.host)
+        raise nbtunnel.SshError("the sshtunnel connection to %s closed" % conn.host,
+                                kind="unreachable")
 
     def close(self, conn, local_port, destination):
         """Stop the forward held by this process, if any."""

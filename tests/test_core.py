@@ -73,6 +73,8 @@ def test_json_output_and_state_files_are_private(nbt, remote):
         assert key in info, key
     assert info["host"] == remote.alias and info["session"] == "nbtunnel"
     assert info["manager"] == "tmux" and info["reused"] is False
+    # "tunnel" is the backend here (documented); these two say what they are everywhere.
+    assert info["tunnel_backend"] == info["tunnel"] == "ssh" and info["tunnel_state"] == "up"
     assert f":{info['local_port']}/" in info["url"] and info["token"] in info["url"]
     assert stat.S_IMODE(os.stat(nbt.state_dir).st_mode) == 0o700
     files = [p for p in nbt.state_dir.iterdir() if p.is_file()]
@@ -112,6 +114,9 @@ def test_status_asks_the_remote(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert remote.alias in line and "server=running" in line and "tunnel=up" in line
+    row = nbt.status()[0]  # "tunnel" is the state here (documented), "backend" the backend
+    assert row["tunnel_state"] == row["tunnel"] == "up"
+    assert row["tunnel_backend"] == row["backend"] == info["tunnel_backend"] == "ssh"
 
     # The server dies behind nbtunnel's back: --status must notice (it asks the remote).
     kill_jupyter(remote)
@@ -127,7 +132,7 @@ def test_terminate_leaves_nothing(nbt, remote):
     info = start(nbt)
     assert local_ssh_pids(str(nbt.ssh_config))
     before = remote.auth_count()
-    proc = nbt.run("--terminate")
+    proc = nbt.run("--terminate", "--json")
     assert proc.returncode == 0, proc.stderr
     assert remote.auth_count() == before  # reused the tunnel's connection
     assert remote.tmux_sessions() == []
@@ -135,10 +140,12 @@ def test_terminate_leaves_nothing(nbt, remote):
     wait_until(lambda: not local_ssh_pids(str(nbt.ssh_config)), 15, message="no local ssh left")
     assert not local_port_open(info["local_port"])
     assert not remote.port_open(info["remote_port"])
-    assert nbt.status() == []
-    # The server shut down through its own API: it said so in its log.
-    log = remote.run(["cat", info["log"]]).stdout
-    assert "Shutting down on /api/shutdown request" in log
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]  # and stays so
+    # The server shut down through its own API (kernels end cleanly), and its log went with it:
+    # the remote keeps only the mark that the session ended on purpose.
+    assert json.loads(proc.stdout)["how"] == "api"
+    assert remote.run(["test", "-e", info["log"]]).returncode != 0
+    assert remote.run(["test", "-e", info["log"][:-4] + ".ended"]).returncode == 0
 
     again = nbt.run("--terminate")
     assert again.returncode == 0, again.stderr
@@ -200,6 +207,7 @@ def test_host_from_only_record_or_config(nbt, remote, tmp_path):
     # Both sessions share one master connection; terminating one keeps the other's tunnel.
     assert nbt.run("--terminate", "--session", "second").returncode == 0
     rows = nbt.status()
+    rows = [r for r in rows if not r["ended"]]  # "second" stays listed as terminated
     assert [r["session"] for r in rows] == ["nbtunnel"] and rows[0]["tunnel"] == "up"
 
     config = tmp_path / "config.ini"

@@ -24,6 +24,7 @@ from unattended import (
     proxy_config,
     read_line,
     start,
+    wait_logged,
     wait_watched,
     watch,
 )
@@ -55,7 +56,8 @@ def test_jupyter_killed(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     # Same local port and same token: the bookmarked URL works again.
     assert proc.stdout == (
-        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {info['url']}\n"
+        f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
+        f"as it last ran: {info['url']}\n"
     )
     assert_single(nbt, remote, info)
 
@@ -104,9 +106,10 @@ def test_jupyter_killed_under_watch(nbt, remote):
     info = nbt.status()[0]
     assert info["url"] == url
     assert_single(nbt, remote, info)
+    said = wait_logged(proc, f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
+                       f"as it last ran: {url}", 30)
     code, _, err = finish(proc)
-    assert code == 0
-    assert f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running: {url}" in err, err
+    assert code == 0, said + err
 
 
 # The tunnel ###################################################################
@@ -135,9 +138,10 @@ def test_local_tunnel_killed_under_watch(nbt, remote):
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
     assert jupyter_pids(remote) == pids
     assert_single(nbt, remote, nbt.status()[0])
+    said = wait_logged(proc, f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port", 30)
     code, _, err = finish(proc)
-    assert code == 0
-    assert f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port" in err and url in err, err
+    assert code == 0, said + err
+    assert url in said + err, said + err
 
 
 def watch_through(nbt, proxy, config) -> tuple[subprocess.Popen, str]:
@@ -262,6 +266,61 @@ def test_remote_port_taken_every_time_is_a_clear_error(nbt, remote):
         assert not masters(nbt.ssh_config) and nbt.status() == []
     finally:
         kill_squatters(remote)
+
+
+# What an exiting tmux server does to a client that connects in its last moments: its
+# socket still listens, so connect() succeeds, but the server no longer answers and its
+# exit closes the connection (tmux 3.3: "server exited unexpectedly"); after that the
+# socket file stays, refusing connections, and the next client starts a new server.
+# This listener, on the remote user's default tmux socket, does the same to every client
+# until it has turned away a new-session, then stops listening: that start always meets
+# the dying server. It prints the tmux command of each client it turned away.
+DYING_TMUX = """
+import os, socket, struct, sys
+path = sys.argv[1]
+os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+if os.path.exists(path):
+    os.unlink(path)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(16)
+print("listening", flush=True)
+while True:
+    conn = s.accept()[0]
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    argv = open("/proc/%d/cmdline" % pid, "rb").read().split(b"\\0")
+    conn.close()
+    print(argv[1].decode() if len(argv) > 1 else "?", flush=True)
+    if b"new-session" in argv:
+        break
+s.close()
+"""
+
+
+def dying_tmux_server(remote) -> subprocess.Popen:
+    """The listener above on the remote user's tmux socket, in the remote's namespace."""
+    path = f"/tmp/tmux-{remote.uid}/default"
+    argv = ["runuser", "-u", remote.user, "--", "/usr/bin/python3", "-c", DYING_TMUX, path]
+    proc = subprocess.Popen(remote._in_netns(argv), stdout=subprocess.PIPE, text=True, cwd="/")
+    assert read_line(proc, 30) == "listening\n"
+    return proc
+
+
+def test_start_meets_a_tmux_server_that_is_exiting(nbt, remote):
+    """The tmux server of a session that just ended (Jupyter died, --terminate, the port
+    taken) is still exiting when the next start runs: the start waits until it is gone and
+    starts a new one, instead of failing with tmux's "server exited unexpectedly"."""
+    fake = dying_tmux_server(remote)
+    try:
+        proc = nbt.run(remote.alias, "--json")
+        turned_away = fake.communicate(timeout=30)[0].split()
+        assert "new-session" in turned_away, turned_away  # the start did meet it
+        assert proc.returncode == 0, proc.stderr
+        assert_single(nbt, remote, json.loads(proc.stdout))
+    finally:
+        if fake.poll() is None:
+            fake.kill()
+            fake.wait()
 
 
 def test_two_ensure_runs_at_once(nbt, remote):

@@ -13,6 +13,7 @@ import pytest
 
 from helpers import (
     api_status,
+    free_local_port,
     jupyter_pids,
     kill_jupyter,
     local_port_open,
@@ -97,10 +98,9 @@ def test_manager_start_reattach_status_terminate(nbt, remote, manager):
     assert not remote.pids(r"ipykernel|SCREEN|tmux")
     wait_until(lambda: not local_ssh_pids(str(nbt.ssh_config)), 15, message="no local ssh left")
     assert not local_port_open(port) and not remote.port_open(info["remote_port"])
-    assert nbt.status() == []
-    assert remote_state_files(remote) == sorted(["nbtunnel.log", "nbtunnel.lock"] + (
-        ["nbtunnel.out"] if manager == "nohup" else []))
-    assert "Shutting down" in remote.run(["cat", info["log"]]).stdout
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]
+    # Only the mark that it ended on purpose is left (the log, lock and output went with it).
+    assert remote_state_files(remote) == ["nbtunnel.ended"]
     again = nbt.run(remote.alias, "--terminate", "--manager", manager)
     assert again.returncode == 0, again.stderr
 
@@ -112,7 +112,7 @@ def test_manager_notices_dead_server_and_log(nbt, remote, manager):
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    desc = nbtunnel.describe_manager(nbtunnel.get("manager", manager), "s.1")
+    desc = nbtunnel.get("manager", manager).describe("s.1")
     state = remote.home / ".local/state/nbtunnel"
     fill = {"@PYTHON@": "/usr/bin/python3", "@PIDFILE@": str(state / "s.1.pid"), "@OUTPUT@": str(state / "s.1.out")}
     argv = [fill.get(w, w) for w in desc["log"]]
@@ -234,7 +234,7 @@ BROKEN = {
 
 
 def known_managers(stderr: str) -> list[str]:
-    match = re.search(r"unknown manager 'nosuch'; known: (.*)", stderr)
+    match = re.search(r"unknown manager 'nosuch' \([^)]*\); known: (.*)", stderr)
     assert match, stderr
     return match.group(1).split(", ")
 
@@ -254,8 +254,8 @@ def test_plugin_locations_and_unknown_manager(nbt, remote, tmp_path):
     proc = nbt.run(remote.alias, "--manager", "nosuch", "--plugin", str(cli),
                    env={"NBTUNNEL_PLUGIN_PATH": os.pathsep.join(map(str, envdirs))})
     assert proc.returncode == 2
-    assert known_managers(proc.stderr) == ["fromcli", "fromenv0", "fromenv1", "fromxdg", "nohup", "screen",
-                                           "slurm", "tmux"]
+    assert known_managers(proc.stderr) == ["fromcli", "fromenv0", "fromenv1", "fromxdg",
+                                           "gridengine", "nohup", "screen", "slurm", "tmux"]
     assert remote.auth_count() == before and "warning" not in proc.stderr
 
 
@@ -268,7 +268,8 @@ def test_broken_plugins_warn_and_the_rest_work(nbt, remote, tmp_path):
     env = {"NBTUNNEL_PLUGIN_PATH": str(d)}
     proc = nbt.run(remote.alias, "--manager", "nosuch", env=env)
     assert proc.returncode == 2
-    assert known_managers(proc.stderr) == ["nohup", "privtmux", "screen", "slurm", "tmux"]
+    assert known_managers(proc.stderr) == ["gridengine", "nohup", "privtmux", "screen", "slurm",
+                                           "tmux"]
     for name in BROKEN:
         assert f"warning: plugin {d / name} failed to load and is skipped" in proc.stderr, name
     assert "boom from plugin" in proc.stderr and "SyntaxError" in proc.stderr
@@ -397,18 +398,22 @@ def test_sshtunnel_missing_package_says_how_to_install(nbt, remote):
 @pytest.mark.noroot
 def test_remote_code_of_plugins_parses_as_python_36():
     import ast
-    import sys
 
     import nbtunnel
 
     nbtunnel.load_plugins(nbtunnel.plugin_files())
-    ast.parse(sys.modules["nbtunnel_plugin_screen"].EXACT, feature_version=(3, 6))
-    nohup = nbtunnel.describe_manager(nbtunnel.get("manager", "nohup"), "x")
+    nohup = nbtunnel.get("manager", "nohup").describe("x")
     assert (nohup["alive"], nohup["stop"]) == ([nbtunnel.R_PIDFILE_ALIVE], [nbtunnel.R_PIDFILE_STOP])
+    programs = 0
     for name in MANAGERS:
-        desc = nbtunnel.describe_manager(nbtunnel.get("manager", name), "x")
+        desc = nbtunnel.get("manager", name).describe("x")
         assert set(desc) >= {"name", "start", "alive", "stop", "log", "detach"}
         assert desc["detach"] is (name == "nohup")
+        for argv in (desc[key] or [] for key in ("alive", "stop", "log")):
+            if argv[:2] == ["@PYTHON@", "-c"]:  # a plugin's function (nbtunnel.remote_call)
+                ast.parse(argv[2], feature_version=(3, 6))
+                programs += 1
+    assert programs == 3  # screen's alive, stop and log
 
 
 @pytest.mark.noroot
@@ -457,3 +462,94 @@ def test_sshtunnel_refuses_a_jump_host_before_connecting(nbt, remote):
     assert proc.returncode == 1
     assert "cannot go through proxyjump" in proc.stderr and "--tunnel ssh" in proc.stderr
     assert remote.auth_count() == before and not jupyter_pids(remote)
+
+
+# The plugin API and the transport contract ####################################
+
+
+def plugin_section(readme: str) -> str:
+    """README's "Plugins" section, up to the next top-level section."""
+    return readme.split("\n## Plugins\n", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.noroot
+def test_readme_plugin_section_names_exactly_the_plugin_api():
+    import nbtunnel
+
+    named = set(re.findall(r"\bnbtunnel\.([A-Za-z_]\w*)", plugin_section((REPO / "README.md").read_text())))
+    named -= {"py", "__all__"}  # the file's name; the list itself
+    assert named == set(nbtunnel.__all__)
+    assert all(hasattr(nbtunnel, name) for name in nbtunnel.__all__)
+
+
+@pytest.mark.noroot
+@pytest.mark.parametrize("path", sorted((REPO / "plugins").glob("[!_]*.py")), ids=lambda p: p.name)
+def test_shipped_plugins_use_only_the_plugin_api(path):
+    import ast
+
+    import nbtunnel
+
+    used = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "nbtunnel"}
+    assert used and used <= set(nbtunnel.__all__), used - set(nbtunnel.__all__)
+
+
+def sshtunnel_plugin():
+    import sys
+
+    import nbtunnel
+
+    nbtunnel.load_plugins([str(REPO / "plugins" / "sshtunnel_backend.py")])
+    return sys.modules["nbtunnel_plugin_sshtunnel_backend"]
+
+
+@pytest.mark.noroot
+def test_the_sshtunnel_connection_implements_the_transport():
+    import nbtunnel
+
+    Transport = nbtunnel.Transport
+    conn = sshtunnel_plugin().ParamikoConnection("h", ["-F", "/dev/null"], 5)
+    assert isinstance(conn, Transport) and isinstance(nbtunnel.Connection("h", [], "k", 5), Transport)
+    methods = {n for n, v in vars(Transport).items() if callable(v) and not n.startswith("_")}
+    assert methods >= {"open", "alive", "pipe", "run_helper", "control", "close", "master_pid", "argv"}
+    for name in methods:
+        assert callable(getattr(conn, name)), name
+    for name in ("open", "alive", "pipe", "close"):  # what the base class leaves to each transport
+        assert getattr(type(conn), name) is not getattr(Transport, name), name
+    assert (conn.host, conn.options, conn.timeout, conn.opened_here) == ("h", ["-F", "/dev/null"], 5, False)
+    assert conn.alive() is False and conn.master_pid() is None and conn.socket is None
+    assert conn.argv("-O", "check") == ["ssh", "-F", "/dev/null", "-O", "check"]
+    with pytest.raises(nbtunnel.Error):
+        conn.control("forward", "-L", "1:127.0.0.1:2")
+    conn.close()  # nothing to close: no error
+
+
+def test_sshtunnel_connection_failures_carry_ssh_kinds(remote, tmp_path, monkeypatch):
+    """paramiko's failures are SshErrors of the kind OpenSSH's are, so that --watch can
+    tell a refusal (stop) from a link that is down (retry): helper and forward alike."""
+    import subprocess
+    import types
+
+    import nbtunnel
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    plugin = sshtunnel_plugin()
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    config = remote.write_ssh_config(tmp_path / "config", "nbt-stranger", IdentityFile=stranger)
+    known = remote.ip if remote.port == 22 else f"[{remote.ip}]:{remote.port}"  # the down port: no key of its own
+    config.write_text(config.read_text() + remote.ssh_config_block(
+        remote.down_alias, Port=remote.down_port, HostKeyAlias=known))
+    cases = [("nbt-stranger", "auth", nbtunnel.SSH_REFUSALS),
+             (remote.down_alias, "unreachable", nbtunnel.SSH_LINK)]
+    for alias, kind, group in cases:
+        conn = plugin.ParamikoConnection(alias, ["-F", str(config)], 10)
+        with pytest.raises(nbtunnel.SshError) as failed:
+            conn.run_helper("status", {"sessions": ["s"]}, 30)
+        assert failed.value.kind == kind and kind in group, failed.value
+        assert alias in str(failed.value) and not conn.alive()
+        ssh_conn = types.SimpleNamespace(host=alias, options=["-F", str(config)], timeout=10)
+        with pytest.raises(nbtunnel.SshError) as failed:
+            plugin.SshtunnelBackend().open(ssh_conn, free_local_port(), "127.0.0.1:9")
+        assert failed.value.kind == kind, failed.value

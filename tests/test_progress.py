@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from helpers import http_get, local_ssh_pids, wait_until
 from unattended import run_in_pty
 
@@ -167,3 +169,26 @@ def test_status_of_one_host_among_several_on_a_terminal(nbt, remote):
     assert "asking 2 hosts" in out, out
     for host in (remote.alias, remote.ip):
         assert nbt.run(host, "--terminate", timeout=180).returncode == 0
+
+
+@pytest.mark.noroot
+def test_a_long_line_is_cut_in_its_text_never_in_its_clock():
+    import nbtunnel
+
+    master, slave = os.openpty()
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+        line = nbtunnel.Progress()
+        line.out, line.started = os.fdopen(os.dup(slave), "w"), time.monotonic()
+        line.texts = ["job 15 PENDING (Resources), expected start 2026-12-03T10:43:20"]
+        text = line._line()
+        line.out.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert len(text) == 39 and text.startswith("nbtunnel: job 15 PENDING")
+    assert text.endswith(" s)") and " (0." in text, text

@@ -117,5 +117,5 @@ def test_ensure_and_terminate_all_sessions(nbt, remote):
     proc = nbt.run("--terminate", "--all")
     assert proc.returncode == 0, proc.stderr
     assert "s1 stopped" in proc.stderr and "s2 stopped" in proc.stderr
-    assert nbt.status() == [] and not jupyter_pids(remote)
+    assert [r["ended"] for r in nbt.status()] == ["terminated"] * 2 and not jupyter_pids(remote)
     assert nbt.run("--status", "--all").returncode == 2  # --all goes with --terminate or --ensure

@@ -160,7 +160,7 @@ def test_watch_sigterm_with_terminate_stops_everything(nbt, remote):
     # `ssh -O exit` and tmux's own exit return before those processes are gone: give them time.
     wait_until(lambda: remote.tmux_sessions() == [], 15, message="tmux session gone")
     wait_until(lambda: not masters(nbt.ssh_config), 15, message="ssh master gone")
-    assert nbt.status() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]
     assert api_status(url, timeout=3) == 0
 
 
@@ -179,7 +179,7 @@ def test_watch_exits_when_shut_down_from_the_browser(nbt, remote):
     wait_until(lambda: not jupyter_pids(remote), 15, message="server gone")
     assert remote.tmux_sessions() == []
     assert not masters(nbt.ssh_config) and not local_port_open(port)
-    assert nbt.status() == []
+    assert [r["ended"] for r in nbt.status()] == ["shutdown"]
 
 
 def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):
@@ -189,7 +189,8 @@ def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):
     code, _, err = finish(proc, None, timeout=60)
     assert code == 0, err
     assert "was terminated" in err
-    assert not masters(nbt.ssh_config) and not jupyter_pids(remote) and nbt.status() == []
+    assert not masters(nbt.ssh_config) and not jupyter_pids(remote)
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]
 
 
 def test_watch_and_ensure_share_the_session(nbt, remote):
@@ -346,14 +347,14 @@ def test_damaged_records_are_not_used(tmp_path):
 
     import nbtunnel
 
-    run = argparse.Namespace(state=str(tmp_path))
+    session = argparse.Namespace(state=str(tmp_path), host="h", name="s")
     path = tmp_path / nbtunnel.record_name("h", "s")
     good = dict(host="h", session="s", token="t", local_port=1, remote_port=2)
     path.write_text(json.dumps(good))
-    assert nbtunnel.fresh_record(run, "h", "s") == good
+    assert nbtunnel.fresh_record(session) == good
     for bad in ["{", "[]", json.dumps(dict(good, local_port="1")), json.dumps(dict(good, host="other")),
                 json.dumps({k: v for k, v in good.items() if k != "token"})]:
         path.write_text(bad)
-        assert nbtunnel.fresh_record(run, "h", "s") is None, bad
+        assert nbtunnel.fresh_record(session) is None, bad
     path.unlink()
-    assert nbtunnel.fresh_record(run, "h", "s") is None
+    assert nbtunnel.fresh_record(session) is None

@@ -6,6 +6,7 @@ import ast
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_shell_line_round_trips_hostile_words_through_sh():
 
 def test_tmux_start_line_is_safe_in_every_shell():
     """The tmux command line holds only placeholders and constant code: same meaning in any shell."""
-    start = nbtunnel.describe_manager(nbtunnel.Tmux(), "s")["start"]
+    start = nbtunnel.Tmux().describe("s")["start"]
     line = start[-1].replace("@PYTHON@", "/usr/bin/python3").replace("@LAUNCH@", "QUJD+/=")
     assert "\\" not in line and "\n" not in line and "$" not in line and "!" not in line
     assert nbtunnel.REMOTE_COMMAND.count("'") == 0 and '"' not in nbtunnel.REMOTE_COMMAND
@@ -148,14 +149,15 @@ def resolved(argv, cfg_text="", records=()):
 
     cfg = configparser.ConfigParser(interpolation=None)
     cfg.read_string(cfg_text)
-    args = nbtunnel.build_parser().parse_args(argv)
-    return nbtunnel.resolve(args, cfg, list(records)), args
+    args = nbtunnel.build_parser().parse_args(argv + ["--state-dir", tempfile.mkdtemp()])
+    session = nbtunnel.resolve(args, cfg, list(records))
+    return session.host, session
 
 
 def test_config_file_values_and_command_line_precedence():
     text = "[DEFAULT]\nhost = h1\ntimeout = 7\n\n[host h1]\nnotebook-dir = ~/work\nsession = s1\n"
     host, args = resolved(["--session", "cli"], text)
-    assert host == "h1" and args.session == "cli" and args.notebook_dir == "~/work" and args.timeout == 7.0
+    assert host == "h1" and args.name == "cli" and args.notebook_dir == "~/work" and args.timeout == 7.0
     with pytest.raises(nbtunnel.UsageError):
         resolved([], "[DEFAULT]\nno-such-key = 1\n")
 
@@ -171,15 +173,71 @@ def test_a_foreground_tunnel_backend_is_not_taken_from_the_record():
     """--terminate of a session once served by --tunnel sshtunnel needs no sshtunnel package."""
     rec = dict(host="h1", session="nbtunnel", options={"tunnel": "sshtunnel", "app": "server"})
     host, args = resolved(["h1", "--terminate"], "", [rec])
-    assert args.app == "server" and args.tunnel != "sshtunnel"
+    assert args.app == "server" and args.tunnel.name != "sshtunnel"
 
 
 def test_record_fills_what_command_line_and_config_leave_open():
     rec = dict(host="h1", session="nbtunnel", options={"notebook_dir": "/data/nb", "app": "server"})
     host, args = resolved(["h1", "--ensure"], "", [rec])
     assert args.notebook_dir == "/data/nb" and args.app == "server"
-    host, args = resolved(["h1", "--ensure", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
+    host, args = resolved(["h1", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
     assert args.app == "lab" and args.notebook_dir == "/cfg"  # command line, then config, then record
+    # A repair repeats the record instead; what differs waits for the next start.
+    host, args = resolved(["h1", "--ensure", "--app", "lab"], "[host h1]\nnotebook-dir = /cfg\n", [rec])
+    assert args.app == "server" and args.notebook_dir == "/data/nb"
+    assert args.pending == {"app": ("lab", "command line"), "notebook_dir": ("/cfg", "config [host h1]")}
+
+
+def test_each_option_says_where_it_came_from():
+    """Command line, then the config section of THAT host (over [DEFAULT]), then the
+    session's record, then the default; another host's section plays no part."""
+    text = ("[DEFAULT]\napp = notebook\n[host h1]\nnotebook-dir = /cfg\njupyter = jcfg\n"
+            "[host h2]\nrc = ~/.h2rc\n")
+    rec = dict(host="h1", session="nbtunnel", options={
+        "notebook_dir": "/rec", "jupyter": "jrec", "rc": "~/.rec", "remote_port": 9999, "app": "server"})
+    host, s = resolved(["h1", "--jupyter", "jcli"], text, [rec])
+    assert (s.jupyter, s.source("jupyter")) == ("jcli", "command line")
+    assert (s.notebook_dir, s.source("notebook_dir")) == ("/cfg", "config [host h1]")
+    assert (s.app, s.source("app")) == ("notebook", "config [DEFAULT]")
+    assert (s.rc, s.source("rc")) == ("~/.rec", "record")
+    assert (s.remote_port, s.source("remote_port")) == (9999, "record")
+    assert (s.setup, s.source("setup")) == (None, "default")
+    assert (s.name, s.source("session"), s.manager.name) == ("nbtunnel", "default", "tmux")
+    assert s.asked(start_only=True) == dict(jupyter="jcli", notebook_dir="/cfg", app="notebook",
+                                            rc="~/.rec", remote_port=9999)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No config file, state and plugins of the user running the tests."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("NBTUNNEL_CONFIG", str(tmp_path / "config.ini"))
+    for name in ("NBTUNNEL_STATE_DIR", "NBTUNNEL_MANAGER", "NBTUNNEL_PLUGIN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def test_state_dir_of_a_host_section_holds_its_records(isolated, capsys):
+    """`state-dir = D` in [host h1] is where h1's sessions are recorded and looked up."""
+    own = isolated / "h1-state"
+    own.mkdir(mode=0o700)
+    nbtunnel.save_record(str(own), dict(
+        host="h1", session="nbtunnel", local_port=4321, options={"notebook_dir": "/recorded"}))
+    (isolated / "config.ini").write_text("[host h1]\nstate-dir = %s\n" % own)
+    assert nbtunnel.main(["h1", "--print-service", "cron"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "--state-dir %s " % own in line and "--notebook-dir /recorded" in line
+    assert "--local-port 4321" in line
+
+
+def test_ensure_leaves_later_runs_free_to_show_progress(isolated):
+    """--ensure turns the progress line off for its own run only (library use, tests)."""
+    state = str(isolated / "state")
+    assert nbtunnel.main(["h", "--ensure", "--manager", "slurm", "--unix-socket",
+                          "--state-dir", state]) == 2  # refused before any ssh
+    assert nbtunnel.main(["h", "--print-nginx", "--local-port", "8080", "--state-dir", state]) == 0
+    assert not nbtunnel.progress.silent
 
 
 @pytest.mark.parametrize("argv,text,words", [
@@ -206,7 +264,7 @@ def test_config_ssh_option_is_one_per_line():
 
 
 def test_option_abbreviations_are_off():
-    with pytest.raises(SystemExit):
+    with pytest.raises(nbtunnel.UsageError):
         nbtunnel.build_parser().parse_args(["h", "--timeou", "5"])  # (--time is Slurm's)
 
 

@@ -37,7 +37,7 @@ from helpers import (
 from intruders import SYSTEM_PYTHON, Account, reap_stale_accounts
 from remotehost import SSHD
 from test_remote import remote_python36  # noqa: F401 - a fixture: python3 on the remote is 3.6
-from unattended import api_status, ensure, finish, jupyter_pids, masters, wait_watched, watch
+from unattended import api_status, ensure, finish, jupyter_pids, masters, wait_logged, wait_watched, watch
 
 SOCK = "--unix-socket"
 
@@ -177,7 +177,7 @@ def test_reattach_status_and_terminate(nbt, remote):
     assert remote.tmux_sessions() == []
     assert not local_port_open(first["local_port"])
     assert masters(nbt.ssh_config) == []
-    assert nbt.status() == []
+    assert [r["ended"] for r in nbt.status()] == ["terminated"]
 
 
 def test_ensure_restarts_a_killed_server_on_a_new_socket(nbt, remote):
@@ -213,9 +213,9 @@ def test_watch_restarts_a_killed_server(nbt, remote):
         return bool(pids) and pids != [old_pid] and api_status(url) == 200
 
     wait_watched(proc, back, 90, "--watch restarted the server")
+    said = wait_logged(proc, "restarted Jupyter", 30)
     code, _, err = finish(proc)
-    assert code == 0, err
-    assert "restarted Jupyter" in err, err
+    assert code == 0, said + err
 
 
 def test_socket_mode_with_python_36_on_the_remote(nbt, remote, remote_python36):  # noqa: F811

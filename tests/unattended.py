@@ -6,6 +6,7 @@ URL checks and process counts live in helpers (and are importable from here too)
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import signal
 import socket
@@ -177,6 +178,21 @@ def wait_watched(proc: subprocess.Popen, fn, timeout: float, message: str) -> No
         proc.send_signal(signal.SIGINT)
         out, errors = proc.communicate(timeout=30)
         raise AssertionError(f"{err}\n--- --watch exit {proc.returncode}, stderr:\n{errors}") from None
+
+
+def wait_logged(proc: subprocess.Popen, text: str, timeout: float) -> str:
+    """Read proc's stderr until a line holds text; return what was read.  A repair
+    says what it did only after the server answers, so a test that saw the URL answer
+    waits here for the line rather than racing it."""
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stderr], [], [], max(0, left))
+        chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""  # unbuffered
+        if not chunk:
+            raise AssertionError(f"--watch never said {text!r}; it said:\n{seen}")
+        seen += chunk.decode()
+    return seen
 
 
 def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: float = 30) -> tuple[int, str, str]:
