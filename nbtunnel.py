@@ -3591,12 +3591,23 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
-def tunnel_listener(conn, tunnel) -> dict:
-    """Which local process holds the tunnel's port: the ssh master, or this process for a
-    backend that forwards in the foreground; recorded so that a later run can prove that
-    the listener on the port is still ours before it sends the token there."""
+def tunnel_listener(conn, tunnel, port=None) -> dict:
+    """Which local process holds the tunnel's PORT: the ssh master, or this process for a
+    backend that forwards in the foreground or a port --watch holds; recorded so that a
+    later run can prove that the listener on the port is still ours before it sends the
+    token there."""
+    if port in WATCHED:
+        return dict(pid=os.getpid(), start=r_pid_start(os.getpid()), watch=True)
     pid = os.getpid() if getattr(tunnel, "foreground", False) else conn.master_pid()
     return dict(pid=pid, start=r_pid_start(pid) if pid else None)
+
+
+def held_by_watch(rec) -> bool:
+    """Is REC's local port held by a --watch of ours in another process (see WatchPort)?
+    It forwards the port itself: a reattach leaves it there."""
+    owner = (rec or {}).get("listener") or {}
+    return isinstance(owner, dict) and owner.get("watch") is True \
+        and owner.get("pid") != os.getpid() and listener_ours(rec)
 
 
 def listener_ours(rec: dict) -> bool:
@@ -3779,7 +3790,8 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
         start = {o.dest for o in session_options() if o.start}
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
-    rec["listener"] = tunnel_listener(conn, tunnel)
+    kept = old and old.get("local_port") == local_port and held_by_watch(old)
+    rec["listener"] = old["listener"] if kept else tunnel_listener(conn, tunnel, local_port)
     return rec
 
 
@@ -4088,19 +4100,16 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
     error = None
     for port in candidates:
         port = port or free_local_port()
-        held = HELD.pop(port, None)  # --watch held the port while the link was down
         try:
-            if held:
-                held.stop_listening()
-            tunnel.open(conn, port, destination)
-            if held:
-                held.hand_over(conn, destination)
+            if port in WATCHED:  # --watch holds it: the new master forwards its connections
+                WATCHED[port].resume(conn.socket, destination)
+            elif old and port == old["local_port"] and held_by_watch(old):
+                pass  # and a running --watch forwards it (a repair there follows a move)
+            else:
+                tunnel.open(conn, port, destination)
             return port
         except Error as e:
             error = e
-        finally:
-            if held:
-                held.close()
     if wanted:
         check_local_port(wanted)  # taken since it was checked (a race): say so plainly
     raise Error("could not open a local port for the tunnel to %s: %s" % (conn.host, error))
@@ -4408,8 +4417,7 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
 def repair(run: Run, conn: Connection, old, params: dict):
     """With the lock held: connect, start or reattach, forward again; (record, lines)."""
     host = run.session.host
-    tunnel_was_up = bool(old) and old["local_port"] not in HELD and conn.alive() \
-        and local_port_open(old["local_port"])  # a port --watch holds is no tunnel
+    tunnel_was_up = bool(old) and conn.alive() and forwarded(old["local_port"])
     conn.open()
     try:
         rec, info = bring_up(run, conn, old, params)
@@ -4451,7 +4459,7 @@ def healthy(session: Session, rec, conn=None) -> bool:
     who bound the port after the server died, so the remote is asked first, over the
     running master (no new login), whether the recorded server still holds it.  A Unix
     socket in a private directory cannot be taken over, so it needs no such question."""
-    if not rec:
+    if not rec or not forwarded(rec["local_port"], listening=False):
         return False
     if not rec.get("remote_socket"):
         conn = conn or session.connection(rec)
@@ -4500,221 +4508,269 @@ def say_ensured(run: Run, results: list) -> None:
                 print(line)
 
 
-class PortHolder:
-    """While --watch repairs a dropped link: the tunnel's local port, held by this process.
+# --watch's own port ###########################################################
+#
+# When the ssh master ends, its forward stops listening, and every connection to the
+# port is refused until a new master forwards it again.  A browser tab counts each
+# refusal against its own reconnection budget and waits longer before the next try
+# (JupyterLab: up to 2**n - 1 seconds, and 10-30 s after a failed look at its kernel),
+# so it stays broken long after the tunnel is back.  Holding the port only once the
+# master has ended leaves a moment in which the tab's first retry is refused.  So
+# --watch binds the local port itself for as long as it runs, and the port never
+# refuses: each connection is handed to the master through its control socket (the
+# request of `ssh -W`, with the connection itself passed as the stdio file
+# descriptors), so ssh moves the bytes exactly as for `ssh -L`.  While no master
+# runs, connections are accepted and wait, unanswered, until the repair is done.
 
-    When the master ends, its forward stops listening and every new connection to the
-    port would be refused at once.  A browser tab counts each refusal against its own
-    reconnection budget and waits longer before each next try (JupyterLab: a random
-    delay of up to 2**n - 1 seconds, 7 tries, then it stops), so the tab would stay
-    broken long after the tunnel is back.  Held connections are accepted and left
-    unanswered until the new master forwards the port again; then each is relayed
-    through that forward.  Only connections made to this process
-    are relayed, and only to the server just proven to be the session's own."""
+MUX_HELLO, MUX_STDIO_FWD, MUX_OPENED = 0x00000001, 0x10000008, 0x80000006
+MUX_VERSION = 4
 
-    LIMIT = 64  # connections held at most; more are refused as before
+
+def mux_packet(*fields) -> bytes:
+    """One message of the ssh control protocol: u32 numbers and length-prefixed strings."""
+    import struct
+
+    body = b"".join(struct.pack(">I", f) if isinstance(f, int)
+                    else struct.pack(">I", len(f)) + f for f in fields)
+    return struct.pack(">I", len(body)) + body
+
+
+def mux_read(sock) -> int:
+    """The type of the next message on the control socket SOCK (its body is dropped)."""
+    import struct
+
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise OSError("the ssh master closed its control socket")
+            data += chunk
+        return data
+
+    size = struct.unpack(">I", exactly(4))[0]
+    if not 4 <= size <= 1 << 16:
+        raise OSError("a malformed message on the ssh control socket")
+    return struct.unpack(">I", exactly(size)[:4])[0]
+
+
+def mux_connect(control_path: str):
+    """A control connection to the master at CONTROL_PATH, past the greeting."""
+    import socket
+
+    ctl = socket.socket(socket.AF_UNIX)
+    try:
+        ctl.settimeout(5)
+        ctl.connect(control_path)
+        ctl.sendall(mux_packet(MUX_HELLO, MUX_VERSION))
+        if mux_read(ctl) != MUX_HELLO:
+            raise OSError("the ssh master did not greet")
+    except OSError:
+        ctl.close()
+        raise
+    return ctl
+
+
+def mux_forward(control_path: str, destination: str, sock):
+    """Ask the master at CONTROL_PATH to connect to DESTINATION ("ADDR:PORT") and carry
+    the connection SOCK there and back; the control connection, which must stay open
+    as long as the forwarded one does (the master closes it when that ends)."""
+    import socket
+    import struct
+
+    host, _, port = destination.rpartition(":")
+    ctl = mux_connect(control_path)
+    try:
+        ctl.sendall(mux_packet(MUX_STDIO_FWD, 1, b"", host.strip("[]").encode(), int(port)))
+        for _ in range(2):  # as stdin and as stdout
+            ctl.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   struct.pack("i", sock.fileno()))])
+    except OSError:
+        ctl.close()
+        raise
+    return ctl
+
+
+class WatchPort:
+    """The tunnel's local port, bound by --watch: see the banner above.
+
+    Connections go through the master only to the destination the last repair proved to
+    be the session's own server; the token is the browser's, nbtunnel never reads it."""
+
+    LIMIT = 64  # connections waiting at most while no master runs; more are refused
 
     def __init__(self, port: int):
         import socket
 
-        self.port, self.held, self.relays = port, [], []
+        self.port, self.route, self.master, self.waiting = port, None, None, []
+        self.lock, self.down = threading.Lock(), threading.Event()
         self.listener = socket.socket()
         # SO_REUSEADDR: the master's old connections may linger in TIME_WAIT on this port.
         # It never lets a bind succeed over another process's live listener.
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.listener.bind(("127.0.0.1", port))
-            self.listener.listen(self.LIMIT)
+            self.listener.listen(128)
         except OSError:
             self.listener.close()
             raise
-        self.listener.settimeout(0.1)
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        """Accept and keep every connection until stop_listening."""
-        while not self.done.is_set():
+        """Hand each connection to the master, or keep it while none runs."""
+        while True:
             try:
                 sock, _ = self.listener.accept()
-            except OSError:  # a timeout, or the listener closed
-                continue
-            if len(self.held) < self.LIMIT:
-                self.held.append(sock)
-            else:
-                sock.close()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._forward, args=(sock, self.route), daemon=True).start()
 
-    def stop_listening(self) -> None:
-        """Let go of the port (the forward takes it next); the held connections stay."""
-        self.done.set()
-        self.thread.join()
-        self.listener.close()
+    def _forward(self, sock, route) -> None:
+        """Pass SOCK to the master of ROUTE and stay until the master is done with it."""
+        if route is None:
+            return self._keep(sock)
+        try:
+            ctl = mux_forward(route[0], route[1], sock)
+        except OSError as e:  # the master has ended
+            log.debug("no ssh master for a connection to local port %d: %s", self.port, e)
+            with self.lock:
+                if self.route is route:
+                    self.route = None
+            self.down.set()
+            return self._keep(sock)
+        sock.close()  # the master has it now
+        with contextlib.suppress(OSError):
+            ctl.settimeout(None)
+            while ctl.recv(1 << 12):
+                pass
+        ctl.close()
 
-    def hand_over(self, conn, destination: str) -> None:
-        """Relay each held connection through the port, now forwarded by the new master.
+    def _keep(self, sock) -> None:
+        """Keep SOCK until a master forwards again (see resume)."""
+        with self.lock:
+            if self.route is None and len(self.waiting) < self.LIMIT:
+                self.waiting.append(sock)
+                return
+            route = self.route
+        if route is None:
+            sock.close()
+        else:
+            self._forward(sock, route)
 
-        Only these few connections (the tab's kernel socket, a poll or two) pass through
-        this process, for as long as each lasts; every new one goes to ssh's own forward."""
-        import socket
+    def _sentinel(self, ctl) -> None:
+        """Wait on CTL, an idle control connection: the master closes it as it ends."""
+        with contextlib.suppress(OSError):
+            while ctl.recv(1 << 12):
+                pass
+        ctl.close()
+        self.lost(ctl)
 
-        held, self.held = self.held, []
-        for sock in held:
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-                upstream.settimeout(None)
-            except OSError as e:
-                log.debug("could not relay a held connection: %s", e)
-                sock.close()
-                continue
-            for src, dst in ((sock, upstream), (upstream, sock)):
-                threading.Thread(target=relay, args=(src, dst), daemon=True).start()
-        if held:
-            log.debug("relaying %d held connection(s) through the new tunnel", len(held))
+    def lost(self, master) -> None:
+        """The master (its idle control connection) has ended: keep new connections,
+        let --watch repair."""
+        with self.lock:
+            if self.master is not master:
+                return  # a newer master forwards already, or the port is closed
+            self.route = self.master = None
+        log.debug("the ssh master ended; local port %d keeps its connections", self.port)
+        self.down.set()
+
+    def resume(self, control_path: str, destination: str) -> None:
+        """Forward through the master at CONTROL_PATH to DESTINATION from now on; the
+        connections kept meanwhile go first."""
+        try:
+            master = mux_connect(control_path)
+            master.settimeout(None)
+        except OSError as e:
+            raise Error("no ssh master at %s to forward local port %d: %s"
+                        % (control_path, self.port, e)) from None
+        route = (control_path, destination)
+        with self.lock:
+            waiting, self.waiting, self.route = self.waiting, [], route
+            old, self.master = self.master, master
+            self.down.clear()
+        if old is not None:
+            old.close()
+        threading.Thread(target=self._sentinel, args=(master,), daemon=True).start()
+        for sock in waiting:
+            threading.Thread(target=self._forward, args=(sock, route), daemon=True).start()
+        if waiting:
+            log.debug("forwarding %d connection(s) kept on local port %d", len(waiting),
+                      self.port)
+
+    @property
+    def forwarded(self) -> bool:
+        """Does a master forward the port now?"""
+        return self.route is not None
 
     def close(self) -> None:
-        """Stop holding: close the port and whatever was not handed over."""
-        if not self.done.is_set():
-            self.stop_listening()
-        for sock in self.held:
+        """Stop listening; close the connections still waiting."""
+        self.listener.close()
+        with self.lock:
+            waiting, self.waiting, self.route = self.waiting, [], None
+            master, self.master = self.master, None
+        for sock in waiting + [master] * bool(master):
             sock.close()
-        self.held = []
 
 
-HELD = {}  # local port -> PortHolder, while --watch repairs that port's tunnel
+WATCHED = {}  # local port -> WatchPort, in --watch
 
 
-def relay(src, dst) -> None:
-    """Copy SRC to DST until either ends; then end both (one direction of a held connection)."""
-    import socket
-
-    try:
-        while True:
-            data = src.recv(1 << 16)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    for sock in (dst, src):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-
-def hold_port(rec: dict, conn, tunnel, tries: int = 5) -> None:
-    """Hold REC's local port in this process while its master is down (see PortHolder);
-    nothing when it is held already, taken by another process, or the backend differs."""
-    port = rec.get("local_port")
-    if port in HELD or getattr(tunnel, "foreground", False) or not isinstance(conn, Connection) \
-            or getattr(tunnel, "name", "") != "ssh":
-        return
-    error = None
-    for _ in range(tries):  # the ended master may need a moment to let go of it
+def watch_port(s: Session, conn, rec: dict):
+    """Take REC's local port over from the master's forward for --watch (see WatchPort);
+    None when it cannot be: another backend, a Unix socket there, or a port taken."""
+    port, dest = rec.get("local_port"), recorded_destination(rec)
+    if port in WATCHED:
+        return WATCHED[port]
+    if s.tunnel.name != "ssh" or not isinstance(conn, Connection) or dest.startswith("/") \
+            or held_by_watch(rec) or not listener_ours(rec):
+        return None
+    with contextlib.suppress(Error):
+        s.tunnel.close(conn, port, dest)
+    for _ in range(50):  # the master has let go of it when `ssh -O cancel` returns
         try:
-            HELD[port] = PortHolder(port)
-            log.debug("holding local port %d until the tunnel is back", port)
-            return
+            WATCHED[port] = held = WatchPort(port)
+            break
         except OSError as e:
             error = e
-            time.sleep(0.1)
-    log.debug("local port %s cannot be held while the link is down: %s", port, error)
-
-
-def drop_held() -> None:
-    """Stop holding ports (a repair ended without forwarding them again); forget the
-    sentinels (a new master needs new ones)."""
-    for port in list(HELD):
-        HELD.pop(port).close()
-    for port in list(SENTINELS):
-        SENTINELS.pop(port).close()  # a new master needs a new one
-
-
-
-
-def master_ended(rec) -> bool:
-    """Has the ssh master that holds REC's forward (its recorded listener) ended?"""
-    owner = (rec or {}).get("listener") or {}
-    pid = owner.get("pid") if isinstance(owner, dict) else None
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
-        return False  # no master to look at: a foreground backend, or a record of old
-    if owner.get("start") is not None:
-        return r_pid_start(pid) != owner["start"]  # also true for a zombie, or a reused pid
+            time.sleep(0.02)
+    else:
+        log.debug("local port %d stays with the ssh master: %s", port, error)
+        with contextlib.suppress(Error):
+            s.tunnel.open(conn, port, dest)
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        pass
-    return False
+        held.resume(conn.socket, dest)
+    except Error as e:
+        log.debug("%s", e)  # the master ended already: the first repair forwards it
+    rec["listener"] = tunnel_listener(conn, s.tunnel, port)
+    save_record(s.state, rec)
+    return held
 
 
-SENTINELS = {}  # local port -> Sentinel of that port's forward
+def unwatch_ports() -> None:
+    """Let go of the ports --watch holds."""
+    for port in list(WATCHED):
+        WATCHED.pop(port).close()
 
 
-class Sentinel:
-    """An idle connection through a tunnel's forward, which carries nothing (no request,
-    no token) and ends the moment the master does.  A thread of its own waits on it and
-    holds the port (see PortHolder) at once: the browser's connections end at the same
-    moment and it retries within milliseconds, and one retry refused then makes
-    JupyterLab wait 10-30 s more."""
-
-    def __init__(self, rec: dict, conn, tunnel):
-        import socket
-
-        self.port, self.closed, self.ended = rec["local_port"], False, threading.Event()
-        self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-        self.sock.settimeout(None)
-        threading.Thread(target=self._wait, args=(rec, conn, tunnel), daemon=True).start()
-
-    def _wait(self, rec, conn, tunnel) -> None:
-        """Block until the connection ends; then take the port if the forward is gone."""
-        with contextlib.suppress(OSError):
-            while self.sock.recv(1 << 12):
-                pass
-        for _ in range(25):  # the forward's listener may close a moment after its connections
-            if self.closed:
-                break
-            hold_port(rec, conn, tunnel, tries=1)
-            if self.port in HELD:
-                log.debug("the tunnel's connection ended; holding local port %d", self.port)
-                break
-            time.sleep(0.002)
-        self.ended.set()
-
-    def close(self) -> None:
-        """Stop watching."""
-        self.closed = True
-        self.sock.close()
+def forwarded(port: int, listening: bool = True) -> bool:
+    """Does a master forward PORT now (a port --watch holds also listens without one)?
+    Not LISTENING: only a port held here is looked at."""
+    if port in WATCHED:
+        return WATCHED[port].forwarded
+    return local_port_open(port) if listening else True
 
 
-def sentinel(rec: dict, conn, tunnel):
-    """The Sentinel of REC's tunnel, made when the port is proven ours; else None."""
-    port = rec.get("local_port")
-    if port not in SENTINELS and not getattr(tunnel, "foreground", False) and listener_ours(rec):
-        with contextlib.suppress(OSError):
-            SENTINELS[port] = Sentinel(rec, conn, tunnel)
-    return SENTINELS.get(port)
-
-
-def wait_watching(rec, seconds: float, conn, tunnel) -> None:
-    """Sleep SECONDS, or less: return as soon as the master of REC's tunnel has ended.
-
-    The master ends when its connection drops, or stalls for as long as its ServerAlive
-    settings allow; its Sentinel notices at once, a look at /proc ten times a second
-    backs that up."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if master_ended(rec) or rec.get("local_port") in HELD:
-            return
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        watched = sentinel(rec, conn, tunnel)
-        if watched is None:
-            time.sleep(min(0.1, left))
-        elif watched.ended.wait(min(0.1, left)):
-            SENTINELS.pop(watched.port, None)
-            watched.close()
+def wait_watching(rec, seconds: float) -> None:
+    """Sleep SECONDS, or less: return as soon as the master of REC's tunnel has ended
+    (its control socket closes when its connection drops, or stalls for as long as its
+    ServerAlive settings allow)."""
+    held = WATCHED.get(rec.get("local_port"))
+    if held is None:
+        time.sleep(seconds)
+    else:
+        held.down.wait(seconds)
 
 
 def link_failure(conn: Connection, err: Error) -> bool:
@@ -4737,8 +4793,7 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
         return rec, []  # another run repaired it meanwhile
     if not conn.alive():
         log.warning("the connection to %s is down; reconnecting", host)
-    tunnel_was_up = rec["local_port"] not in HELD and conn.alive() \
-        and local_port_open(rec["local_port"])  # a port --watch holds is no tunnel
+    tunnel_was_up = conn.alive() and forwarded(rec["local_port"])
     conn.open()
     state = conn.run_helper("status", s.params(sessions=[session]),
                             timeout=min(s.timeout, 15))[0]
@@ -4761,18 +4816,15 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
 def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     """Check every --interval seconds, repair with backoff; return once the server is shut down."""
     s = run.session
-    tunnel = s.tunnel
     failures = 0
     while True:
         if failures:
             time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
         else:
-            wait_watching(rec, s.interval, conn, tunnel)
+            wait_watching(rec, s.interval)
         current = fresh_record(s)
-        if master_ended(current or rec):
-            hold_port(current or rec, conn, tunnel)  # the tab's reconnections wait, not fail
-        if (current or rec).get("local_port") in HELD:
-            pass  # the forward is gone: repair at once
+        if not forwarded((current or rec)["local_port"]):
+            pass  # the master has ended: repair at once
         elif healthy(s, current, conn):
             rec, failures = current, 0
             continue
@@ -4786,7 +4838,6 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
             log.warning("%s; trying again in %ds", str(e).splitlines()[0],
                         min(BACKOFF_MAX, 2 ** (failures - 1)))
             continue
-        drop_held()  # forwarded again by now, unless the tunnel had to move
         if result is None:
             return
         rec, lines = result
@@ -4816,6 +4867,8 @@ def cmd_watch(run: Run) -> int:
             log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
                                             str(e).rsplit(": ", 1)[-1])[1][0])
         return 0
+    with locked(s.state, host, session):
+        watch_port(s, conn, rec)  # before the URL is out: from now on no connection is refused
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
     if not info["reused"]:
@@ -4833,7 +4886,7 @@ def cmd_watch(run: Run) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        drop_held()
+        unwatch_ports()
     if args.terminate:
         s.records = load_records(s.state)
         say_terminated(run, [terminate_session(run)])
