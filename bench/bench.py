@@ -588,6 +588,9 @@ class Bench:
             tunnels[(link, "nbtunnel")] = "http://" + urllib.parse.urlsplit(url).netloc
             port, _ = self.open_plain_forward(alias, remote_port)
             tunnels[(link, "ssh -L")] = "http://127.0.0.1:%d" % port
+            url = self.start_foreground_to_200(alias, self.tmp / ("state-watch-" + link),
+                                               "--watch")  # it holds its own local port
+            tunnels[(link, "nbtunnel --watch")] = "http://" + urllib.parse.urlsplit(url).netloc
             if has_plugin:
                 url = self.start_foreground_to_200(alias, self.tmp / ("state-st-" + link),
                                                    "--tunnel", "sshtunnel")
@@ -708,7 +711,9 @@ class Bench:
             say("open-tab figures skipped: " + labtab.missing())
             return None
         before = self.args.tab_before
-        if not before:
+        if before == "none":
+            before = None
+        elif not before:
             text = subprocess.run(["git", "-C", str(REPO), "show", "main:nbtunnel.py"],
                                   capture_output=True, text=True)
             if text.returncode != 0:
@@ -734,6 +739,11 @@ class Bench:
         tab = self.tab() if self.args.tab else None
         if self.args.only_tab:
             return dict(tab=tab)
+        if self.args.only_throughput:
+            thr = self.throughput()
+            return dict(throughput=dict(
+                thr, mib_per_s={k: summary(v) for k, v in thr["mib_per_s"].items()},
+                first_byte={k: summary(v) for k, v in thr["first_byte"].items()}))
         helps, bare = self.help_time(max(10, self.args.runs))
         master = self.over_master(max(5, self.args.runs))
         t_life = time.perf_counter()
@@ -794,6 +804,11 @@ def ms(x) -> str:
     return "%.0f ms" % (x * 1000)
 
 
+def verdict(ok) -> str:
+    """The "holds" cell."""
+    return "yes" if ok else "**no**"
+
+
 def table(res: dict) -> str:
     """The markdown table."""
     rows = []
@@ -808,8 +823,6 @@ def table(res: dict) -> str:
             rows.append((label, ms(s["median"]), ms(s["min"]), ms(s["max"]), target, ratio,
                          holds))
 
-    def verdict(ok):
-        return "yes" if ok else "**no**"
 
     timing("plain `ssh HOST true` (one handshake)", life["handshake"])
     timing("command over an open master (`ssh -S … true`)", res["over_master"])
@@ -866,28 +879,7 @@ def table(res: dict) -> str:
             ok = ok and (most is None or max(values) <= most)
     rows.append(("SSH authentications per command (max over runs)", ", ".join(auth_parts), "",
                  "", "≤ 1 (per host)", "", verdict(ok)))
-    thr = res.get("throughput")
-    if thr:
-        for link in ("delay", "direct"):
-            plain = thr["mib_per_s"].get("%s|ssh -L" % link)
-            for kind in ("nbtunnel", "ssh -L", "nbtunnel --tunnel sshtunnel", "sshtunnel package"):
-                s = thr["mib_per_s"].get("%s|%s" % (link, kind))
-                label = "throughput %d MiB, %s, %s" % (
-                    thr["size_mib"], "50 ms link" if link == "delay" else "no delay", kind)
-                if s is None:
-                    if kind == "nbtunnel --tunnel sshtunnel":
-                        rows.append((label, "n/a (not implemented)", "", "", "", "", ""))
-                    continue
-                cells = ("%.1f MiB/s" % s["median"], "%.1f" % s["min"], "%.1f" % s["max"])
-                if kind == "ssh -L":
-                    rows.append((label, *cells, "", "", ""))
-                elif kind != "nbtunnel":  # paramiko-based: for comparison, no target
-                    r = s["median"] / plain["median"]
-                    rows.append((label, *cells, "(reference)", "%.2f ×" % r, ""))
-                else:
-                    r = s["median"] / plain["median"]
-                    rows.append((label, *cells, "≥ 0.95 × ssh -L", "%.2f ×" % r,
-                                 verdict(r >= 0.95)))
+    rows += throughput_rows(res)
     h = res["help"]
     rows.append(("`python3 nbtunnel.py --help`", ms(h["median"]), ms(h["min"]), ms(h["max"]),
                  "< 60 ms", "", verdict(h["median"] < 0.060)))
@@ -907,6 +899,35 @@ def table(res: dict) -> str:
                      m["python_version"] + " (" + m["python"] + ")", m["date"],
                      res["total_seconds"], res["phase_seconds"]["throughput"]))
     return "\n".join(lines)
+
+
+def throughput_rows(res: dict) -> list:
+    """Rows of the downloads through each tunnel."""
+    rows = []
+    thr = res.get("throughput")
+    if thr:
+        for link in ("delay", "direct"):
+            plain = thr["mib_per_s"].get("%s|ssh -L" % link)
+            for kind in ("nbtunnel", "nbtunnel --watch", "ssh -L", "nbtunnel --tunnel sshtunnel",
+                         "sshtunnel package"):
+                s = thr["mib_per_s"].get("%s|%s" % (link, kind))
+                label = "throughput %d MiB, %s, %s" % (
+                    thr["size_mib"], "50 ms link" if link == "delay" else "no delay", kind)
+                if s is None:
+                    if kind == "nbtunnel --tunnel sshtunnel":
+                        rows.append((label, "n/a (not implemented)", "", "", "", "", ""))
+                    continue
+                cells = ("%.1f MiB/s" % s["median"], "%.1f" % s["min"], "%.1f" % s["max"])
+                if kind == "ssh -L":
+                    rows.append((label, *cells, "", "", ""))
+                elif kind not in ("nbtunnel", "nbtunnel --watch"):  # paramiko: no target
+                    r = s["median"] / plain["median"]
+                    rows.append((label, *cells, "(reference)", "%.2f ×" % r, ""))
+                else:
+                    r = s["median"] / plain["median"]
+                    rows.append((label, *cells, "≥ 0.95 × ssh -L", "%.2f ×" % r,
+                                 verdict(r >= 0.95)))
+    return rows
 
 
 def tab_rows(res: dict) -> list:
@@ -987,8 +1008,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-tab", dest="tab", action="store_false",
                    help="skip the open JupyterLab tab through a cut link")
     p.add_argument("--tab-before", metavar="FILE",
-                   help="the nbtunnel.py to compare with there (default: branch main's)")
+                   help="the nbtunnel.py to compare with there (default: branch main's; "
+                        "none: no comparison)")
     p.add_argument("--only-tab", action="store_true", help="measure only the open tab")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="measure only the downloads through each tunnel")
     args = p.parse_args(argv)
     args.argv = argv
     if os.geteuid() != 0:
@@ -1014,10 +1038,11 @@ def main(argv=None) -> int:
         return 130
     finally:
         bench.teardown()
-    if args.only_tab:
+    if args.only_tab or args.only_throughput:
         head = ("figure", "median", "min", "max", "target", "ratio", "holds")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in tab_rows(res)]))
+        rows = tab_rows(res) if args.only_tab else throughput_rows(res)
+        print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
         return 0
     text = table(res)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
