@@ -4762,15 +4762,25 @@ def forwarded(port: int, listening: bool = True) -> bool:
     return local_port_open(port) if listening else True
 
 
-def wait_watching(rec, seconds: float) -> None:
-    """Sleep SECONDS, or less: return as soon as the master of REC's tunnel has ended
-    (its control socket closes when its connection drops, or stalls for as long as its
-    ServerAlive settings allow)."""
+def wait_watching(rec, seconds: float, conn) -> None:
+    """Sleep SECONDS, or less: return as soon as the ssh master of REC's tunnel has ended.
+    An idle connection to its control socket closes the moment it ends (its connection
+    dropped, or stalled for as long as its ServerAlive settings allow)."""
     held = WATCHED.get(rec.get("local_port"))
-    if held is None:
-        time.sleep(seconds)
-    else:
+    if held is not None:
         held.down.wait(seconds)
+        return
+    try:
+        ctl = mux_connect(conn.socket) if isinstance(conn, Connection) else None
+    except OSError:
+        return  # no master: repair now
+    if ctl is None:
+        time.sleep(seconds)
+        return
+    with contextlib.suppress(OSError):  # the master closed it, or the time is up
+        ctl.settimeout(seconds)
+        ctl.recv(1)
+    ctl.close()
 
 
 def link_failure(conn: Connection, err: Error) -> bool:
@@ -4821,7 +4831,7 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
         if failures:
             time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
         else:
-            wait_watching(rec, s.interval)
+            wait_watching(rec, s.interval, conn)
         current = fresh_record(s)
         if not forwarded((current or rec)["local_port"]):
             pass  # the master has ended: repair at once
