@@ -19,6 +19,17 @@ answers with where it listens and its token as JSON.  The tunnel is a forward ad
 to that same master connection, which stays in the background until ``--terminate``.
 The token goes only to a listener proven to be the session's own.
 
+Contents, top to bottom (each a "# Name ####" banner; the remote side's parts are
+"# Name ----" banners):
+    Constants, Pure helpers, Settings (options, config file, Session);
+    Remote side: Files, Proofs: what is ours, Processes, Login environment,
+        Jupyter servers, Unix sockets, Session managers, Batch jobs, Operations;
+    Wire format, Plugins, Progress line, Running ssh, State,
+    Proofs: what is ours (this machine's side), Actions,
+    Unattended: ensure and watch, --watch's own port, Service files and nginx,
+    Command line.
+A reviewer of the security rules reads the two "Proofs: what is ours" sections.
+
 Compatibility promise: this one file, with Python 3.8+ on Linux or macOS and the
 system ``ssh``, is a complete install; the remote needs a POSIX system with Python
 3.6+, Jupyter and the session manager.  The command line, output and exit codes
@@ -505,7 +516,6 @@ TUNNEL_OPTIONS = [
 RUN_KEYS = ("session", "state-dir", "plugin", "nginx-listen")
 
 
-
 def config_path(args):
     """The config file to read and whether it must exist (it must when named by --config)."""
     if args.config:
@@ -871,27 +881,6 @@ def r_own_source():
 
 # Files ----------------------------------------------------------------------
 
-def r_dir_problem(path, others=0o077):
-    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
-    no one else may enter it), or None."""
-    import stat
-
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return "cannot be examined (%s)" % (e.strerror or e)
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.geteuid():
-        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
-    if st.st_mode & others:
-        return "is %s by group or others (mode %04o)" % (
-            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
-    return None
-
-
 def r_state_dir():
     """The private directory of nbtunnel's remote files, made 0700 on first use.  One that
     is a symlink, not this user's or writable by others is refused, never repaired: what
@@ -1023,7 +1012,37 @@ class RemoteLock:
         os.close(self.fd)
 
 
-# Processes ------------------------------------------------------------------
+# Proofs: what is ours -------------------------------------------------------
+#
+# A login node is shared with users who can bind a port the moment it is freed,
+# get a reused pid, plant a symlink or a socket, and read ps.  So nothing here is
+# trusted by name: a directory or file is ours when lstat says so (no symlink, our
+# uid, no access for others); a process when its pid, uid and start time all match
+# what was recorded; a port or socket when the listening socket is one of that
+# process's own open files.  Only a server proven by r_held is ever sent its token.
+# The local side uses r_dir_problem, r_pid_start, r_tcp_listeners and r_pid_sockets
+# for the same proofs on this machine (see "Proofs: what is ours" there).
+
+def r_dir_problem(path, others=0o077):
+    """Why PATH is not a directory of this user, without the mode bits OTHERS (by default:
+    no one else may enter it), or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return "cannot be examined (%s)" % (e.strerror or e)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return "belongs to uid %d, not to you (uid %d)" % (st.st_uid, os.geteuid())
+    if st.st_mode & others:
+        return "is %s by group or others (mode %04o)" % (
+            "writable" if others == 0o022 else "open", stat.S_IMODE(st.st_mode))
+    return None
+
 
 def r_pid_alive(pid):
     """True while PID is a live process that this user may signal (a zombie is dead, and so
@@ -1042,18 +1061,6 @@ def r_pid_alive(pid):
     except OSError:
         pass
     return True
-
-
-def r_pid_is_jupyter(pid):
-    """True while PID is alive and its command line names Jupyter."""
-    if not r_pid_alive(pid):
-        return False
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return b"jupyter" in f.read()
-    except OSError:  # no /proc: ask ps
-        args = r_run(["ps", "-p", str(pid), "-o", "args="], timeout=10)[1]
-        return "jupyter" in args
 
 
 def r_pid_start(pid):
@@ -1084,6 +1091,109 @@ def r_pid_is_ours(pid, start):
     if start is None:  # recorded by an older nbtunnel: the command line must name Jupyter
         return r_pid_is_jupyter(pid)
     return r_pid_start(pid) == start
+
+
+def r_held(info):
+    """Is the server INFO proven to be what listens where it says (port or socket)?"""
+    if info.get("sock"):
+        return r_sock_held_by(info["sock"], info["pid"])
+    return r_port_held_by(info["port"], info["pid"])
+
+
+def r_tcp_listeners():
+    """The TCP sockets listening in this network namespace (IPv4 and IPv6), as {inode:
+    port}, or None without /proc/net/tcp."""
+    found, tables = {}, 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":  # 0A: LISTEN
+                found[fields[9]] = int(fields[1].rpartition(":")[2], 16)
+    return found if tables else None
+
+
+def r_pid_sockets(pid):
+    """Inodes of the sockets among the open files of PID (empty when they cannot be read)."""
+    fds, found = "/proc/%s/fd" % pid, set()
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(fds, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def r_port_held_by(port, pid):
+    """True when a socket listening on PORT is one of PID's open files: only then may a
+    request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
+    proven and is taken as true: there only the pid checks protect the token."""
+    listeners = r_tcp_listeners()
+    if listeners is None:
+        return True
+    return any(listeners.get(inode) == port for inode in r_pid_sockets(pid))
+
+
+def r_unix_listen_inodes(path):
+    """Inodes of the Unix sockets listening on PATH in this network namespace, or None
+    without /proc/net/unix."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        fields = line.split(None, 7)
+        # Flags 00010000: __SO_ACCEPTCON, a listening socket
+        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            found.add(fields[6])
+    return found
+
+
+def r_sock_held_by(path, pid):
+    """True when PATH is a Unix socket of ours, mode 0600, in a directory of ours that no
+    one else may enter, and PID listens on it: only then may a request to it carry that
+    server's token.  Without /proc the file checks decide alone (no one else can make a
+    socket in that directory)."""
+    import stat
+
+    try:
+        st, dst = os.lstat(path), os.lstat(os.path.dirname(path))
+    except (OSError, TypeError):
+        return False
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or \
+            stat.S_IMODE(st.st_mode) != 0o600:
+        return False
+    if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.getuid() or dst.st_mode & 0o077:
+        return False
+    inodes = r_unix_listen_inodes(path)
+    return True if inodes is None else bool(inodes and inodes & r_pid_sockets(pid))
+
+
+# Processes ------------------------------------------------------------------
+
+def r_pid_is_jupyter(pid):
+    """True while PID is alive and its command line names Jupyter."""
+    if not r_pid_alive(pid):
+        return False
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return b"jupyter" in f.read()
+    except OSError:  # no /proc: ask ps
+        args = r_run(["ps", "-p", str(pid), "-o", "args="], timeout=10)[1]
+        return "jupyter" in args
 
 
 def r_wait_dead(pid, timeout):
@@ -1312,13 +1422,6 @@ def r_probe(session):
     return info
 
 
-def r_held(info):
-    """Is the server INFO proven to be what listens where it says (port or socket)?"""
-    if info.get("sock"):
-        return r_sock_held_by(info["sock"], info["pid"])
-    return r_port_held_by(info["port"], info["pid"])
-
-
 def r_where(info):
     """Where the server INFO listens, in words."""
     return "socket %s" % info["sock"] if info.get("sock") else "port %d" % info["port"]
@@ -1329,51 +1432,6 @@ def r_api(info, path, method="GET", timeout=5):
     a compute node) or its socket."""
     return r_http(info["port"], info["base_url"], path, info["token"], method=method,
                   timeout=timeout, sock=info.get("sock"), host=info.get("address"))
-
-
-def r_tcp_listeners():
-    """The TCP sockets listening in this network namespace (IPv4 and IPv6), as {inode:
-    port}, or None without /proc/net/tcp."""
-    found, tables = {}, 0
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        tables += 1
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A":  # 0A: LISTEN
-                found[fields[9]] = int(fields[1].rpartition(":")[2], 16)
-    return found if tables else None
-
-
-def r_pid_sockets(pid):
-    """Inodes of the sockets among the open files of PID (empty when they cannot be read)."""
-    fds, found = "/proc/%s/fd" % pid, set()
-    try:
-        names = os.listdir(fds)
-    except OSError:
-        return found
-    for name in names:
-        try:
-            target = os.readlink(os.path.join(fds, name))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(target[8:-1])
-    return found
-
-
-def r_port_held_by(port, pid):
-    """True when a socket listening on PORT is one of PID's open files: only then may a
-    request to PORT carry that server's token.  Without /proc (not Linux) it cannot be
-    proven and is taken as true: there only the pid checks protect the token."""
-    listeners = r_tcp_listeners()
-    if listeners is None:
-        return True
-    return any(listeners.get(inode) == port for inode in r_pid_sockets(pid))
 
 
 # Unix sockets (--unix-socket) -----------------------------------------------
@@ -1422,43 +1480,6 @@ def r_socket_path(session, limit):
                          % (session, "; ".join(problems), limit))
     raise RemoteFail("socket-path", "no private directory for the Unix socket of session %s: "
                      "%s; or run without --unix-socket" % (session, "; ".join(problems)))
-
-
-def r_unix_listen_inodes(path):
-    """Inodes of the Unix sockets listening on PATH in this network namespace, or None
-    without /proc/net/unix."""
-    try:
-        with open("/proc/net/unix") as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return None
-    found = set()
-    for line in lines:
-        fields = line.split(None, 7)
-        # Flags 00010000: __SO_ACCEPTCON, a listening socket
-        if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-            found.add(fields[6])
-    return found
-
-
-def r_sock_held_by(path, pid):
-    """True when PATH is a Unix socket of ours, mode 0600, in a directory of ours that no
-    one else may enter, and PID listens on it: only then may a request to it carry that
-    server's token.  Without /proc the file checks decide alone (no one else can make a
-    socket in that directory)."""
-    import stat
-
-    try:
-        st, dst = os.lstat(path), os.lstat(os.path.dirname(path))
-    except (OSError, TypeError):
-        return False
-    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid() or \
-            stat.S_IMODE(st.st_mode) != 0o600:
-        return False
-    if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != os.getuid() or dst.st_mode & 0o077:
-        return False
-    inodes = r_unix_listen_inodes(path)
-    return True if inodes is None else bool(inodes and inodes & r_pid_sockets(pid))
 
 
 def r_remove_socket(path):
@@ -3131,12 +3152,6 @@ def ssh_error(host: str, kind: str, detail="") -> SshError:
 CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
 
 
-def private_dir_problem(path: str):
-    """Why PATH is not a private directory of ours (None when it is: a real directory,
-    not a symlink, owned by us, writable by nobody else); the remote side's own check."""
-    return r_dir_problem(path, 0o022)
-
-
 def control_dir_candidates() -> list:
     """Where control sockets may live, in order: the runtime dir, then names in the
     temporary directory derived from the uid, so later runs (cron too) find the same one."""
@@ -3589,6 +3604,21 @@ def free_local_port() -> int:
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Proofs: what is ours #######################################################
+#
+# The local side of the same rule: the token goes only to a listener proven ours.
+# Another local user may bind the tunnel's port the moment ssh lets go of it, so a
+# listener is ours when its pid, start time and uid match the recorded one and the
+# port is among that process's own sockets (the remote section's functions read
+# /proc the same way on both sides).  Directories for control sockets are ours when
+# r_dir_problem finds nothing wrong with them.
+
+def private_dir_problem(path: str):
+    """Why PATH is not a private directory of ours (None when it is: a real directory,
+    not a symlink, owned by us, writable by nobody else); the remote side's own check."""
+    return r_dir_problem(path, 0o022)
 
 
 def tunnel_listener(conn, tunnel, port=None) -> dict:
@@ -4508,6 +4538,129 @@ def say_ensured(run: Run, results: list) -> None:
                 print(line)
 
 
+def link_failure(conn: Connection, err: Error) -> bool:
+    """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
+    if err.kind in SSH_REFUSALS:
+        return False
+    if err.kind == "no-answer":
+        conn.close()  # a hung link: drop the master so that the next try reconnects
+    if err.kind in SSH_LINK + ("not-answering",):
+        return True  # the link is down, or the server is there but slow: look again later
+    return not conn.alive()
+
+
+def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
+    """With the lock held: find out what broke and repair it; (record, lines), or None
+    when the server was shut down on purpose (File > Shut Down, or --terminate)."""
+    s = run.session
+    host, session = s.host, s.name
+    if healthy(s, rec, conn):
+        return rec, []  # another run repaired it meanwhile
+    if not conn.alive():
+        log.warning("the connection to %s is down; reconnecting", host)
+    tunnel_was_up = conn.alive() and forwarded(rec["local_port"])
+    conn.open()
+    state = conn.run_helper("status", s.params(sessions=[session]),
+                            timeout=min(s.timeout, 15))[0]
+    if state["server"] != "running" and state.get("ended") != "died":
+        log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
+                 "shut down" if state.get("ended") == "shutdown" else "terminated")
+        close_tunnel(s, conn, rec)
+        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
+                   else "terminated")
+        return None
+    new, lines = repair(run, conn, rec, params)
+    if new.get("ended"):
+        log.info("%s", lines[0])
+        return None
+    if tunnel_was_up and not lines and state["server"] == "running":
+        lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
+    return new, lines
+
+
+def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
+    """Check every --interval seconds, repair with backoff; return once the server is shut down."""
+    s = run.session
+    failures = 0
+    while True:
+        if failures:
+            time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
+        else:
+            wait_watching(rec, s.interval, conn)
+        current = fresh_record(s)
+        if not forwarded((current or rec)["local_port"]):
+            pass  # the master has ended: repair at once
+        elif healthy(s, current, conn):
+            rec, failures = current, 0
+            continue
+        try:
+            with locked(s.state, s.host, s.name):
+                result = watch_repair(run, conn, fresh_record(s) or rec, params)
+        except Error as e:
+            if not link_failure(conn, e):
+                raise
+            failures += 1
+            log.warning("%s; trying again in %ds", str(e).splitlines()[0],
+                        min(BACKOFF_MAX, 2 ** (failures - 1)))
+            continue
+        if result is None:
+            return
+        rec, lines = result
+        for line in lines:
+            log.info("%s", line)
+        failures = 0
+
+
+def cmd_watch(run: Run) -> int:
+    """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
+    args, s = run.args, run.session
+    host, session = s.host, s.name
+    ended = ended_record(s)
+    if ended:
+        log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
+                 host, session, ENDED.get(ended["ended"], ended["ended"]),
+                 start_again(host, session))
+        return 0
+    params = dict(start_params(run), repair=fresh_record(s) is not None)
+    try:
+        conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
+    except Error as e:
+        if e.kind != "ended":
+            raise
+        with locked(s.state, host, session):
+            conn = s.connection(fresh_record(s))
+            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
+                                            str(e).rsplit(": ", 1)[-1])[1][0])
+        return 0
+    with locked(s.state, host, session):
+        watch_port(s, conn, rec)  # before the URL is out: from now on no connection is refused
+    print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
+          flush=True)
+    if not info["reused"]:
+        log.info("started Jupyter on %s (session %s, %s, %s) at local port %d", host, session,
+                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
+                 else "remote port %d" % info["port"], rec["local_port"])
+    log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
+             session, s.interval, " and stops the server" if args.terminate else "")
+    s.no_prompt = conn.no_prompt = True
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        watch_loop(run, conn, rec, dict(params, repair=True))
+        return 0  # the server was shut down: nothing left to watch
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        unwatch_ports()
+    if args.terminate:
+        s.records = load_records(s.state)
+        say_terminated(run, [terminate_session(run)])
+        return 0
+    close_tunnel(s, conn, fresh_record(s) or rec)
+    log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
+    return 0
+
+
 # --watch's own port ###########################################################
 #
 # When the ssh master ends, its forward stops listening, and every connection to the
@@ -4781,129 +4934,6 @@ def wait_watching(rec, seconds: float, conn) -> None:
         ctl.settimeout(seconds)
         ctl.recv(1)
     ctl.close()
-
-
-def link_failure(conn: Connection, err: Error) -> bool:
-    """Was ERR the link failing (worth retrying), not a refusal or a broken server?"""
-    if err.kind in SSH_REFUSALS:
-        return False
-    if err.kind == "no-answer":
-        conn.close()  # a hung link: drop the master so that the next try reconnects
-    if err.kind in SSH_LINK + ("not-answering",):
-        return True  # the link is down, or the server is there but slow: look again later
-    return not conn.alive()
-
-
-def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
-    """With the lock held: find out what broke and repair it; (record, lines), or None
-    when the server was shut down on purpose (File > Shut Down, or --terminate)."""
-    s = run.session
-    host, session = s.host, s.name
-    if healthy(s, rec, conn):
-        return rec, []  # another run repaired it meanwhile
-    if not conn.alive():
-        log.warning("the connection to %s is down; reconnecting", host)
-    tunnel_was_up = conn.alive() and forwarded(rec["local_port"])
-    conn.open()
-    state = conn.run_helper("status", s.params(sessions=[session]),
-                            timeout=min(s.timeout, 15))[0]
-    if state["server"] != "running" and state.get("ended") != "died":
-        log.info("Jupyter on %s (session %s) was %s; closing the tunnel", host, session,
-                 "shut down" if state.get("ended") == "shutdown" else "terminated")
-        close_tunnel(s, conn, rec)
-        save_ended(s.state, host, session, "shutdown" if state.get("ended") == "shutdown"
-                   else "terminated")
-        return None
-    new, lines = repair(run, conn, rec, params)
-    if new.get("ended"):
-        log.info("%s", lines[0])
-        return None
-    if tunnel_was_up and not lines and state["server"] == "running":
-        lines = ["the tunnel to %s (session %s) answers again" % (host, session)]
-    return new, lines
-
-
-def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
-    """Check every --interval seconds, repair with backoff; return once the server is shut down."""
-    s = run.session
-    failures = 0
-    while True:
-        if failures:
-            time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
-        else:
-            wait_watching(rec, s.interval, conn)
-        current = fresh_record(s)
-        if not forwarded((current or rec)["local_port"]):
-            pass  # the master has ended: repair at once
-        elif healthy(s, current, conn):
-            rec, failures = current, 0
-            continue
-        try:
-            with locked(s.state, s.host, s.name):
-                result = watch_repair(run, conn, fresh_record(s) or rec, params)
-        except Error as e:
-            if not link_failure(conn, e):
-                raise
-            failures += 1
-            log.warning("%s; trying again in %ds", str(e).splitlines()[0],
-                        min(BACKOFF_MAX, 2 ** (failures - 1)))
-            continue
-        if result is None:
-            return
-        rec, lines = result
-        for line in lines:
-            log.info("%s", line)
-        failures = 0
-
-
-def cmd_watch(run: Run) -> int:
-    """Start or reattach, then keep server and tunnel healthy until Ctrl-C, SIGTERM or shutdown."""
-    args, s = run.args, run.session
-    host, session = s.host, s.name
-    ended = ended_record(s)
-    if ended:
-        log.info("Jupyter on %s (session %s) was %s; not starting it again (start it with: %s)",
-                 host, session, ENDED.get(ended["ended"], ended["ended"]),
-                 start_again(host, session))
-        return 0
-    params = dict(start_params(run), repair=fresh_record(s) is not None)
-    try:
-        conn, rec, info = attach(run, params)  # may prompt on a terminal; reconnections never
-    except Error as e:
-        if e.kind != "ended":
-            raise
-        with locked(s.state, host, session):
-            conn = s.connection(fresh_record(s))
-            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
-                                            str(e).rsplit(": ", 1)[-1])[1][0])
-        return 0
-    with locked(s.state, host, session):
-        watch_port(s, conn, rec)  # before the URL is out: from now on no connection is refused
-    print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
-          flush=True)
-    if not info["reused"]:
-        log.info("started Jupyter on %s (session %s, %s, %s) at local port %d", host, session,
-                 rec["manager"], "socket %s" % info["sock"] if info.get("sock")
-                 else "remote port %d" % info["port"], rec["local_port"])
-    log.info("watching Jupyter on %s (session %s) every %gs; Ctrl-C closes the tunnel%s", host,
-             session, s.interval, " and stops the server" if args.terminate else "")
-    s.no_prompt = conn.no_prompt = True
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        watch_loop(run, conn, rec, dict(params, repair=True))
-        return 0  # the server was shut down: nothing left to watch
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        unwatch_ports()
-    if args.terminate:
-        s.records = load_records(s.state)
-        say_terminated(run, [terminate_session(run)])
-        return 0
-    close_tunnel(s, conn, fresh_record(s) or rec)
-    log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
-    return 0
 
 
 # Service files and nginx #####################################################

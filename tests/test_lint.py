@@ -84,3 +84,22 @@ def test_the_configuration_reports_what_it_selects(tmp_path):
         assert {"I001", "F401", "B006", "W291", "E501"} <= codes, (config, found)
         rows = [item["location"]["row"] for item in found if item["code"] == "E501"]
         assert rows == long_rows, (config, found)
+
+
+def test_the_module_docstring_lists_every_section_in_order():
+    """The table of contents in nbtunnel.py's docstring names each banner, in file order."""
+    import re
+
+    import nbtunnel
+
+    source = (REPO / "nbtunnel.py").read_text()
+    banners = [m.group(1) for m in re.finditer(r"^# (\S.*?) (?:#{4,}|-{4,})$", source, re.MULTILINE)]
+    banners = [b for b in banners if not b.startswith("Remote side: end")]
+    contents = nbtunnel.__doc__.split("Contents, top to bottom", 1)[1]
+    contents = " ".join(contents.split())
+    where = 0
+    for banner in banners:
+        name = banner.replace("Remote side: begin", "Remote side").split(" (")[0]
+        found = contents.find(name, where)
+        assert found >= 0, f"section {banner!r} is not in the docstring's contents after offset {where}"
+        where = found + len(name)

@@ -19,6 +19,7 @@ from unattended import (
     api_status,
     ensure,
     finish,
+    forwards,
     jupyter_pids,
     kill_masters,
     masters,
@@ -232,7 +233,14 @@ def test_watch_and_ensure_share_the_session(nbt, remote):
     quiet = ensure(nbt)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert len(jupyter_pids(remote)) == 1 and len(masters(nbt.ssh_config)) == 1
-    finish(proc)
+    # A plain run meanwhile reattaches at the same URL and leaves the port with --watch.
+    again = start(nbt)
+    assert again["url"] == url and again["reused"]
+    port = int(url.split(":")[2].split("/")[0])
+    assert forwards(nbt.ssh_config) == [] and forwards(nbt.ssh_config, proc) == [port]
+    assert [r["tunnel"] for r in nbt.status()] == ["up"]
+    code, _, err = finish(proc)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(

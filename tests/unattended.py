@@ -199,7 +199,13 @@ def finish(proc: subprocess.Popen, sig: int | None = signal.SIGINT, timeout: flo
     """Send sig (if any), wait; return (exit code, stdout rest, stderr)."""
     if sig is not None:
         proc.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # show what it was doing rather than only that it did not stop
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"nbtunnel did not exit within {timeout}s of signal {sig}; "
+                             f"stdout:\n{out}\nstderr:\n{err}") from None
     return proc.returncode, out, err
 
 
