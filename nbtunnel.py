@@ -27,7 +27,8 @@ Contents, top to bottom (each a "# Name ####" banner; the remote side's parts ar
         Operations;
     Wire format, Plugins, Progress line, Running ssh, State,
     Proofs: what is ours (this machine's side), Actions,
-    Unattended: ensure and watch, Service files and nginx, Command line.
+    Unattended: ensure and watch, --watch's own port, Service files and nginx,
+    Command line.
 A reviewer of the security rules reads the two "Proofs: what is ours" sections.
 
 Compatibility promise: this one file, with Python 3.8+ on Linux or macOS and the
@@ -4161,12 +4162,23 @@ def private_dir_problem(path: str):
     return r_dir_problem(path, 0o022)
 
 
-def tunnel_listener(conn, tunnel) -> dict:
-    """Which local process holds the tunnel's port: the ssh master, or this process for a
-    backend that forwards in the foreground; recorded so that a later run can prove that
-    the listener on the port is still ours before it sends the token there."""
+def tunnel_listener(conn, tunnel, port=None) -> dict:
+    """Which local process holds the tunnel's PORT: the ssh master, or this process for a
+    backend that forwards in the foreground or a port --watch holds; recorded so that a
+    later run can prove that the listener on the port is still ours before it sends the
+    token there."""
+    if port in WATCHED:
+        return dict(pid=os.getpid(), start=r_pid_start(os.getpid()), watch=True)
     pid = os.getpid() if getattr(tunnel, "foreground", False) else conn.master_pid()
     return dict(pid=pid, start=r_pid_start(pid) if pid else None)
+
+
+def held_by_watch(rec) -> bool:
+    """Is REC's local port held by a --watch of ours in another process (see WatchPort)?
+    It forwards the port itself: a reattach leaves it there."""
+    owner = (rec or {}).get("listener") or {}
+    return isinstance(owner, dict) and owner.get("watch") is True \
+        and owner.get("pid") != os.getpid() and listener_ours(rec)
 
 
 def listener_ours(rec: dict) -> bool:
@@ -4365,7 +4377,8 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
         start = {o.dest for o in session_options() if o.start}
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
-    rec["listener"] = tunnel_listener(conn, tunnel)
+    kept = old and old.get("local_port") == local_port and held_by_watch(old)
+    rec["listener"] = old["listener"] if kept else tunnel_listener(conn, tunnel, local_port)
     return rec
 
 
@@ -4702,7 +4715,12 @@ def open_tunnel(conn, tunnel, old, destination: str, wanted) -> int:
     for port in candidates:
         port = port or free_local_port()
         try:
-            tunnel.open(conn, port, destination)
+            if port in WATCHED:  # --watch holds it: the new master forwards its connections
+                WATCHED[port].resume(conn.socket, destination)
+            elif old and port == old["local_port"] and held_by_watch(old):
+                pass  # and a running --watch forwards it (a repair there follows a move)
+            else:
+                tunnel.open(conn, port, destination)
             return port
         except Error as e:
             error = e
@@ -5138,7 +5156,7 @@ def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was
 def repair(run: Run, conn: Connection, old, params: dict):
     """With the lock held: connect, start or reattach, forward again; (record, lines)."""
     host = run.session.host
-    tunnel_was_up = bool(old) and conn.alive() and local_port_open(old["local_port"])
+    tunnel_was_up = bool(old) and conn.alive() and forwarded(old["local_port"])
     conn.open()
     try:
         rec, info = bring_up(run, conn, old, params)
@@ -5185,7 +5203,7 @@ def healthy(session: Session, rec, conn=None) -> bool:
     who bound the port after the server died, so the remote is asked first, over the
     running master (no new login), whether the recorded server still holds it.  A Unix
     socket in a private directory cannot be taken over, so it needs no such question."""
-    if not rec:
+    if not rec or not forwarded(rec["local_port"], listening=False):
         return False
     if not rec.get("remote_socket"):
         conn = conn or session.connection(rec)
@@ -5293,7 +5311,7 @@ def watch_repair(run: Run, conn: Connection, rec: dict, params: dict):
         return rec, []  # another run repaired it meanwhile
     if not conn.alive():
         log.warning("the connection to %s is down; reconnecting", host)
-    tunnel_was_up = conn.alive() and local_port_open(rec["local_port"])
+    tunnel_was_up = conn.alive() and forwarded(rec["local_port"])
     conn.open()
     state = conn.run_helper("status", s.params(sessions=[session]),
                             timeout=min(s.timeout, 15))[0]
@@ -5324,12 +5342,17 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     s = run.session
     failures, said = 0, None
     while True:
-        time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)) if failures else s.interval)
+        if failures:
+            time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
+        else:
+            wait_watching(rec, s.interval, conn)
         current = fresh_record(s)
         if current and current.get("socket") not in (None, conn.socket):
             conn = s.connection(current)  # another command made the session a new connection
             conn.no_prompt = not on_terminal()
-        if healthy(s, current, conn):
+        if not forwarded((current or rec)["local_port"]):
+            pass  # the master has ended: repair at once
+        elif healthy(s, current, conn):
             rec, failures, said = current, 0, None
             continue
         try:
@@ -5377,6 +5400,8 @@ def cmd_watch(run: Run) -> int:
             log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
                                             str(e).rsplit(": ", 1)[-1])[1][0])
         return 0
+    with locked(s.state, host, session):
+        watch_port(s, conn, rec)  # before the URL is out: from now on no connection is refused
     print(json.dumps(dict(public(rec), reused=info["reused"])) if args.json else rec["url"],
           flush=True)
     if not info["reused"]:
@@ -5397,6 +5422,7 @@ def cmd_watch(run: Run) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        unwatch_ports()
     if args.terminate:
         s.records = load_records(s.state)
         say_terminated(run, [terminate_session(run)])
@@ -5406,6 +5432,281 @@ def cmd_watch(run: Run) -> int:
                  last)
     log.info("closed the tunnel to %s (session %s); the server keeps running", host, session)
     return 0
+
+
+# --watch's own port ###########################################################
+#
+# When the ssh master ends, its forward stops listening, and every connection to the
+# port is refused until a new master forwards it again.  A browser tab counts each
+# refusal against its own reconnection budget and waits longer before the next try
+# (JupyterLab: up to 2**n - 1 seconds, and 10-30 s after a failed look at its kernel),
+# so it stays broken long after the tunnel is back.  Holding the port only once the
+# master has ended leaves a moment in which the tab's first retry is refused.  So
+# --watch binds the local port itself for as long as it runs, and the port never
+# refuses: each connection is handed to the master through its control socket (the
+# request of `ssh -W`, with the connection itself passed as the stdio file
+# descriptors), so ssh moves the bytes exactly as for `ssh -L`.  While no master
+# runs, connections are accepted and wait, unanswered, until the repair is done.
+
+MUX_HELLO, MUX_STDIO_FWD, MUX_OPENED = 0x00000001, 0x10000008, 0x80000006
+MUX_VERSION = 4
+
+
+def mux_packet(*fields) -> bytes:
+    """One message of the ssh control protocol: u32 numbers and length-prefixed strings."""
+    import struct
+
+    body = b"".join(struct.pack(">I", f) if isinstance(f, int)
+                    else struct.pack(">I", len(f)) + f for f in fields)
+    return struct.pack(">I", len(body)) + body
+
+
+def mux_read(sock) -> int:
+    """The type of the next message on the control socket SOCK (its body is dropped)."""
+    import struct
+
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise OSError("the ssh master closed its control socket")
+            data += chunk
+        return data
+
+    size = struct.unpack(">I", exactly(4))[0]
+    if not 4 <= size <= 1 << 16:
+        raise OSError("a malformed message on the ssh control socket")
+    return struct.unpack(">I", exactly(size)[:4])[0]
+
+
+def mux_connect(control_path: str):
+    """A control connection to the master at CONTROL_PATH, past the greeting."""
+    import socket
+
+    ctl = socket.socket(socket.AF_UNIX)
+    try:
+        ctl.settimeout(5)
+        ctl.connect(control_path)
+        ctl.sendall(mux_packet(MUX_HELLO, MUX_VERSION))
+        if mux_read(ctl) != MUX_HELLO:
+            raise OSError("the ssh master did not greet")
+    except OSError:
+        ctl.close()
+        raise
+    return ctl
+
+
+def mux_forward(control_path: str, destination: str, sock):
+    """Ask the master at CONTROL_PATH to connect to DESTINATION ("ADDR:PORT") and carry
+    the connection SOCK there and back; the control connection, which must stay open
+    as long as the forwarded one does (the master closes it when that ends)."""
+    import socket
+    import struct
+
+    host, _, port = destination.rpartition(":")
+    ctl = mux_connect(control_path)
+    try:
+        ctl.sendall(mux_packet(MUX_STDIO_FWD, 1, b"", host.strip("[]").encode(), int(port)))
+        for _ in range(2):  # as stdin and as stdout
+            ctl.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   struct.pack("i", sock.fileno()))])
+    except OSError:
+        ctl.close()
+        raise
+    return ctl
+
+
+class WatchPort:
+    """The tunnel's local port, bound by --watch: see the banner above.
+
+    Connections go through the master only to the destination the last repair proved to
+    be the session's own server; the token is the browser's, nbtunnel never reads it."""
+
+    LIMIT = 64  # connections waiting at most while no master runs; more are refused
+
+    def __init__(self, port: int):
+        import socket
+
+        self.port, self.route, self.master, self.waiting = port, None, None, []
+        self.lock, self.down = threading.Lock(), threading.Event()
+        self.listener = socket.socket()
+        # SO_REUSEADDR: the master's old connections may linger in TIME_WAIT on this port.
+        # It never lets a bind succeed over another process's live listener.
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind(("127.0.0.1", port))
+            self.listener.listen(128)
+        except OSError:
+            self.listener.close()
+            raise
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        """Hand each connection to the master, or keep it while none runs."""
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._forward, args=(sock, self.route), daemon=True).start()
+
+    def _forward(self, sock, route) -> None:
+        """Pass SOCK to the master of ROUTE and stay until the master is done with it."""
+        if route is None:
+            return self._keep(sock)
+        try:
+            ctl = mux_forward(route[0], route[1], sock)
+        except OSError as e:  # the master has ended
+            log.debug("no ssh master for a connection to local port %d: %s", self.port, e)
+            with self.lock:
+                if self.route is route:
+                    self.route = None
+            self.down.set()
+            return self._keep(sock)
+        sock.close()  # the master has it now
+        with contextlib.suppress(OSError):
+            ctl.settimeout(None)
+            while ctl.recv(1 << 12):
+                pass
+        ctl.close()
+
+    def _keep(self, sock) -> None:
+        """Keep SOCK until a master forwards again (see resume)."""
+        with self.lock:
+            if self.route is None and len(self.waiting) < self.LIMIT:
+                self.waiting.append(sock)
+                return
+            route = self.route
+        if route is None:
+            sock.close()
+        else:
+            self._forward(sock, route)
+
+    def _sentinel(self, ctl) -> None:
+        """Wait on CTL, an idle control connection: the master closes it as it ends."""
+        with contextlib.suppress(OSError):
+            while ctl.recv(1 << 12):
+                pass
+        ctl.close()
+        self.lost(ctl)
+
+    def lost(self, master) -> None:
+        """The master (its idle control connection) has ended: keep new connections,
+        let --watch repair."""
+        with self.lock:
+            if self.master is not master:
+                return  # a newer master forwards already, or the port is closed
+            self.route = self.master = None
+        log.debug("the ssh master ended; local port %d keeps its connections", self.port)
+        self.down.set()
+
+    def resume(self, control_path: str, destination: str) -> None:
+        """Forward through the master at CONTROL_PATH to DESTINATION from now on; the
+        connections kept meanwhile go first."""
+        try:
+            master = mux_connect(control_path)
+            master.settimeout(None)
+        except OSError as e:
+            raise Error("no ssh master at %s to forward local port %d: %s"
+                        % (control_path, self.port, e)) from None
+        route = (control_path, destination)
+        with self.lock:
+            waiting, self.waiting, self.route = self.waiting, [], route
+            old, self.master = self.master, master
+            self.down.clear()
+        if old is not None:
+            old.close()
+        threading.Thread(target=self._sentinel, args=(master,), daemon=True).start()
+        for sock in waiting:
+            threading.Thread(target=self._forward, args=(sock, route), daemon=True).start()
+        if waiting:
+            log.debug("forwarding %d connection(s) kept on local port %d", len(waiting),
+                      self.port)
+
+    @property
+    def forwarded(self) -> bool:
+        """Does a master forward the port now?"""
+        return self.route is not None
+
+    def close(self) -> None:
+        """Stop listening; close the connections still waiting."""
+        self.listener.close()
+        with self.lock:
+            waiting, self.waiting, self.route = self.waiting, [], None
+            master, self.master = self.master, None
+        for sock in waiting + [master] * bool(master):
+            sock.close()
+
+
+WATCHED = {}  # local port -> WatchPort, in --watch
+
+
+def watch_port(s: Session, conn, rec: dict):
+    """Take REC's local port over from the master's forward for --watch (see WatchPort);
+    None when it cannot be: another backend, a Unix socket there, or a port taken."""
+    port, dest = rec.get("local_port"), recorded_destination(rec)
+    if port in WATCHED:
+        return WATCHED[port]
+    if s.tunnel.name != "ssh" or not isinstance(conn, Connection) or dest.startswith("/") \
+            or held_by_watch(rec) or not listener_ours(rec):
+        return None
+    with contextlib.suppress(Error):
+        s.tunnel.close(conn, port, dest)
+    for _ in range(50):  # the master has let go of it when `ssh -O cancel` returns
+        try:
+            WATCHED[port] = held = WatchPort(port)
+            break
+        except OSError as e:
+            error = e
+            time.sleep(0.02)
+    else:
+        log.debug("local port %d stays with the ssh master: %s", port, error)
+        with contextlib.suppress(Error):
+            s.tunnel.open(conn, port, dest)
+        return None
+    try:
+        held.resume(conn.socket, dest)
+    except Error as e:
+        log.debug("%s", e)  # the master ended already: the first repair forwards it
+    rec["listener"] = tunnel_listener(conn, s.tunnel, port)
+    save_record(s.state, rec)
+    return held
+
+
+def unwatch_ports() -> None:
+    """Let go of the ports --watch holds."""
+    for port in list(WATCHED):
+        WATCHED.pop(port).close()
+
+
+def forwarded(port: int, listening: bool = True) -> bool:
+    """Does a master forward PORT now (a port --watch holds also listens without one)?
+    Not LISTENING: only a port held here is looked at."""
+    if port in WATCHED:
+        return WATCHED[port].forwarded
+    return local_port_open(port) if listening else True
+
+
+def wait_watching(rec, seconds: float, conn) -> None:
+    """Sleep SECONDS, or less: return as soon as the ssh master of REC's tunnel has ended.
+    An idle connection to its control socket closes the moment it ends (its connection
+    dropped, or stalled for as long as its ServerAlive settings allow)."""
+    held = WATCHED.get(rec.get("local_port"))
+    if held is not None:
+        held.down.wait(seconds)
+        return
+    try:
+        ctl = mux_connect(conn.socket) if isinstance(conn, Connection) else None
+    except OSError:
+        return  # no master: repair now
+    if ctl is None:
+        time.sleep(seconds)
+        return
+    with contextlib.suppress(OSError):  # the master closed it, or the time is up
+        ctl.settimeout(seconds)
+        ctl.recv(1)
+    ctl.close()
 
 
 # Service files and nginx #####################################################

@@ -588,6 +588,9 @@ class Bench:
             tunnels[(link, "nbtunnel")] = "http://" + urllib.parse.urlsplit(url).netloc
             port, _ = self.open_plain_forward(alias, remote_port)
             tunnels[(link, "ssh -L")] = "http://127.0.0.1:%d" % port
+            url = self.start_foreground_to_200(alias, self.tmp / ("state-watch-" + link),
+                                               "--watch")  # it holds its own local port
+            tunnels[(link, "nbtunnel --watch")] = "http://" + urllib.parse.urlsplit(url).netloc
             if has_plugin:
                 url = self.start_foreground_to_200(alias, self.tmp / ("state-st-" + link),
                                                    "--tunnel", "sshtunnel")
@@ -623,12 +626,133 @@ class Bench:
                     mib_per_s={"%s|%s" % k: v for k, v in samples.items()},
                     first_byte={"%s|%s" % k: v for k, v in first.items()})
 
+    # An open JupyterLab tab through a cut link ###############################
+
+    def tab_reconnect(self, nbtunnel_file: str, label: str) -> dict:
+        """Under `--watch --interval 2` of NBTUNNEL_FILE, with a JupyterLab tab open in a
+        real browser (Playwright, Debian's Chromium): end nbtunnel's ssh master and time
+        the tunnel answering again (a request with the token through the local port,
+        every 50 ms).  Every other cut a cell is run in the same tab at once, while the
+        link is down; the others run it the moment the tunnel answers again.  Either way
+        the figure is the time from the tunnel answering again to the cell's output."""
+        import threading
+
+        import labtab
+
+        state = self.tmp / ("tab-state-" + label)
+        self.states.add(state)
+        argv = [self.python, nbtunnel_file, "--ssh-config", str(self.ssh_config),
+                "--state-dir", str(state), ALIAS, "--watch", "--interval", "2"]
+        watch = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True, env=self.env)
+        self.procs.append(watch)
+        url = watch.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise BenchError("--watch of %s printed no URL" % nbtunnel_file)
+        parts = urllib.parse.urlparse(url)
+        token = urllib.parse.parse_qs(parts.query)["token"][0]
+        status = "http://127.0.0.1:%d/api/status" % parts.port
+
+        def answers() -> bool:
+            req = urllib.request.Request(status, headers={"Authorization": "token " + token})
+            try:
+                with OPENER.open(req, timeout=10) as r:
+                    return r.status == 200
+            except (OSError, ValueError):
+                return False
+
+        samples = dict(back=[], cell_after_back=[], cell_after_cut=[], cell_run_when_back=[])
+        tab = labtab.LabTab(url)
+        try:
+            tab.run("x = 41; x + 1")
+            tab.wait_output("42", 120)
+            for i in range(self.args.runs):
+                old = [p for p in find_pids(re.escape(str(self.ssh_config)), program="ssh")
+                       if b"-M" in Path("/proc/%d/cmdline" % p).read_bytes().split(b"\0")]
+                cut = time.monotonic()
+                for pid in old:
+                    os.kill(pid, signal.SIGKILL)
+                back: list = []
+
+                def poll(back=back):
+                    while not back:
+                        if answers():
+                            back.append(time.monotonic())
+                        else:
+                            time.sleep(0.05)
+
+                poller = threading.Thread(target=poll, daemon=True)
+                poller.start()
+                during = i % 2 == 0  # the cell is run while the link is down
+                if not during:
+                    poller.join(60)
+                tab.run("x + %d" % (2 + i))
+                done = tab.wait_output(str(43 + i), 120)
+                poller.join(60)
+                if not back:
+                    raise BenchError("the tunnel of %s did not answer again" % nbtunnel_file)
+                samples["back"].append(back[0] - cut)
+                if during:
+                    samples["cell_after_back"].append(max(0.0, done - back[0]))
+                    samples["cell_after_cut"].append(done - cut)
+                else:
+                    samples["cell_run_when_back"].append(done - back[0])
+                say("  %s: tunnel back %.2f s after the cut, cell (run %s) answered %.2f s "
+                    "after that" % (label, back[0] - cut, "during the cut" if during
+                                    else "once back", done - back[0]))
+                time.sleep(3)  # let --watch settle before the next cut
+            tab.dismiss_dialogs()
+            samples["dialogs"] = sorted(set(tab.seen))
+        finally:
+            tab.close()
+            watch.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watch.wait(60)
+            for rec in self.records(state):
+                self.nbt(rec["host"], "--terminate", "--force", state=state, check=False)
+        return samples
+
+    def tab(self) -> dict | None:
+        """The open tab through a cut link, with main's nbtunnel.py and with this one."""
+        import labtab
+
+        if labtab.missing():
+            say("open-tab figures skipped: " + labtab.missing())
+            return None
+        before = self.args.tab_before
+        if before == "none":
+            before = None
+        elif not before:
+            text = subprocess.run(["git", "-C", str(REPO), "show", "main:nbtunnel.py"],
+                                  capture_output=True, text=True)
+            if text.returncode != 0:
+                say("open-tab figures of main skipped: no branch main (--tab-before FILE)")
+            else:
+                before = str(self.tmp / "nbtunnel_main.py")
+                Path(before).write_text(text.stdout)
+        out = {}
+        for label, path in (("main", before), ("this", self.nbtunnel)):
+            if path:
+                say("open tab through a cut link: %s (%s)" % (label, path))
+                got = self.tab_reconnect(path, label)
+                out[label] = dict({k: summary(v) for k, v in got.items() if k != "dialogs"},
+                                  dialogs=got["dialogs"], file=path)
+        return out
+
     # The whole run ###########################################################
 
     def run(self) -> dict:
         """Every measurement, in an order that keeps the slow downloads last."""
         t_start = time.perf_counter()
         load_before = os.getloadavg()
+        tab = self.tab() if self.args.tab else None
+        if self.args.only_tab:
+            return dict(tab=tab)
+        if self.args.only_throughput:
+            thr = self.throughput()
+            return dict(throughput=dict(
+                thr, mib_per_s={k: summary(v) for k, v in thr["mib_per_s"].items()},
+                first_byte={k: summary(v) for k, v in thr["first_byte"].items()}))
         helps, bare = self.help_time(max(10, self.args.runs))
         master = self.over_master(max(5, self.args.runs))
         t_life = time.perf_counter()
@@ -657,7 +781,7 @@ class Bench:
             throughput=None if thr is None else dict(
                 thr, mib_per_s={k: summary(v) for k, v in thr["mib_per_s"].items()},
                 first_byte={k: summary(v) for k, v in thr["first_byte"].items()}),
-            total_seconds=t_end - t_start,
+            tab=tab, total_seconds=t_end - t_start,
             phase_seconds=dict(before=t_life - t_start, lifecycle=t_thr - t_life,
                                throughput=t_end - t_thr),
         )
@@ -689,6 +813,11 @@ def ms(x) -> str:
     return "%.0f ms" % (x * 1000)
 
 
+def verdict(ok) -> str:
+    """The "holds" cell."""
+    return "yes" if ok else "**no**"
+
+
 def table(res: dict) -> str:
     """The markdown table."""
     rows = []
@@ -703,8 +832,6 @@ def table(res: dict) -> str:
             rows.append((label, ms(s["median"]), ms(s["min"]), ms(s["max"]), target, ratio,
                          holds))
 
-    def verdict(ok):
-        return "yes" if ok else "**no**"
 
     timing("plain `ssh HOST true` (one handshake)", life["handshake"])
     timing("command over an open master (`ssh -S … true`)", res["over_master"])
@@ -761,32 +888,12 @@ def table(res: dict) -> str:
             ok = ok and (most is None or max(values) <= most)
     rows.append(("SSH authentications per command (max over runs)", ", ".join(auth_parts), "",
                  "", "≤ 1 (per host)", "", verdict(ok)))
-    thr = res.get("throughput")
-    if thr:
-        for link in ("delay", "direct"):
-            plain = thr["mib_per_s"].get("%s|ssh -L" % link)
-            for kind in ("nbtunnel", "ssh -L", "nbtunnel --tunnel sshtunnel", "sshtunnel package"):
-                s = thr["mib_per_s"].get("%s|%s" % (link, kind))
-                label = "throughput %d MiB, %s, %s" % (
-                    thr["size_mib"], "50 ms link" if link == "delay" else "no delay", kind)
-                if s is None:
-                    if kind == "nbtunnel --tunnel sshtunnel":
-                        rows.append((label, "n/a (not implemented)", "", "", "", "", ""))
-                    continue
-                cells = ("%.1f MiB/s" % s["median"], "%.1f" % s["min"], "%.1f" % s["max"])
-                if kind == "ssh -L":
-                    rows.append((label, *cells, "", "", ""))
-                elif kind != "nbtunnel":  # paramiko-based: for comparison, no target
-                    r = s["median"] / plain["median"]
-                    rows.append((label, *cells, "(reference)", "%.2f ×" % r, ""))
-                else:
-                    r = s["median"] / plain["median"]
-                    rows.append((label, *cells, "≥ 0.95 × ssh -L", "%.2f ×" % r,
-                                 verdict(r >= 0.95)))
+    rows += throughput_rows(res)
     h = res["help"]
     rows.append(("`python3 nbtunnel.py --help`", ms(h["median"]), ms(h["min"]), ms(h["max"]),
                  "< 60 ms", "", verdict(h["median"] < 0.060)))
     timing("`python3 -c pass` (interpreter alone)", res["python_bare"])
+    rows += tab_rows(res)
     head = ("figure", "median", "min", "max", "target", "ratio", "holds")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -801,6 +908,61 @@ def table(res: dict) -> str:
                      m["python_version"] + " (" + m["python"] + ")", m["date"],
                      res["total_seconds"], res["phase_seconds"]["throughput"]))
     return "\n".join(lines)
+
+
+def throughput_rows(res: dict) -> list:
+    """Rows of the downloads through each tunnel."""
+    rows = []
+    thr = res.get("throughput")
+    if thr:
+        for link in ("delay", "direct"):
+            plain = thr["mib_per_s"].get("%s|ssh -L" % link)
+            for kind in ("nbtunnel", "nbtunnel --watch", "ssh -L", "nbtunnel --tunnel sshtunnel",
+                         "sshtunnel package"):
+                s = thr["mib_per_s"].get("%s|%s" % (link, kind))
+                label = "throughput %d MiB, %s, %s" % (
+                    thr["size_mib"], "50 ms link" if link == "delay" else "no delay", kind)
+                if s is None:
+                    if kind == "nbtunnel --tunnel sshtunnel":
+                        rows.append((label, "n/a (not implemented)", "", "", "", "", ""))
+                    continue
+                cells = ("%.1f MiB/s" % s["median"], "%.1f" % s["min"], "%.1f" % s["max"])
+                if kind == "ssh -L":
+                    rows.append((label, *cells, "", "", ""))
+                elif kind not in ("nbtunnel", "nbtunnel --watch"):  # paramiko: no target
+                    r = s["median"] / plain["median"]
+                    rows.append((label, *cells, "(reference)", "%.2f ×" % r, ""))
+                else:
+                    r = s["median"] / plain["median"]
+                    rows.append((label, *cells, "≥ 0.95 × ssh -L", "%.2f ×" % r,
+                                 verdict(r >= 0.95)))
+    return rows
+
+
+def tab_rows(res: dict) -> list:
+    """Rows of the open-tab figures: main's code against this one."""
+    rows = []
+    for label, what in (("main", "main's nbtunnel.py"), ("this", "this nbtunnel.py")):
+        t = (res.get("tab") or {}).get(label)
+        if not t:
+            continue
+        for key, figure, target in (
+                ("back", "cut (ssh master killed) → tunnel answers again", ""),
+                ("cell_run_when_back", "tunnel back → output of a cell run then", "≤ 3 s"),
+                ("cell_after_back", "tunnel back → output of a cell run during the cut "
+                 "(JupyterLab sends it after its kernelInfoTimeout, 3 s)", ""),
+                ("cell_after_cut", "cut → output of a cell run during the cut", "")):
+            s = t.get(key)
+            if not s:
+                continue
+            holds = ("yes" if s["max"] <= 3.0 else "**no**") if target and label == "this" else ""
+            rows.append(("open JupyterLab tab, `--watch --interval 2`, %s: %s%s"
+                         % (what, figure, "; dialogs: %s" % "; ".join(
+                             d.splitlines()[0] for d in t["dialogs"])
+                            if key == "cell_after_back" and t["dialogs"] else ""),
+                         ms(s["median"]), ms(s["min"]), ms(s["max"]),
+                         target if label == "this" else "", "", holds))
+    return rows
 
 
 def breakdown_table(res: dict) -> list:
@@ -856,6 +1018,14 @@ def main(argv=None) -> int:
                    help="the nbtunnel.py to measure (default: the one in this repository)")
     p.add_argument("--out", default=str(BENCH / "results.json"), help="JSON output file")
     p.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    p.add_argument("--no-tab", dest="tab", action="store_false",
+                   help="skip the open JupyterLab tab through a cut link")
+    p.add_argument("--tab-before", metavar="FILE",
+                   help="the nbtunnel.py to compare with there (default: branch main's; "
+                        "none: no comparison)")
+    p.add_argument("--only-tab", action="store_true", help="measure only the open tab")
+    p.add_argument("--only-throughput", action="store_true",
+                   help="measure only the downloads through each tunnel")
     args = p.parse_args(argv)
     args.argv = argv
     if os.geteuid() != 0:
@@ -881,6 +1051,12 @@ def main(argv=None) -> int:
         return 130
     finally:
         bench.teardown()
+    if args.only_tab or args.only_throughput:
+        head = ("figure", "median", "min", "max", "target", "ratio", "holds")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = tab_rows(res) if args.only_tab else throughput_rows(res)
+        print("\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]))
+        return 0
     text = table(res)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(text)

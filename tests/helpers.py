@@ -399,9 +399,11 @@ def listening_ports(pid: int) -> list[int]:
     return sorted(ports)
 
 
-def forwards(config: Path | str) -> list[int]:
-    """Every local port that ssh masters of CONFIG listen on (one per tunnel)."""
-    return sorted(port for pid in masters(config) for port in listening_ports(pid))
+def forwards(config: Path | str, *watching) -> list[int]:
+    """Every local port that ssh masters of CONFIG listen on (one per tunnel), or the
+    --watch processes WATCHING (Popen; each holds its tunnel's port itself)."""
+    pids = masters(config) + [proc.pid for proc in watching]
+    return sorted(port for pid in pids for port in listening_ports(pid))
 
 
 def kill_masters(config: Path | str) -> list[int]:

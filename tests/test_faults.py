@@ -30,12 +30,13 @@ from unattended import (
 )
 
 
-def assert_single(nbt, remote, info: dict) -> None:
-    """Exactly one of everything, and the URL serves a kernel."""
+def assert_single(nbt, remote, info: dict, watching=()) -> None:
+    """Exactly one of everything, and the URL serves a kernel.  WATCHING: the --watch
+    process, which holds the tunnel's local port itself."""
     assert len(jupyter_pids(remote)) == 1, jupyter_pids(remote)
     assert remote.tmux_sessions() == [info["session"]]
     assert len(masters(nbt.ssh_config)) == 1
-    assert forwards(nbt.ssh_config) == [info["local_port"]]
+    assert forwards(nbt.ssh_config, *watching) == [info["local_port"]]
     assert api_status(info["url"]) == 200
     assert run_kernel_code(f"http://127.0.0.1:{info['local_port']}", info["token"], "1+1") == "2"
 
@@ -105,7 +106,7 @@ def test_jupyter_killed_under_watch(nbt, remote):
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 90, "server back")
     info = nbt.status()[0]
     assert info["url"] == url
-    assert_single(nbt, remote, info)
+    assert_single(nbt, remote, info, [proc])
     said = wait_logged(proc, f"restarted Jupyter on {remote.alias} (session nbtunnel), which was not running, "
                        f"as it last ran: {url}", 30)
     code, _, err = finish(proc)
@@ -137,7 +138,7 @@ def test_local_tunnel_killed_under_watch(nbt, remote):
     kill_masters(nbt.ssh_config)
     wait_watched(proc, lambda: api_status(url, timeout=3) == 200, 60, "tunnel back")
     assert jupyter_pids(remote) == pids
-    assert_single(nbt, remote, nbt.status()[0])
+    assert_single(nbt, remote, nbt.status()[0], [proc])
     said = wait_logged(proc, f"reopened the tunnel to {remote.alias} (session nbtunnel) on local port", 30)
     code, _, err = finish(proc)
     assert code == 0, said + err
@@ -179,7 +180,7 @@ def link_test(nbt, remote, break_link, outage: float) -> str:
         time.sleep(3)
         assert jupyter_pids(remote) == pids  # the server just kept running
         assert remote.auth_count() > before  # it reconnected
-        assert len(masters(config)) == 1 and len(forwards(config)) == 1
+        assert len(masters(config)) == 1 and len(forwards(config, proc)) == 1
         assert proc.poll() is None
         code, _, err = finish(proc)
         assert code == 0, err

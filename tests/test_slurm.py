@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import api_status, local_port_open, wait_until
-from unattended import finish, read_line, wait_logged
+from unattended import finish, read_line, wait_logged, wait_watched
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -163,7 +163,7 @@ def test_the_jobs_signal_stops_jupyter_cleanly_and_watch_resubmits(cluster, nbt_
     again = json.loads(read_line(watch, 120))
     assert again["url"] == url and again["reused"] is False and answers(url)
     signal_job(cluster, again["job_id"])
-    wait_until(lambda: answers(url), 90, interval=0.5, message="--watch resubmitted the job")
+    wait_watched(watch, lambda: answers(url), 90, "--watch resubmitted the job")
     (row,) = ours(cluster)
     assert row[0] not in (out["job_id"], again["job_id"]) and row[1] == "RUNNING"
     said = wait_logged(watch, f"restarted Jupyter on {cluster.alias}", 60)

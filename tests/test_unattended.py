@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from unattended import (
     api_status,
     ensure,
     finish,
+    forwards,
     jupyter_pids,
     kill_masters,
     masters,
@@ -193,13 +196,51 @@ def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):
     assert [r["ended"] for r in nbt.status()] == ["terminated"]
 
 
+def test_watch_port_never_refuses_while_the_link_is_repaired(nbt, remote):
+    proc, url = watch(nbt)
+    port = int(url.split(":")[2].split("/")[0])
+    refused, stop = [], threading.Event()
+
+    def knock():
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5):
+                    pass
+            except ConnectionRefusedError:
+                refused.append(time.monotonic())
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    for _ in range(3):
+        kill_masters(nbt.ssh_config)
+        # Made while no master runs: it waits, and is answered once the tunnel is back.
+        assert api_status(url, timeout=60) == 200
+        assert len(masters(nbt.ssh_config)) == 1
+    stop.set()
+    knocker.join(10)
+    assert refused == []
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert not local_port_open(port)  # Ctrl-C closes the tunnel, as before
+
+
 def test_watch_and_ensure_share_the_session(nbt, remote):
     proc, url = watch(nbt)
     # cron's --ensure next to a running --watch: healthy, so silent, and nothing doubled.
     quiet = ensure(nbt)
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     assert len(jupyter_pids(remote)) == 1 and len(masters(nbt.ssh_config)) == 1
-    finish(proc)
+    # A plain run meanwhile reattaches at the same URL and leaves the port with --watch.
+    again = start(nbt)
+    assert again["url"] == url and again["reused"]
+    port = int(url.split(":")[2].split("/")[0])
+    assert forwards(nbt.ssh_config) == [] and forwards(nbt.ssh_config, proc) == [port]
+    assert [r["tunnel"] for r in nbt.status()] == ["up"]
+    code, _, err = finish(proc)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize(
