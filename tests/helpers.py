@@ -14,8 +14,11 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -422,3 +425,23 @@ def start(nbt, *args: str) -> dict:
     proc = nbt.run(nbt.remote.alias, "--json", *args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def pip_installed_command(tmp: Path) -> Path:
+    """`pip install .` of a copy of this tree into a fresh venv under TMP (the copy is
+    removed afterwards: the installed command must not need it); the `nbtunnel` it gives."""
+    repo = Path(__file__).resolve().parent.parent
+    source = tmp / "source"
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".ruff_cache", ".pytest_cache"))
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(source)]
+    have = subprocess.run([str(venv / "bin/python"), "-c", "import setuptools, wheel"],
+                          capture_output=True)
+    if have.returncode == 0:  # no registry needed
+        pip.insert(-1, "--no-build-isolation")
+    proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    shutil.rmtree(source)
+    return venv / "bin" / "nbtunnel"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import api_status, local_port_open, wait_until
+from helpers import api_status, local_port_open, pip_installed_command, wait_until
 from unattended import finish, read_line, wait_logged, wait_watched
 
 pytestmark = pytest.mark.timeout(600)
@@ -195,3 +195,27 @@ def test_job_options_are_one_word_each():
     assert words(partition="-x", signal="none") == ["--partition=-x"]  # never an option
     assert [plugin.job_minutes(t) for t in ("30", "1:30", "2:00:00", "1-0", "1-2:30", "x")] == [
         30, 1.5, 120, 1440, 1590, None]
+
+
+def test_the_pip_installed_command_starts_and_reports_a_slurm_session(cluster, nbt_cluster, tmp_path):
+    """`pip install .` ships the plugins: its `nbtunnel` takes Slurm's options, and its
+    --status of the running job says running with the time left, never stopped."""
+    nbt = nbt_cluster
+    command = pip_installed_command(tmp_path)
+    argv = [str(command), "--ssh-config", str(nbt.ssh_config), "--state-dir", str(nbt.state_dir)]
+    proc = subprocess.run([*argv, cluster.alias, "--json", *SLURM, "--time", "10:00"],
+                          capture_output=True, text=True, env=nbt.env, timeout=240,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert api_status(out["url"]) == 200
+    proc = subprocess.run([*argv, "--status", "--json"], capture_output=True, text=True,
+                          env=nbt.env, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert (row["server"], row["job_id"], row["job_state"]) == ("running", out["job_id"], "RUNNING")
+    assert row["time_left"] and "missing_plugin" not in row
+    assert "nbtunnel_plugins" in row["plugin"], row["plugin"]
+    done = nbt.run(cluster.alias, "--terminate")  # the copied file ends what the installed one began
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not active(cluster), 60, message="no job left")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import pip_installed_command
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import nbtunnel  # noqa: E402
@@ -196,20 +198,7 @@ def test_the_file_copied_with_its_plugins_loads_them(tmp_path):
 def test_pip_install_ships_the_plugins(tmp_path):
     """`pip install .` gives a command that has the shipped plugins: Slurm's options,
     and a record of a Slurm session is not reported as missing its plugin."""
-    source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".ruff_cache", ".pytest_cache"))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(source)]
-    have = subprocess.run([str(venv / "bin/python"), "-c", "import setuptools, wheel"],
-                          capture_output=True)
-    if have.returncode == 0:  # no registry needed
-        pip.insert(-1, "--no-build-isolation")
-    proc = subprocess.run(pip, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    command = venv / "bin" / "nbtunnel"
-    shutil.rmtree(source)  # the installed command must not need the source tree
+    command = pip_installed_command(tmp_path)
 
     help_ = run("--manager", "slurm", "--help", program=command, tmp=tmp_path)
     assert help_.returncode == 0, help_.stderr
