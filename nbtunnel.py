@@ -4319,7 +4319,7 @@ def public(rec: dict) -> dict:
     out.update(tunnel_backend=rec.get("tunnel"), tunnel_state="up")
     out.update({k: rec[k] for k in JOB_FIELDS + ("remote_host",) if k in rec})
     out["ended"] = rec.get("ended")  # how a session ended on purpose (see ENDED), else None
-    out["idle_timeout"] = rec["idle_timeout"] if rec.get("ended") else rec_idle(rec)
+    out["idle_timeout"] = rec.get("idle_timeout") if rec.get("ended") else rec_idle(rec)
     return out
 
 
