@@ -359,3 +359,13 @@ def nbt_ge(gecell) -> Iterator[NbtRunner]:
     if forced:
         warnings.warn("left after --terminate --force, removed by force: " + "; ".join(forced),
                       stacklevel=1)
+
+
+@pytest.fixture(params=["slurm", "gridengine"])
+def sched(request):
+    """One scheduler (tests/test_schedulers.py's SCHEDULERS), its cluster and an nbtunnel
+    runner against its login node: a test that takes it runs once per scheduler."""
+    from test_schedulers import SCHEDULERS
+
+    kind, cell, runner = SCHEDULERS[request.param]
+    return kind(request.getfixturevalue(cell), request.getfixturevalue(runner))

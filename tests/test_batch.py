@@ -15,7 +15,6 @@ import re
 import signal
 import time
 import uuid
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pytest
@@ -25,41 +24,13 @@ from remotehost import _root
 
 pytestmark = pytest.mark.timeout(900)
 
-SLURM_ACTIVE = "PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING"
 
-
-@dataclass
-class Batch:
-    """One scheduler's test host (its login node), an NbtRunner for it, its --manager."""
-
-    name: str
-    host: object
-    nbt: object
-
-    def start(self, *args: str, timeout: float = 240):
-        return self.nbt.run(self.host.alias, "--json", "--manager", self.name, *args,
-                            timeout=timeout)
-
-    def live_jobs(self) -> list[str]:
-        """The user's jobs that wait, run or end (not those already gone)."""
-        if self.name == "slurm":
-            proc = self.host.slurm(["squeue", "-h", "-u", self.host.user, "-t", SLURM_ACTIVE,
-                                    "-o", "%i"])
-            return proc.stdout.split()
-        for _ in range(5):  # qstat fails now and then while the qmaster is busy: ask again
-            if self.host.ge(["qstat", "-u", self.host.user]).returncode == 0:
-                break
-            time.sleep(1)
-        return self.host.jobs()
-
-
-@pytest.fixture(params=["slurm", "gridengine"])
-def batch(request):
-    slurm = request.param == "slurm"
-    host = request.getfixturevalue("cluster" if slurm else "gecell")
-    nbt = request.getfixturevalue("nbt_cluster" if slurm else "nbt_ge")
-    yield Batch(request.param, host, nbt)
-    host.set_node_hosts()  # the machine's /etc/hosts again
+@pytest.fixture
+def batch(sched):
+    """The scheduler of conftest's `sched` (each test runs once per scheduler); the
+    node's own /etc/hosts is the machine's again afterwards."""
+    yield sched
+    sched.cell.set_node_hosts()
 
 
 def layout(host, name: str) -> str:
@@ -92,7 +63,7 @@ def test_node_address_whatever_the_names_say(batch, name):
     which, value = EXPECTED[name]
     assert host.node_resolves(getattr(host, which)) == getattr(host, value, value)
     began = time.monotonic()
-    proc = batch.start("--timeout", "240")
+    proc = batch.run_start("--timeout", "240")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     print(f"measured: {batch.name} start in layout {name}: {time.monotonic() - began:.1f}s")
@@ -117,7 +88,7 @@ def test_unreachable_address_fails_fast(batch):
         data_name = f"{host.node_name}-data"
         host.set_node_hosts(layout(host, "login-unknown") + f"{unreachable} {data_name}\n")
         began = time.monotonic()
-        proc = batch.start("--node-address", data_name, "--timeout", "600", timeout=660)
+        proc = batch.run_start("--node-address", data_name, "--timeout", "600", timeout=660)
         took = time.monotonic() - began
         print(f"measured: {batch.name} unreachable address reported after {took:.1f}s")
         assert proc.returncode != 0
@@ -137,14 +108,14 @@ def test_node_address_recorded_and_loopback_refused(batch):
     the job (the login node could never reach it), quickly and with no job left."""
     host = batch.host
     began = time.monotonic()
-    proc = batch.start("--node-address", "127.0.0.1", "--timeout", "600", timeout=660)
+    proc = batch.run_start("--node-address", "127.0.0.1", "--timeout", "600", timeout=660)
     took = time.monotonic() - began
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     said = " ".join(proc.stderr.split())
     assert "loopback" in said and host.node_name in said, said
     assert took < 120
     wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
-    proc = batch.start("--node-address", host.node_addr)
+    proc = batch.run_start("--node-address", host.node_addr)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["remote_host"] == host.node_addr
@@ -158,7 +129,7 @@ def test_node_address_recorded_and_loopback_refused(batch):
 
 
 def start_json(batch, *args: str) -> dict:
-    proc = batch.start(*args)
+    proc = batch.run_start(*args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 

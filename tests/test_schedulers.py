@@ -50,6 +50,17 @@ class Slurm:
 
     def __init__(self, cell, nbt) -> None:
         self.cell, self.nbt = cell, nbt
+        self.host = cell  # its login node, as tests/test_batch.py calls it
+
+    def run_start(self, *args: str, timeout: float = 240):
+        """A start of a session on the login node, as it ended (a CompletedProcess)."""
+        return self.nbt.run(self.cell.alias, "--json", *self.flags, *args, timeout=timeout)
+
+    def live_jobs(self) -> list[str]:
+        """Ids of the user's jobs that wait, run or end (not those already gone)."""
+        proc = self.cell.slurm(["squeue", "-h", "-u", self.cell.user, "-t", slurm.ACTIVE,
+                                "-o", "%i"])
+        return proc.stdout.split()
 
     def jobs(self, session: str = "nbtunnel") -> list[tuple[str, str]]:
         """(id, state) of the active jobs nbtunnel submitted for SESSION."""
@@ -109,6 +120,13 @@ class GridEngine(Slurm):
     def jobs(self, session: str = "nbtunnel") -> list[tuple[str, str]]:
         return [(r["job_id"], r["state"]) for r in ge.ours(self.cell, session)]
 
+    def live_jobs(self) -> list[str]:
+        for _ in range(5):  # qstat fails now and then while the qmaster is busy: ask again
+            if self.cell.ge(["qstat", "-u", self.cell.user]).returncode == 0:
+                break
+            time.sleep(1)
+        return self.cell.jobs()
+
     def wait_pending(self) -> str:
         return ge.wait_pending(self.cell)
 
@@ -139,15 +157,8 @@ class GridEngine(Slurm):
         return ge.node_jupyters(self.cell)
 
 
-SCHEDULERS = {"slurm": (Slurm, "cluster", "nbt_cluster"),
+SCHEDULERS = {"slurm": (Slurm, "cluster", "nbt_cluster"),  # for conftest's `sched`
               "gridengine": (GridEngine, "gecell", "nbt_ge")}
-
-
-@pytest.fixture(params=list(SCHEDULERS))
-def sched(request):
-    """One scheduler, its cluster and an nbtunnel runner against its login node."""
-    kind, cell, runner = SCHEDULERS[request.param]
-    return kind(request.getfixturevalue(cell), request.getfixturevalue(runner))
 
 
 @pytest.fixture
