@@ -127,11 +127,13 @@ def test_ctrl_c_after_the_url_leaves_a_recorded_session(nbt, remote):
     assert len(jupyter_pids(remote)) == 1
 
 
-def test_reattach_interrupted_keeps_the_running_server(nbt, remote):
-    """The link stalls under a reattach (its question is on the way), then Ctrl-C, then
-    the link is back: the server that was already running is left running.  The stall
-    holds the reattach at that moment, however fast the machine; without it a reattach
-    may finish before the Ctrl-C."""
+@pytest.mark.parametrize("answers", [True, False], ids=["answer-comes", "no-answer"])
+def test_reattach_interrupted_keeps_the_running_server(nbt, remote, answers):
+    """The link stalls under a reattach (its question is on the way), then Ctrl-C.  The
+    stall holds the reattach at that moment, however fast the machine; without it a
+    reattach may finish before the Ctrl-C.  Either the link comes back (the answer says
+    the server ran already: it keeps running), or it never does within --timeout (nothing
+    is known: the session is left as it was, and the message says no more than that)."""
     proxy = TcpProxy((remote.ip, remote.port))
     config = proxy_config(nbt, remote, proxy)
     try:
@@ -139,22 +141,31 @@ def test_reattach_interrupted_keeps_the_running_server(nbt, remote):
         assert first.returncode == 0, first.stderr
         pids = jupyter_pids(remote)
         proxy.stall()  # the master stays up here; what it sends gets no answer
-        proc = nbt.popen("nbproxy", "--ssh-config", str(config), "-v", "--session", "s")
+        proc = nbt.popen("nbproxy", "--ssh-config", str(config), "-v", "--session", "s",
+                         "--timeout", "5")
         err = Stderr(proc)
         err.wait_for(HELPER)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        time.sleep(1)
-        proxy.restore()  # the answer comes: it found the server running, and keeps it
+        if answers:
+            time.sleep(1)
+            proxy.restore()  # the answer comes: it found the server running, and keeps it
         code, text = ended(proc, err)
     finally:
         proxy.restore()
     assert code == 130, text
-    assert "keeps running" in text, text
+    said = nbtunnel.MSG_REUSED_KEPT if answers else nbtunnel.MSG_NO_ANSWER
+    assert said.format(host="nbproxy", session="s") in text, text
+    assert nbtunnel.MSG_NOTHING_LEFT.format(host="nbproxy") not in text
     assert "Traceback" not in text
     assert jupyter_pids(remote) == pids
     (row,) = nbt.status()
-    assert row["server"] == "running"
+    assert row["url"] == json.loads(first.stdout)["url"]  # the record is kept as it was
+    if answers:  # (without: the stalled master may be past asking; a new command reconnects)
+        assert row["server"] == "running"
+    done = nbt.run("nbproxy", "--ssh-config", str(config), "--session", "s", "--terminate")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not jupyter_pids(remote), 30, message="terminated")
 
 
 def test_terminate_finds_a_session_known_only_to_the_remote(nbt, remote):
