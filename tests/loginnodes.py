@@ -19,6 +19,7 @@ import ipaddress
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,21 +42,10 @@ from unattended import TcpProxy
 
 POOL = ipaddress.ip_network("10.218.0.0/16")
 NODES = ("a", "b")
-INIT = """\
-import os, sys
-child = os.fork()
-if child == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-while True:
-    try:
-        pid, _ = os.wait()
-    except ChildProcessError:
-        break
-    except InterruptedError:
-        continue
-    if pid == child:
-        break
-"""
+# PID 1 of a node (tests/node_init.py), copied into the work directory: the node mounts
+# a /tmp of its own, which hides a checkout or venv under /tmp, so the node runs Debian's
+# own python3 on that copy.
+NODE_PYTHON = "/usr/bin/python3"
 
 
 def _stale(name: str) -> bool:
@@ -146,7 +136,7 @@ class LoginNodes(RemoteHost):
             _reap_stale_nodes()
             self.workdir.mkdir(mode=0o755)
             self._make_nodes_network()
-        (self.workdir / "init.py").write_text(INIT)
+        shutil.copy(Path(__file__).with_name("node_init.py"), self.workdir / "init.py")
         self.front = Front([(self.addresses[n], 22) for n in NODES])
         self.ip, self.port = "127.0.0.1", self.front.port
         self._make_user()
@@ -216,7 +206,7 @@ LogLevel VERBOSE
         """Boot NODE: its init as PID 1 of a pid namespace, its own /tmp and hostname, sshd."""
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         boot = (f"hostname {self.hostnames[node]} && mount -t tmpfs -o mode=1777 tmpfs /tmp "
-                f"&& exec {sys.executable} {self.workdir}/init.py {SSHD} -D "
+                f"&& exec {NODE_PYTHON} {self.workdir}/init.py {SSHD} -D "
                 f"-f {self.node_file(node, 'sshd_config')} -E {self.node_file(node, 'sshd_log')}")
         if self.front is not None:
             self.front.down.discard((self.addresses[node], 22))
