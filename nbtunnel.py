@@ -5343,13 +5343,18 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
     failures, said = 0, None
     while True:
         if failures:
-            time.sleep(min(BACKOFF_MAX, 2 ** (failures - 1)))
+            wait_backoff(conn, min(BACKOFF_MAX, 2 ** (failures - 1)))
         else:
             wait_watching(rec, s.interval, conn)
         current = fresh_record(s)
         if current and current.get("socket") not in (None, conn.socket):
             conn = s.connection(current)  # another command made the session a new connection
             conn.no_prompt = not on_terminal()
+        held = WATCHED.get((current or rec)["local_port"])
+        if held is not None and not held.forwarded and current and current != rec \
+                and conn.alive():  # a command on a terminal connected and proved it anew
+            with contextlib.suppress(Error):
+                held.resume(conn.socket, recorded_destination(current))
         if not forwarded((current or rec)["local_port"]):
             pass  # the master has ended: repair at once
         elif healthy(s, current, conn):
@@ -5686,6 +5691,25 @@ def forwarded(port: int, listening: bool = True) -> bool:
     if port in WATCHED:
         return WATCHED[port].forwarded
     return local_port_open(port) if listening else True
+
+
+def wait_backoff(conn, seconds: float) -> None:
+    """Sleep SECONDS between two repairs, or less: return as soon as a master runs at
+    CONN's control socket where none ran (a command on a terminal has connected, e.g.
+    with the one-time code --watch cannot type)."""
+    def master_up() -> bool:
+        try:
+            mux_connect(conn.socket).close()
+            return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + seconds
+    absent = isinstance(conn, Connection) and not master_up()
+    while time.monotonic() < deadline:
+        time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+        if absent and master_up():
+            return
 
 
 def wait_watching(rec, seconds: float, conn) -> None:
