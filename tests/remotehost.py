@@ -142,12 +142,20 @@ def _run_pid(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_STARTED_HERE: list[Path] = []  # work directories of the hosts this process started
+
+
 def _reap_stale_runs(keep: Path) -> None:
-    """Remove what earlier runs of this suite left behind (their pytest pid is gone), except keep."""
+    """Remove what earlier runs of this suite left behind (their pytest pid is gone), except
+    keep.  What carries this process's own pid is an earlier run's (the pid was reused)
+    only until a host of this process has started: after that it is that live host's,
+    e.g. the shared test remote when a second host (OtpHost) starts."""
     own = os.getpid()
 
     def stale(pid: int | None) -> bool:
-        return pid is not None and (pid == own or not pid_alive(pid))
+        if pid == own:
+            return not _STARTED_HERE
+        return pid is not None and not pid_alive(pid)
 
     for pid in find_pids(r"nbtremote-\d+-"):
         match = re.search(r"nbtremote-(\d+)-", " ".join(proc_cmdline(pid)))
@@ -247,6 +255,7 @@ class RemoteHost:
         """Create network, user, keys and configs, and start sshd."""
         with _machine_lock():
             _reap_stale_runs(keep=self.workdir)
+            _STARTED_HERE.append(self.workdir)
             self._make_network()
         self._make_user()
         self._make_keys()
