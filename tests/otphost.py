@@ -42,7 +42,8 @@ class OtpHost(RemoteHost):
         super().__init__()
         pid = os.getpid()
         self.user = f"nbo{pid}"
-        self.netns = None
+        self.netns = None  # and no veth: the shared test remote's (nbt<pid>h) is not ours
+        self.veth_host = f"nbo{pid}h"
         self.service = f"nbo{pid}"
         self.pam_file = PAM_DIR / self.service
         self.users_file = self.workdir / "users.oath"
