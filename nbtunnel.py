@@ -4774,7 +4774,7 @@ def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False,
                             discover=discover, only=session.name if named else None)
     try:
         answers = conn.run_helper("status", params, timeout=session.timeout + 10)
-        answers += follow_nodes(session, recs[0], answers, no_prompt)
+        answers += follow_nodes(session, first or dict(host=host), answers, no_prompt)
     except Error as e:
         return up, {}, e
     finally:

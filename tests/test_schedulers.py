@@ -132,9 +132,10 @@ class GridEngine(Slurm):
 
     def pending_line(self, job: str) -> str:
         # Grid Engine's state and its scheduler's own reason (qstat -j's scheduling
-        # info), cut to the terminal's width.
+        # info), cut to the terminal's width: how much of it fits depends on the length
+        # of the node's name (the run's pid is in it).
         return (rf"\rnbtunnel: job {job} qw \(queue instance \"{self.cell.queue}@"
-                rf"{self.cell.node_name}\" dropped because")
+                rf"{self.cell.node_name}\" dr")
 
     def hold(self) -> str:
         """A job of the test's own that holds every slot of the node."""
