@@ -94,9 +94,17 @@ class LabTab:
             raise
 
     def wait_idle(self, timeout: float) -> None:
-        """Wait until the notebook's kernel indicator says idle (its kernel is connected)."""
-        self.page.wait_for_selector(
-            '.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=timeout * 1000
+        """Wait until the notebook's kernel is connected and idle, as the status bar says
+        ("Python 3 (ipykernel) | Idle"). Not the toolbar's execution indicator: it says
+        "idle" from the start, before any kernel, and a cell run then finds no kernel
+        (JupyterLab drops the run, or asks for a kernel in a dialog)."""
+        self.page.wait_for_function(
+            """() => {
+                const item = document.querySelector(
+                    '.jp-StatusBar-TextItem[title^="Change kernel"]');
+                return item !== null && / [|] Idle$/.test(item.textContent.trim());
+            }""",
+            timeout=timeout * 1000,
         )
 
     def run(self, code: str) -> None:
@@ -108,14 +116,19 @@ class LabTab:
         editor.press("ControlOrMeta+a")
         editor.press_sequentially(code)
         editor.press("Shift+Enter")
-        # Right after the kernel came up, JupyterLab sometimes drops a run silently (the
-        # prompt stays "[ ]:", nothing sent): run it again in place until it is taken
-        # ("[*]:" while queued or running, then its number).
+        # A run JupyterLab did not take (the prompt stays "[ ]:", nothing sent) is run again
+        # in place until it is taken ("[*]:" while queued or running, then its number). A
+        # dialog instead is a failure, and says what it is.
         prompt = cell.locator(".jp-InputPrompt")
         for _ in range(20):
             time.sleep(0.5)
             if prompt.inner_text().strip() not in ("[ ]:", ""):
                 break
+            if self.dialogs():
+                raise AssertionError(
+                    f"running {code!r} opened a dialog: {self.dialogs()!r}; kernel"
+                    f" {self.kernel_status()!r}\nconsole:\n" + "\n".join(self.console[-30:])
+                )
             editor.click()
             editor.press("Control+Enter")
         self.runs += 1
@@ -139,12 +152,17 @@ class LabTab:
         with contextlib.suppress(Exception):
             self.page.screenshot(path="/tmp/nbt-tab-failed.png")
         cells = self.page.locator(".jp-Notebook .jp-Cell .cm-content").all_inner_texts()
-        status = self.page.locator(".jp-Notebook-ExecutionIndicator, .jp-KernelStatus").all_inner_texts()
+        status = self.kernel_status()
         raise TimeoutError(
             f"the tab did not show {expected!r} within {timeout}s (it shows {self.output()!r});"
             f" cells {cells!r}, kernel {status!r}, dialogs: {self.dialogs()!r}\nconsole:\n"
             + "\n".join(self.console[-30:])
         )
+
+    def kernel_status(self) -> str:
+        """What the status bar says of the kernel ("Python 3 (ipykernel) | Idle")."""
+        item = self.page.locator('.jp-StatusBar-TextItem[title^="Change kernel"]')
+        return item.first.inner_text().strip() if item.count() else ""
 
     def kernel_name(self) -> str:
         """What the notebook's toolbar says of its kernel ("Python 3 (ipykernel)", "No Kernel")."""
