@@ -2979,8 +2979,14 @@ class BatchManager(SessionManager):
         return desc
 
 
-TMUX_SOCKET = ('import os;print(os.path.join(os.path.realpath(os.environ.get("TMUX_TMPDIR") '
-               'or "/tmp"),"tmux-%d"%os.getuid(),"default"))')
+def tmux_socket():
+    """Run on the remote (remote_call): print tmux's default socket, $TMUX_TMPDIR (else
+    /tmp), then tmux-UID/default."""
+    import os
+
+    tmpdir = os.path.realpath(os.environ.get("TMUX_TMPDIR") or "/tmp")
+    print(os.path.join(tmpdir, "tmux-%d" % os.getuid(), "default"))
+    return 0
 
 
 class Tmux(SessionManager):
@@ -3011,8 +3017,8 @@ class Tmux(SessionManager):
         return ["tmux", "capture-pane", "-p", "-J", "-t", "=" + self.target(session) + ":"]
 
     def server(self, session):
-        """tmux's default socket: $TMUX_TMPDIR (else /tmp), then tmux-UID/default."""
-        return ["@PYTHON@", "-c", TMUX_SOCKET]
+        """tmux's default socket (see tmux_socket)."""
+        return remote_call(tmux_socket)
 
 
 class ShellEnvironment:
