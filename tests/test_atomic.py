@@ -99,7 +99,8 @@ def test_ctrl_c_while_the_master_connects(nbt, remote):
     (signal.SIGHUP, 1.0),   # the terminal was closed
 ])
 def test_interrupted_remote_start_stops_its_server(nbt, remote, sig, delay):
-    proc, err = started(nbt)
+    # Jupyter starts 5 s late, so that every signal lands before the server answers.
+    proc, err = started(nbt, "--jupyter", "sh -c 'sleep 5; exec jupyter lab \"$@\"' sh")
     err.wait_for(HELPER)
     time.sleep(delay)
     proc.send_signal(sig)
