@@ -12,6 +12,8 @@ import urllib.request
 from urllib.parse import parse_qs, urlparse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# The status bar's kernel item: "Python 3 (ipykernel) | Idle", from the session's real kernel.
+KERNEL_STATUS = '.jp-StatusBar-TextItem[title^="Change kernel"]'
 
 
 def missing() -> str:
@@ -99,11 +101,11 @@ class LabTab:
         "idle" from the start, before any kernel, and a cell run then finds no kernel
         (JupyterLab drops the run, or asks for a kernel in a dialog)."""
         self.page.wait_for_function(
-            """() => {
-                const item = document.querySelector(
-                    '.jp-StatusBar-TextItem[title^="Change kernel"]');
+            """selector => {
+                const item = document.querySelector(selector);
                 return item !== null && / [|] Idle$/.test(item.textContent.trim());
             }""",
+            arg=KERNEL_STATUS,
             timeout=timeout * 1000,
         )
 
@@ -161,7 +163,7 @@ class LabTab:
 
     def kernel_status(self) -> str:
         """What the status bar says of the kernel ("Python 3 (ipykernel) | Idle")."""
-        item = self.page.locator('.jp-StatusBar-TextItem[title^="Change kernel"]')
+        item = self.page.locator(KERNEL_STATUS)
         return item.first.inner_text().strip() if item.count() else ""
 
     def kernel_name(self) -> str:
