@@ -186,7 +186,10 @@ def test_compute_node_is_reachable_from_the_login_node_only(cluster, jobs):
             answer = ""
         assert answer == ""
     finally:
-        forward.terminate()
+        # SIGKILL, not SIGTERM: OpenSSH 9.2's client loop checks its quit flag and then
+        # calls poll() with no signal mask and no timeout, so a SIGTERM landing between
+        # the two is lost and ssh waits for traffic that never comes (seen once in CI).
+        forward.kill()
         forward.wait(timeout=10)
     proc = cluster.ssh(f"scancel {job}")
     assert proc.returncode == 0, proc.stderr
