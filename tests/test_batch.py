@@ -9,10 +9,12 @@ that the jobs resolve names as each layout says; the login node keeps the machin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from urllib.parse import urlparse
@@ -235,18 +237,22 @@ def test_busy_kernel_keeps_it_and_time_limit_is_resubmitted(batch):
 # Interrupted submission ##########################################################
 
 
-def test_interrupt_while_submitting_leaves_no_job(batch):
-    """Ctrl-C while the scheduler's submit command runs (its job id not known yet)."""
-    host, nbt = batch.host, batch.nbt
+@contextlib.contextmanager
+def slow_submit(batch):
+    """The scheduler's submit command, on the login PATH, made to start 4 s late; yields
+    (a file that exists once it runs, a file that then holds what it printed)."""
+    host = batch.host
     program = "sbatch" if batch.name == "slurm" else "qsub"
     real = host.run(f"command -v {program}").stdout.strip()
     assert real.startswith("/"), real
     slow = host.home / "slow-submit"
     slow.mkdir(exist_ok=True)
-    marker = slow / "running"
+    marker, printed = slow / "running", slow / "printed"
     marker.unlink(missing_ok=True)
+    printed.unlink(missing_ok=True)
     wrapper = slow / program
-    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 4\nexec {real} "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\ntouch "{marker}"\nsleep 4\nout=$({real} "$@")\n'
+                       f'code=$?\nprintf "%s\\n" "$out" | tee "{printed}"\nexit $code\n')
     wrapper.chmod(0o755)
     for path in (slow, wrapper):
         os.chown(path, host.uid, host.uid)
@@ -254,13 +260,49 @@ def test_interrupt_while_submitting_leaves_no_job(batch):
     kept = profile.read_text()
     profile.write_text(f'PATH="{slow}:$PATH"\nexport PATH\n' + kept)
     try:
-        proc = nbt.popen(host.alias, "--manager", batch.name, "--timeout", "120",
-                         start_new_session=True)
-        wait_until(marker.exists, 120, interval=0.1, message=f"{program} runs")
+        yield marker, printed
+    finally:
+        profile.write_text(kept)
+
+
+def test_interrupt_while_submitting_leaves_no_job(batch):
+    """Ctrl-C while the scheduler's submit command runs (its job id not known yet)."""
+    with slow_submit(batch) as (marker, _):
+        proc = batch.nbt.popen(batch.host.alias, "--manager", batch.name, "--timeout", "120",
+                               start_new_session=True)
+        wait_until(marker.exists, 120, interval=0.1, message="the submit command runs")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at a terminal: its process group
         _, err = proc.communicate(timeout=180)
         assert proc.returncode != 0 and "Traceback" not in err, err
         time.sleep(8)  # the submit command had 4 s to go: a job would be there by now
         wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
-    finally:
-        profile.write_text(kept)
+
+
+@pytest.mark.parametrize("killed", ["everything", "nbtunnel"])
+def test_killed_while_submitting_leaves_no_job_unseen(batch, killed):
+    """nbtunnel killed outright (SIGKILL: nothing on this side can cancel) while the submit
+    command runs.  With everything it runs here (its ssh client and the master too, as when
+    a logout kills the session's processes), the remote side can no longer tell anyone the
+    id and cancels the job itself.  With nbtunnel alone, its ssh client still takes the
+    answer: the job runs unrecorded, --status shows it and --terminate ends it."""
+    host, nbt = batch.host, batch.nbt
+    with slow_submit(batch) as (marker, printed):
+        proc = nbt.popen(host.alias, "--manager", batch.name, "--timeout", "120",
+                         start_new_session=True)
+        wait_until(marker.exists, 120, interval=0.1, message="the submit command runs")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        if killed == "everything":  # its ssh processes run in sessions of their own
+            ssh = subprocess.run(["pkill", "-KILL", "-f", "^ssh -F %s " % re.escape(
+                str(nbt.ssh_config))], check=False)
+            assert ssh.returncode == 0, "no ssh process of nbtunnel was found"
+        wait_until(lambda: printed.exists() and re.search(r"[0-9]", printed.read_text()), 60,
+                   interval=0.2, message="the job was submitted and given an id")
+        if killed == "nbtunnel":
+            wait_until(batch.live_jobs, 60, interval=1, message="the job is there")
+            proc = nbt.run(host.alias, "--status", timeout=120)
+            assert proc.returncode == 0 and "not recorded here" in proc.stdout, proc
+            assert "--terminate" in proc.stdout, proc.stdout
+            proc = nbt.run(host.alias, "--terminate", timeout=180)
+            assert proc.returncode == 0, proc.stderr
+        wait_until(lambda: not batch.live_jobs(), 60, interval=1, message="no job left")
