@@ -4790,7 +4790,9 @@ def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False,
 
 
 def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) -> list:
-    """The answers of the sessions in ANSWERS that live on other login nodes, asked there."""
+    """The answers of the sessions in ANSWERS that live on other login nodes, asked there
+    (at the node's address, else through HOST); a node reached neither way keeps its
+    sessions' answers ("elsewhere")."""
     by_node = {}
     for a in answers:
         if a.get("server") == "elsewhere" and login_node(a):
@@ -4800,13 +4802,17 @@ def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) ->
         conn = session.connection(dict(rec, socket=None, login_node=None), rec["host"])
         conn.no_prompt = conn.no_prompt or no_prompt
         conn.point(json.loads(node))
-        up = conn.alive()
         params = session.params(here[0]["session"], sessions=[a["session"] for a in here],
                                 session_managers={a["session"]: a.get("manager") for a in here})
         try:
+            conn.open(fall_back=False, jump=True)
             found += conn.run_helper("status", params, timeout=session.timeout + 10)
+        except SshError as e:
+            if e.kind not in SSH_LINK:
+                raise
+            log.debug("%s", e)
         finally:
-            if conn.opened_here and not up:
+            if conn.opened_here:  # a master this command opened
                 conn.close()
     return found
 

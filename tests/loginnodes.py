@@ -236,6 +236,21 @@ LogLevel VERBOSE
         _root(["ip", "netns", "exec", self.node_ns[node], "ip", "route", verb,
                f"{self.addresses[other]}/32", "via", self.peer_via[node]], check=reach)
 
+    def reach_from_here(self, node: str, reach: bool) -> None:
+        """Let this machine reach NODE's address, or not (no route: only the name leads
+        there); the front, which leads to the nodes too, must then land elsewhere."""
+        verb = "del" if reach else "replace"
+        _root(["ip", "route", verb, "unreachable", f"{self.addresses[node]}/32"], check=False)
+
+    def forwarding(self, node: str, allowed: bool) -> None:
+        """Restart NODE's sshd with TCP forwarding allowed or not (its processes end)."""
+        config = self.node_file(node, "sshd_config")
+        text = config.read_text().replace("AllowTcpForwarding no", "AllowTcpForwarding yes")
+        config.write_text(text if allowed else text.replace(
+            "AllowTcpForwarding yes", "AllowTcpForwarding no"))
+        self.take_down(node)
+        self.start_node(node)
+
     def node_of(self, pid: int) -> str | None:
         """The node whose pid namespace holds PID."""
         try:

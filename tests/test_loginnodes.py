@@ -42,9 +42,12 @@ def laptops(nodes: LoginNodes) -> Iterator:
     yield lambda: _runner(nodes, made)
     nodes.land_on(None)
     for node in NODES:  # a test that took a node down or apart brings it back first
+        if "AllowTcpForwarding no" in nodes.node_file(node, "sshd_config").read_text():
+            nodes.forwarding(node, True)
         if node not in nodes.inits:
             nodes.start_node(node)
         nodes.reach_peer(node, True)
+        nodes.reach_from_here(node, True)
     for runner in made:
         runner.cleanup()
     subprocess.run(["rm", "-rf", str(nodes.home / ".local/state/nbtunnel")], check=False)
@@ -211,3 +214,37 @@ def test_a_node_the_landing_node_cannot_reach_is_not_taken_for_gone(nodes, lapto
     proc = other.run(nodes.alias, "--terminate", timeout=180)
     assert proc.returncode == 0 and "stopped" in proc.stderr, proc.stderr
     wait_until(lambda: not any(nodes.jupyters().values()), 30, message="jupyter stopped")
+
+
+def test_a_node_this_side_cannot_reach_is_reached_through_the_name(nodes, laptops):
+    """Node a answers the node the name lands on but not this machine: a command goes to it
+    through the name (ProxyJump); when that way is shut too, it says where the session is
+    and starts nothing elsewhere."""
+    laptop = laptops()
+    nodes.land_on("a")
+    info = start(laptop)
+    kill_masters(nodes.ssh_config)
+    nodes.land_on("b")
+    nodes.reach_from_here("a", False)
+
+    other = laptops()  # no record: lands on b, learns a, whose address does not answer
+    seen = start(other)
+    assert seen["reused"] and seen["token"] == info["token"], seen
+    assert seen["login_node"] == nodes.hostnames["a"], seen
+    [record] = other.state_dir.rglob("*@nbtunnel.json")
+    assert json.loads(record.read_text())["login_route"] == "jump", record.read_text()
+    assert api_status(seen["url"]) == 200
+    proc = laptop.run("--status", "--json", timeout=120)  # its record says a, by the name
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["server"] == "running", proc.stdout
+    one_jupyter(nodes, "a")
+
+    kill_masters(nodes.ssh_config)
+    nodes.forwarding("b", False)  # b answers, a lives, and b leads nowhere
+    third = laptops()
+    proc = third.run(nodes.alias, timeout=180)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr
+    assert f"login node {nodes.hostnames['a']}" in said and nodes.addresses["a"] in said, said
+    assert "cannot be reached from here, neither directly nor through" in said, said
+    one_jupyter(nodes, "a")  # nothing was started on b
