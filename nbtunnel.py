@@ -3780,6 +3780,9 @@ class Connection(Transport):
             try:
                 return self.open_master()
             except SshError as e:
+                if e.kind == "hostkey-changed":
+                    raise SshError(MSG_NODE_HOSTKEY.format(host=self.host, key=host_key_name(
+                        self.options, self.host), **node), kind=e.kind) from None
                 if e.kind not in SSH_LINK:
                     raise SshError("%s (reaching its login node %s at %s)" % (
                         e, node["node"], node["address"]), kind=e.kind) from None
@@ -3881,6 +3884,14 @@ MSG_NODE_UNREACHABLE = (
     "session runs on login node {node} of {host} ({address} port {port}), which cannot be "
     "reached from here, neither directly nor through {host}: {detail}. Reach {node} with "
     "ssh yourself, or terminate the session from there")
+
+
+MSG_NODE_HOSTKEY = (
+    "session runs on login node {node} of {host} ({address}), which shows a host key that "
+    "is not one known for {host} (possible man-in-the-middle); nbtunnel will not connect to "
+    "it. Login nodes behind one name are checked against the keys known for the name: if "
+    "the administrator confirms that {node} has a key of its own, add that key to "
+    "known_hosts under the name {key}")
 
 
 def login_node(answer: dict):

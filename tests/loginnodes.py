@@ -251,6 +251,19 @@ LogLevel VERBOSE
         self.take_down(node)
         self.start_node(node)
 
+    def own_host_key(self, node: str, own: bool) -> None:
+        """Restart NODE's sshd with a host key of its own (a node that is not the one the
+        name's key vouches for), or with the shared key again (its processes end)."""
+        key = self.node_file(node, "host_key")
+        if own and not key.exists():
+            _root(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "other", "-f", str(key)])
+        config = self.node_file(node, "sshd_config")
+        text = config.read_text().replace(f"HostKey {key}\n", f"HostKey {self.host_key}\n")
+        config.write_text(text.replace(f"HostKey {self.host_key}\n", f"HostKey {key}\n")
+                          if own else text)
+        self.take_down(node)
+        self.start_node(node)
+
     def node_of(self, pid: int) -> str | None:
         """The node whose pid namespace holds PID."""
         try:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -42,8 +43,11 @@ def laptops(nodes: LoginNodes) -> Iterator:
     yield lambda: _runner(nodes, made)
     nodes.land_on(None)
     for node in NODES:  # a test that took a node down or apart brings it back first
-        if "AllowTcpForwarding no" in nodes.node_file(node, "sshd_config").read_text():
+        config = nodes.node_file(node, "sshd_config").read_text()
+        if "AllowTcpForwarding no" in config:
             nodes.forwarding(node, True)
+        if f"HostKey {nodes.node_file(node, 'host_key')}\n" in config:
+            nodes.own_host_key(node, False)
         if node not in nodes.inits:
             nodes.start_node(node)
         nodes.reach_peer(node, True)
@@ -248,3 +252,34 @@ def test_a_node_this_side_cannot_reach_is_reached_through_the_name(nodes, laptop
     assert f"login node {nodes.hostnames['a']}" in said and nodes.addresses["a"] in said, said
     assert "cannot be reached from here, neither directly nor through" in said, said
     one_jupyter(nodes, "a")  # nothing was started on b
+
+
+def test_a_node_whose_host_key_differs_is_refused(nodes, laptops):
+    """Login nodes behind one name share its host key: a node that shows another key is
+    refused (a man in the middle could be that node), with the node named, never skipped
+    for a start on another node."""
+    laptop = laptops()
+    nodes.land_on("a")
+    start(laptop)
+    kill_masters(nodes.ssh_config)
+    nodes.own_host_key("a", True)  # its processes end with its sshd: the server is gone
+    nodes.land_on("b")
+    for who in (laptop, laptops()):  # with the record (straight to a), and without (via b)
+        proc = who.run(nodes.alias, timeout=180)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        said = proc.stderr
+        assert f"login node {nodes.hostnames['a']} of {nodes.alias}" in said, said
+        assert "not one known for" in said and nodes.addresses["a"] in said, said
+        assert not any(nodes.jupyters().values()), "nothing started on b"
+    # The fix the message gives: a's own key under the name's, once checked.
+    name = f"[{nodes.ip}]:{nodes.port}"
+    assert f"known_hosts under the name {name}" in said, said
+    public = " ".join(Path(f"{nodes.node_file('a', 'host_key')}.pub").read_text().split()[:2])
+    kept = nodes.known_hosts.read_text()
+    try:
+        nodes.known_hosts.write_text(kept + f"{name} {public}\n")
+        again = start(laptop)  # its server died with the node's processes: started there again
+        assert again["login_node"] == nodes.hostnames["a"] and api_status(again["url"]) == 200
+        one_jupyter(nodes, "a")
+    finally:
+        nodes.known_hosts.write_text(kept)

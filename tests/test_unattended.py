@@ -185,6 +185,24 @@ def test_watch_exits_when_shut_down_from_the_browser(nbt, remote):
     assert [r["ended"] for r in nbt.status()] == ["shutdown"]
 
 
+def test_watch_exits_when_the_server_ended_itself_idle(nbt, remote):
+    """--idle-timeout under tmux: Jupyter ends itself (it looks once a minute), --watch
+    says so and exits instead of restarting it, and --ensure leaves it ended."""
+    proc, url = watch(nbt, "--idle-timeout", "0.5")
+    port = int(url.split(":")[2].split("/")[0])
+    code, out, err = finish(proc, None, timeout=240)
+    assert code == 0, err
+    assert "was idle for 0.5 min" in err, err
+    wait_until(lambda: not jupyter_pids(remote), 15, message="server gone")
+    assert remote.tmux_sessions() == []
+    assert not masters(nbt.ssh_config) and not local_port_open(port)
+    [row] = nbt.status()
+    assert row["ended"] == "idle" and row["idle_timeout"] == 0.5, row
+    again = ensure(nbt)
+    assert again.returncode == 0 and again.stdout == "", (again.stdout, again.stderr)
+    assert not jupyter_pids(remote) and nbt.status()[0]["ended"] == "idle"
+
+
 def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):
     proc, url = watch(nbt)
     done = nbt.run("--terminate")
