@@ -317,6 +317,8 @@ LogLevel VERBOSE
 
     def stop(self) -> None:
         self.kill_user_processes()
+        for node in self.addresses:
+            self.reach_from_here(node, True)
         for node in list(self.inits):
             self.take_down_quietly(node)
         if self.front is not None:
