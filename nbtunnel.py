@@ -4803,7 +4803,7 @@ def ask_host(session: Session, host: str, recs: list, no_prompt: bool = False,
 def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) -> list:
     """The answers of the sessions in ANSWERS that live on other login nodes, asked there
     (at the node's address, else through HOST); a node reached neither way keeps its
-    sessions' answers ("elsewhere")."""
+    sessions' answers ("elsewhere"), with the reason as "unreached"."""
     by_node = {}
     for a in answers:
         if a.get("server") == "elsewhere" and login_node(a):
@@ -4821,7 +4821,8 @@ def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) ->
         except SshError as e:
             if e.kind not in SSH_LINK:
                 raise
-            log.debug("%s", e)
+            for a in here:
+                a["unreached"] = str(e)
         finally:
             if conn.opened_here:  # a master this command opened
                 conn.close()
@@ -4966,6 +4967,7 @@ def cmd_status(run: Run) -> int:
             row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True)
             if a and a.get("login_node"):  # where it runs now, as the host says
                 row["login_node"] = a["login_node"]
+            row["unreached"] = a.get("unreached") if a else None
             if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
                 row["ended"] = a["ended"]
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
@@ -5024,6 +5026,8 @@ def cmd_status(run: Run) -> int:
                 pending = "\tlogin node %s is gone, and its server with it: --ensure starts " \
                     "a new one on a node that answers, --terminate forgets it%s" % (
                         r["login_node"], pending)
+            elif r["unreached"]:
+                pending = "\t%s%s" % (r["unreached"], pending)
             elif r["login_node"]:
                 pending = "\tlogin node %s%s" % (r["login_node"], pending)
             print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (

@@ -252,6 +252,14 @@ def test_a_node_this_side_cannot_reach_is_reached_through_the_name(nodes, laptop
     assert f"login node {nodes.hostnames['a']}" in said and nodes.addresses["a"] in said, said
     assert "cannot be reached from here, neither directly nor through" in said, said
     one_jupyter(nodes, "a")  # nothing was started on b
+    proc = laptop.run("--status", "--json", timeout=120)  # says where, and why not reached
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    [row] = json.loads(proc.stdout)
+    assert row["server"] == "elsewhere", row
+    assert "neither directly nor through" in row["unreached"], row
+    assert nodes.addresses["a"] in row["unreached"], row
+    proc = laptop.run("--status", timeout=120)
+    assert proc.returncode == 0 and row["unreached"] in proc.stdout, proc.stdout
 
 
 def test_a_node_whose_host_key_differs_is_refused(nodes, laptops):
