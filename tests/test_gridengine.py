@@ -153,9 +153,11 @@ def test_warning_before_the_time_limit_stops_jupyter_cleanly(gecell, nbt_ge):
     wait_until(lambda: [r for r in ours(cell) if r["job_id"] != job and r["state"] == "r"]
                and answers(out["url"]), 120, interval=0.5,
                message="--watch resubmitted the job at the same URL")
+    # The first start's forward may reach the new server before --watch has recorded it;
+    # a Ctrl-C before that line cancels the job, as it should.
+    said = wait_logged(watch, f"started Jupyter on {cell.alias}", 60)  # or restarted
     code, _, err = finish(watch)
-    assert code == 0, err
-    assert f"started Jupyter on {cell.alias}" in err, err  # started or restarted
+    assert code == 0, said + err
     print(f"measured: s_rt=0:1:00 h_rt=0:5:00 job stopped {ended:.0f}s after the URL was printed")
 
 
