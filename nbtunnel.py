@@ -699,13 +699,14 @@ class Session:
         if conn is None:
             conn = Connection(host, options, os.path.realpath(self.state), self.timeout)
             node, route = login_node(rec or {}), (rec or {}).get("login_route")
-            if node and route in ("direct", "jump"):  # the way its connection went
+            # The way its connection went, while the ssh config still leads that way (a
+            # laptop on another network may resolve the name to other addresses); else
+            # the name, wherever it lands, and on from there.
+            if node and route == "jump" or route == "direct" and node and node_way(
+                    options, host, node) == "direct":
                 conn.point(node, route == "jump")
             if rec and rec.get("socket") and os.path.exists(rec["socket"]):
                 conn.socket = rec["socket"]  # found even from cron, whose XDG_RUNTIME_DIR differs
-            if node and route not in ("direct", "jump") and rec.get("login_direct") \
-                    and not conn.alive():  # a new connection goes straight to the node
-                conn.point(node)
         conn.no_prompt = getattr(conn, "no_prompt", False) or self.no_prompt
         return conn
 
@@ -3721,7 +3722,7 @@ class Connection(Transport):
         log.debug("%s: the session lives on login node %s (%s)", self.host, node["node"],
                   node["address"])
         landed, opened = self.socket, self.opened_here
-        self.point(node)
+        self.point(node, node_way(self.options, self.host, node) == "jump")
         self.opened_here = False
         try:
             self.open(fall_back=False, jump=answer.get("alive", True))
@@ -3882,8 +3883,8 @@ class Connection(Transport):
 
 MSG_NODE_UNREACHABLE = (
     "session runs on login node {node} of {host} ({address} port {port}), which cannot be "
-    "reached from here, neither directly nor through {host}: {detail}. Reach {node} with "
-    "ssh yourself, or terminate the session from there")
+    "reached from here along the route your ssh config gives {host}: {detail}. Reach {node} "
+    "with ssh yourself, or terminate the session from there")
 
 
 MSG_NODE_HOSTKEY = (
@@ -3909,17 +3910,48 @@ def login_node(answer: dict):
     return dict(node=str(answer["login_node"]), address=address, port=port)
 
 
-def host_key_name(options: list, host: str) -> str:
-    """The name HOST's host key is known under (what ssh -G says: its HostKeyAlias, else its
-    HostName, with the port when not 22), so that a login node behind HOST is checked
-    against the key the user trusts for HOST."""
+def ssh_settings(options: list, host: str) -> dict:
+    """What the ssh config makes of HOST with OPTIONS (`ssh -G`: lower-case keys, e.g.
+    hostname, port, proxyjump, proxycommand); {} when ssh cannot say."""
     try:
         r = subproc(["ssh"] + list(options) + ["-G", host], stdin=subprocess.DEVNULL,
                     capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired):
-        r = None
-    seen = dict(line.split(" ", 1) for line in (r.stdout if r else "").splitlines()
-                if " " in line)
+        return {}
+    return dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+
+
+def node_way(options: list, host: str, node: dict) -> str:
+    """How a new connection reaches login NODE behind HOST along the route the ssh config
+    gives HOST: "direct" (HOST's own settings aimed at the node's address) when that is the
+    configured path: the config's ProxyJump or ProxyCommand leads on to it, or HOST's
+    HostName resolves to several addresses and the node's is one (round-robin DNS);
+    otherwise "jump" (through HOST, ProxyJump).  Never a probe of an address the config
+    does not name: a bastion that must not be bypassed is not."""
+    seen = ssh_settings(options, host)
+    if any(seen.get(key, "none") != "none" for key in ("proxyjump", "proxycommand")):
+        return "direct"
+    return "direct" if round_robin(seen, host, node) else "jump"
+
+
+def round_robin(seen: dict, host: str, node: dict) -> bool:
+    """Does HOST's HostName (SEEN: its ssh -G settings) resolve to several addresses, the
+    address of login NODE among them (a name that DNS hands out round robin)?"""
+    import socket
+
+    try:
+        found = {a[4][0] for a in socket.getaddrinfo(seen.get("hostname", host), None,
+                                                      type=socket.SOCK_STREAM)}
+    except (OSError, UnicodeError):
+        return False
+    return len(found) > 1 and node["address"] in found
+
+
+def host_key_name(options: list, host: str) -> str:
+    """The name HOST's host key is known under (what ssh -G says: its HostKeyAlias, else its
+    HostName, with the port when not 22), so that a login node behind HOST is checked
+    against the key the user trusts for HOST."""
+    seen = ssh_settings(options, host)
     if seen.get("hostkeyalias", "none") != "none":
         return seen["hostkeyalias"]
     name, port = seen.get("hostname", host), seen.get("port", "22")
@@ -4379,15 +4411,12 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
         rec["remote_host"] = info["address"]
     if login_node(info):  # which of the login nodes behind HOST runs it
         rec.update((k, info[k]) for k in LOGIN_FIELDS)
-        # How the connection of this record goes (to HOST, wherever it lands; to the node's
-        # address; through HOST to it), and whether a new one may go straight to the node.
+        # How a new connection reaches the node: through HOST, wherever it lands ("name");
+        # at the node's address along HOST's route ("direct": the way the command followed
+        # it, or a round-robin name that lists it); through HOST to it ("jump").
         via = getattr(conn, "node", None)
-        rec["login_route"] = "name" if not via else "jump" if conn.jump else "direct"
-        known = old and old.get("login_address") == info["login_address"] and old.get(
-            "login_port") == info["login_port"] and "login_direct" in old  # probed before
-        rec["login_direct"] = rec["login_route"] == "direct" or not via and (
-            old["login_direct"] if known else port_answers(info["login_address"],
-                                                           info["login_port"]))
+        rec["login_route"] = "jump" if via and conn.jump else "direct" if via or round_robin(
+            ssh_settings(conn.options, host), host, login_node(info)) else "name"
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
         warn_options_differ(host, session, was, params["options"])
@@ -4612,18 +4641,6 @@ MSG_NODE_GONE = ("login node {node} of {host}, which ran session {session}, is g
                  "of the rotation); its server went with it")
 
 
-def port_answers(address: str, port: int, timeout: float = 2.0) -> bool:
-    """Does ADDRESS:PORT accept a TCP connection from here (no login: is a login node's sshd
-    reachable at its own address, or only through the name)?"""
-    import socket
-
-    try:
-        socket.create_connection((address, port), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def on_node(rec: dict) -> str:
     """" (login node X)" when REC names the login node behind its host that runs it."""
     return " (login node %s)" % rec["login_node"] if rec.get("login_node") else ""
@@ -4812,7 +4829,8 @@ def follow_nodes(session: Session, rec: dict, answers: list, no_prompt: bool) ->
     for node, here in by_node.items():
         conn = session.connection(dict(rec, socket=None, login_node=None), rec["host"])
         conn.no_prompt = conn.no_prompt or no_prompt
-        conn.point(json.loads(node))
+        node = json.loads(node)
+        conn.point(node, node_way(conn.options, conn.host, node) == "jump")
         params = session.params(here[0]["session"], sessions=[a["session"] for a in here],
                                 session_managers={a["session"]: a.get("manager") for a in here})
         try:

@@ -42,6 +42,8 @@ from unattended import TcpProxy
 
 POOL = ipaddress.ip_network("10.218.0.0/16")
 NODES = ("a", "b")
+HOSTS_FILE = Path("/etc/hosts")
+HOSTS_MARK = "# nbtunnel test login nodes"
 # PID 1 of a node (tests/node_init.py), copied into the work directory: the node mounts
 # a /tmp of its own, which hides a checkout or venv under /tmp, so the node runs Debian's
 # own python3 on that copy.
@@ -54,8 +56,18 @@ def _stale(name: str) -> bool:
                             or not pid_alive(int(match.group(1))))
 
 
+def _hosts_remove(predicate) -> None:
+    """Drop the lines of /etc/hosts that carry HOSTS_MARK and satisfy predicate(line)."""
+    lines = HOSTS_FILE.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not (HOSTS_MARK in line and predicate(line))]
+    if kept != lines:
+        with open(HOSTS_FILE, "w") as handle:  # in place: it may be a bind mount
+            handle.writelines(kept)
+
+
 def _reap_stale_nodes() -> None:
     """Remove what an earlier, killed run of these nodes left behind."""
+    _hosts_remove(lambda line: _stale("nbl" + line.split(HOSTS_MARK)[1].split()[0]))
     for pid in find_pids(r"/var/tmp/nbl\d+-nodes/"):
         match = re.search(r"/var/tmp/nbl(\d+)-nodes/", " ".join(proc_cmdline(pid)))
         if match and _stale(f"nbl{match.group(1)}"):
@@ -109,7 +121,8 @@ class Front(TcpProxy):
 class LoginNodes(RemoteHost):
     """Two login nodes (``a`` and ``b``) behind one name (``alias``)."""
 
-    alias = "nblogin"
+    alias = "nblogin"  # the front: a balancer on a loopback port
+    rr_alias = "nblogin-rr"  # round-robin DNS: a name with both nodes' addresses
 
     def __init__(self) -> None:
         super().__init__()
@@ -123,6 +136,7 @@ class LoginNodes(RemoteHost):
         self.netns = None
         self.node_ns = {n: f"nbl{pid}{n}" for n in NODES}
         self.hostnames = {n: f"nbl{pid}-login-{n}" for n in NODES}
+        self.rr_name = f"nbl{pid}-rr"
         self.addresses: dict[str, str] = {}
         self.inits: dict[str, subprocess.Popen] = {}
         self.front: Front | None = None
@@ -177,6 +191,10 @@ class LoginNodes(RemoteHost):
             _root(command.split())
 
     def _write_configs(self) -> None:
+        self._hosts_lines(NODES)
+        with open(self.known_hosts, "a") as handle:  # the name's key, as DNS names it
+            public = " ".join(Path(f"{self.host_key}.pub").read_text().split()[:2])
+            handle.write(f"{self.rr_name} {public}\n")
         for node in NODES:
             self.node_file(node, "sshd_config").write_text(f"""\
 Port 22
@@ -197,7 +215,19 @@ PrintMotd no
 PrintLastLog no
 LogLevel VERBOSE
 """)
-        self.ssh_config.write_text(self.ssh_config_block(self.alias))
+        self.ssh_config.write_text(self.ssh_config_block(self.alias) + self.ssh_config_block(
+            self.rr_alias, HostName=self.rr_name, Port=22))
+
+    def _hosts_lines(self, order) -> None:
+        """The round-robin name in /etc/hosts: one line per node address, in ORDER (ssh
+        connects to the first address that answers)."""
+        mark = f"{HOSTS_MARK} {os.getpid()}"
+        with _machine_lock():
+            lines = [line for line in HOSTS_FILE.read_text().splitlines(keepends=True)
+                     if mark not in line]
+            lines += [f"{self.addresses[n]} {self.rr_name} {mark}\n" for n in order]
+            with open(HOSTS_FILE, "w") as handle:  # in place: it may be a bind mount
+                handle.writelines(lines)
 
     def node_file(self, node: str, name: str) -> Path:
         return self.workdir / f"{name}-{node}"
@@ -225,9 +255,11 @@ LogLevel VERBOSE
     # Use ######################################################################
 
     def land_on(self, node: str | None) -> None:
-        """Send every new connection to the name to NODE (None: round robin)."""
+        """Send every new connection to the name to NODE (None: round robin); the
+        round-robin name then lists NODE's address first."""
         assert self.front is not None
         self.front.chosen = None if node is None else (self.addresses[node], 22)
+        self._hosts_lines(sorted(NODES, key=lambda n: n != node))
 
     def reach_peer(self, node: str, reach: bool) -> None:
         """Let NODE reach the other node's address, or not (a firewall between them)."""
@@ -324,6 +356,7 @@ LogLevel VERBOSE
         if self.front is not None:
             self.front.cut()
         _remove_user(self.user)
+        _hosts_remove(lambda line: f"{HOSTS_MARK} {os.getpid()}" in line)
         for ns in self.node_ns.values():
             if ns in _netns_list():
                 _root(["ip", "netns", "del", ns], check=False)
