@@ -338,3 +338,23 @@ def test_split_command_errors_are_usage_errors():
     for bad in ("jupyter 'lab", ""):
         with pytest.raises(nbtunnel.UsageError):
             nbtunnel.jupyter_argv("lab", bad)
+
+
+@pytest.mark.parametrize("lines,way", [
+    ("HostName 127.0.0.1\n    Port 2222", "jump"),  # a forward: only through the name
+    ("HostName 10.1.2.3\n    ProxyJump bastion", "direct"),  # the config's own jump host
+    ("HostName 10.1.2.3\n    ProxyCommand nc %h %p", "direct"),
+    ("HostName localhost", "jump"),  # one name, one node: never its other addresses
+])
+def test_a_login_node_is_reached_along_the_configured_route(tmp_path, lines, way):
+    config = tmp_path / "config"
+    config.write_text("Host front\n    %s\n" % lines)
+    node = dict(node="n2", address="10.9.9.9", port=22)
+    assert nbtunnel.node_way(["-F", str(config)], "front", node) == way
+
+
+def test_a_round_robin_name_lists_the_node():
+    seen = {"hostname": "127.0.0.1"}
+    assert not nbtunnel.round_robin(seen, "x", dict(node="n", address="127.0.0.1", port=22))
+    assert not nbtunnel.round_robin({"hostname": "no-such-host.invalid"}, "x",
+                                    dict(node="n", address="127.0.0.1", port=22))
