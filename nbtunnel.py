@@ -105,6 +105,10 @@ LOOPBACK = "127.0.0.1"
 
 # Messages that tests and users rely on.
 MSG_NO_HOST = "no HOST given and {why}; recorded sessions: {sessions}"
+MSG_ONE_RECORDED = ("using session {session}, the one recorded for {host}; --session NAME "
+                    "for another")
+MSG_WHICH_SESSION = ("several sessions are recorded for {host} and none is named {default}: "
+                     "{sessions}; say which with --session NAME")
 MSG_HOSTKEY = (
     "the host key of {host} is not known here: check it (with the administrator, "
     "or `ssh-keyscan HOST | ssh-keygen -lf -` from a network you trust) and connect once with "
@@ -122,7 +126,7 @@ MSG_AUTH = (
 )
 MSG_NEEDS_PERSON = (
     "{host} asks for a one-time code or a password after the key ({detail}), which cron cannot "
-    "type: run `nbtunnel {host}` on a terminal; cron can use that connection while it lives"
+    "type: run `{command}` on a terminal; cron can use that connection while it lives"
 )
 MSG_NEEDS_PERSON_TTY = (
     "{host} asked for a one-time code or a password after the key and did not accept what was "
@@ -730,6 +734,19 @@ def resolve_host(args, cfg, records):
     raise UsageError(MSG_NO_HOST.format(why=why, sessions=sessions))
 
 
+def only_recorded(records, host: str):
+    """The session that HOST alone means when no session name was asked for: the one
+    recorded for HOST (ended sessions aside); None when none is, or the default name is
+    one of them (it keeps meaning that one); a UsageError listing them when several are."""
+    live = [r["session"] for r in records if r["host"] == host and not r.get("ended")]
+    if not live or DEFAULT_SESSION in live:
+        return None
+    if len(live) > 1:
+        raise UsageError(MSG_WHICH_SESSION.format(host=host, default=DEFAULT_SESSION,
+                                                  sessions=", ".join(live)))
+    return live[0]
+
+
 def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Session:
     """Decide every setting of a session once: HOST, then each option from the command
     line (ARGS), the config section of that HOST, the session's record, the default.  HOST
@@ -740,7 +757,7 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
     fixed, loaded = state is not None, records is None
     state = state or state_dir(args.state_dir or cfg.defaults().get("state-dir", "").strip())
     records = load_records(state) if loaded else records
-    if host is None and (args.host or not (args.status or args.all)):
+    if host is None and (args.host or not (args.status or args.all or args.forget)):
         host, name = resolve_host(args, cfg, records)
     if host is not None:
         check_host(host)
@@ -757,6 +774,12 @@ def resolve(args, cfg, records=None, host=None, name=None, state=None) -> Sessio
         if value is not None:  # an empty --session= is refused, not taken as the default
             name, origin["session"] = value, came
             break
+    if name is None and host is not None and not (args.status or args.all or args.forget):
+        name = only_recorded(records, host)  # the session to take over, as --session NAME
+        if name is not None:
+            origin["session"] = "record"
+            if not args.ensure:  # cron: silent when all is well
+                log.info(MSG_ONE_RECORDED.format(session=name, host=host))
     name = check_session(DEFAULT_SESSION if name is None else name)
     rec = find_record(records, host, name) if host is not None and not args.status else None
     rec = None if rec and rec.get("ended") else rec  # ended on purpose: nothing to take over
@@ -3534,7 +3557,7 @@ SSH_MESSAGES = {"hostkey-unknown": MSG_HOSTKEY, "hostkey-changed": MSG_HOSTKEY_C
 def ssh_error(host: str, kind: str, detail="") -> SshError:
     """The SshError of KIND (one of SSH_REFUSALS or SSH_LINK) about HOST, in nbtunnel's words."""
     text = SSH_MESSAGES.get(kind, "{host}: {detail}")
-    return SshError(text.format(host=host, detail=detail), kind=kind)
+    return SshError(text.format(host=host, detail=detail, command=suggested(host)), kind=kind)
 
 
 CONTROL_DIR_MAX = 60  # + "/" + 16 hex + ssh's ".XXXXXXXXXXXXXXXX" while binding < 104 bytes
@@ -4064,8 +4087,23 @@ def read_record(path: str):
         return json.load(f)
 
 
+ENDED_SHOWN_DAYS = 7  # an ended session is listed this long, then only keeps it ended
+
+
+def out_of_sight(rec: dict) -> bool:
+    """Does REC say its session ended on purpose more than ENDED_SHOWN_DAYS ago, or was
+    forgotten (--forget)?  Its file stays, so that a unit's --ensure still leaves the
+    session ended (ended_record reads it by name); listings no longer show it."""
+    if not rec.get("ended"):
+        return False
+    at = rec.get("ended_at")
+    at = at if isinstance(at, (int, float)) else 0
+    return bool(rec.get("forgotten")) or time.time() - at > ENDED_SHOWN_DAYS * 86400
+
+
 def load_records(directory: str) -> list:
-    """Every session recorded in DIRECTORY (unreadable files are skipped with a warning)."""
+    """Every session recorded in DIRECTORY (unreadable files are skipped with a warning),
+    but those ended out of sight."""
     records = []
     for name in sorted(os.listdir(directory)):
         if not name.endswith(".json"):
@@ -4075,7 +4113,8 @@ def load_records(directory: str) -> list:
             if rec is None:
                 continue
             rec["host"], rec["session"]  # noqa: B018 - both must be there
-            records.append(rec)
+            if not out_of_sight(rec):
+                records.append(rec)
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("warning: ignoring unreadable record %s (%s)", name, e)
     return records
@@ -4133,9 +4172,31 @@ def ended_record(session) -> dict:
     return None
 
 
+def suggested(host, *words: str) -> str:
+    """A command that nbtunnel tells the user to run: ``nbtunnel HOST WORDS`` with the
+    options of this run that it needs to work as printed (``suggested.given``: -F,
+    --state-dir, --config), every word quoted for the shell."""
+    argv = ["nbtunnel"] + ([host] if host is not None else []) + list(words) + suggested.given
+    return " ".join(shlex.quote(word) for word in argv)
+
+
+suggested.given = []  # set by main() from the command line (given_options)
+
+
+def given_options(args) -> list:
+    """The words of ARGS that a suggested command needs again to reach the same host and
+    the same records: -F, --state-dir, --config."""
+    words = []
+    for flag, value in (("-F", args.ssh_config), ("--state-dir", args.state_dir),
+                        ("--config", args.config)):
+        if value is not None:
+            words += [flag, value]
+    return words
+
+
 def start_again(host: str, session: str) -> str:
     """The command that starts an ended session again."""
-    return "nbtunnel %s --session %s" % (shlex.quote(host), session)
+    return suggested(host, "--session", session)
 
 
 @contextlib.contextmanager
@@ -4470,8 +4531,8 @@ def undo_start(session: Session, conn: Connection, params: dict, err: BaseExcept
                 note = MSG_UNDONE.format(host=host, session=session.name)
             except Error as e:
                 note = "the Jupyter it started on %s (session %s) could not be stopped: %s; " \
-                    "stop it with --terminate --session %s" % (host, session.name, e,
-                                                                 session.name)
+                    "stop it with: %s" % (host, session.name, e,
+                                          terminate_command(host, session.name))
         if conn.opened_here:
             conn.close()  # leave nothing running after a failure
     if isinstance(err, KeyboardInterrupt):
@@ -4598,11 +4659,11 @@ def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
 
     if changed:
         log.warning("warning: the server on %s (session %s) runs with other options than asked "
-                    "(%s); it keeps its own. To restart it with these, run: nbtunnel.py %s "
-                    "--session %s --terminate, then this command again", host, session,
+                    "(%s); it keeps its own. To restart it with these, run: %s, then this "
+                    "command again", host, session,
                     ", ".join("%s %s, asked %s" % (flags.get(k, k), value(was.get(k)),
                                                    value(now.get(k))) for k in changed),
-                    host, session)
+                    terminate_command(host, session))
 
 
 def attach(run: Run, params: dict):
@@ -4936,14 +4997,49 @@ def unrecorded_row(host: str, answer: dict) -> dict:
                app=answer.get("app"), pid=answer.get("pid"), log=answer.get("log"),
                server=answer["server"], tunnel="down", tunnel_state="down",
                remote_port=answer.get("port") or None, remote_socket=answer.get("sock"),
-               recorded=False, pending={}, pending_text="", environment=[])
+               recorded=False, recorded_as=None, pending={}, pending_text="", environment=[])
     row.update({k: answer.get(k) for k in JOB_FIELDS if "job_id" in answer})
     return row
 
 
+def ssh_account(session: Session, host: str, rec=None):
+    """(user, hostname, port) that HOST logs into, as ``ssh -G`` says with the ssh options
+    of this command, else those REC was recorded with; None when ssh cannot say."""
+    options = ssh_options(session) or (rec or {}).get("ssh_options") or []
+    try:
+        r = subproc(["ssh"] + list(options) + ["-G", host], stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    seen = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    return (seen.get("user"), seen.get("hostname"), seen.get("port")) \
+        if r.returncode == 0 and seen.get("hostname") else None
+
+
+def recorded_as_other(session: Session, host: str, answers) -> dict:
+    """{session name: its record} for the sessions in ANSWERS that HOST found unrecorded
+    here but that are recorded under another name of the same account (another ssh alias
+    with the same user, HostName and Port): the same remote state, so the same session."""
+    names = {a["session"] for a in unrecorded_answers(answers)}
+    others = [r for r in session.records if r["host"] != host and r["session"] in names
+              and not r.get("ended")]
+    if not others:
+        return {}
+    mine, found = ssh_account(session, host), {}
+    for rec in others:
+        if mine is not None and rec["session"] not in found and \
+                ssh_account(session, rec["host"], rec) == mine:
+            found[rec["session"]] = rec
+    return found
+
+
 def terminate_command(host: str, session: str) -> str:
     """The command that ends HOST's session SESSION."""
-    return "nbtunnel %s --session %s --terminate" % (shlex.quote(host), session)
+    return suggested(host, "--session", session, "--terminate")
+
+
+MSG_NOT_RUNNING = ("jupyter is not running: `{ensure}` or `{start}` starts it again with "
+                   "the same URL")
 
 
 def cmd_status(run: Run) -> int:
@@ -4973,16 +5069,21 @@ def cmd_status(run: Run) -> int:
     rows = []
     for h, recs in by_host.items():
         up, answers = asked.get(h, (None, {}))
-        for rec in recs:
+        aliased = recorded_as_other(s, h, answers.values()) if h == s.host else {}
+        for rec in recs + list(aliased.values()):
             if rec.get("ended"):
                 rows.append(dict(public(rec), server="stopped", tunnel="down", recorded=True,
-                                 tunnel_state="down", pending={}, pending_text=""))
+                                 recorded_as=None, tunnel_state="down", pending={},
+                                 pending_text=""))
                 continue
             missing = missing_manager(rec)
             if missing:
                 log.warning("warning: %s", missing)
             a = None if missing else answers.get(rec["session"])
-            row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True)
+            row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True,
+                       recorded_as=None)
+            if rec["host"] != h:  # asked by another name of the same account
+                row.update(host=h, recorded_as=rec["host"])
             if a and a.get("login_node"):  # where it runs now, as the host says
                 row["login_node"] = a["login_node"]
             row["unreached"] = a.get("unreached") if a else None
@@ -4991,9 +5092,11 @@ def cmd_status(run: Run) -> int:
             backend = TUNNELS.get(rec.get("tunnel", "ssh"))
             held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
             port_open = local_port_open(rec["local_port"])
-            if port_open and up is None:  # a host not asked: is its master still there?
+            if port_open and up is None and rec["host"] == h:  # not asked: master still up?
                 up = s.connection(rec, host=h).alive()
-            row["tunnel"] = "up" if (held_here or up) and port_open else "down"
+            mine = up if rec["host"] == h else port_open and s.connection(
+                rec, host=rec["host"]).alive()  # its own name's master holds its tunnel
+            row["tunnel"] = "up" if (held_here or mine) and port_open else "down"
             if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
                 row["tunnel"] = "down"  # the forward points at an older server
             for key in JOB_FIELDS if a and "job_id" in a else ():
@@ -5011,11 +5114,12 @@ def cmd_status(run: Run) -> int:
             row["pending"] = {keys[d]: dict(value=v, source=where)
                               for d, (v, where) in sorted(pending.items())}
             row["pending_text"] = pending_text(pending)
-            row["last_failure"] = last_failure(s.state, h, rec["session"])
+            row["last_failure"] = last_failure(s.state, rec["host"], rec["session"])
             log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
                       rec.get("manager"), row["plugin"], row["backend"])
             rows.append(row)
-        rows += [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())]
+        rows += [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())
+                 if a["session"] not in aliased]
     if args.json:
         print(json.dumps(rows))
     else:
@@ -5048,6 +5152,13 @@ def cmd_status(run: Run) -> int:
                 pending = "\t%s%s" % (r["unreached"], pending)
             elif r["login_node"]:
                 pending = "\tlogin node %s%s" % (r["login_node"], pending)
+            if r["recorded_as"]:
+                pending = "\trecorded as %s%s" % (r["recorded_as"], pending)
+            if r["server"] == "stopped":  # crashed, killed or out of time: not on purpose
+                name = r["recorded_as"] or r["host"]
+                pending = "\t%s%s" % (MSG_NOT_RUNNING.format(
+                    ensure=suggested(name, "--session", r["session"], "--ensure"),
+                    start=suggested(name, "--session", r["session"])), pending)
             print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (
                 r["host"], r["session"], r["server"], r["tunnel"],
                 r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
@@ -5057,6 +5168,22 @@ def cmd_status(run: Run) -> int:
                                           s.name if s.source("session") != "default" else None),
                  "; %s could not be asked: %s" % (s.host, unasked.text().splitlines()[0])
                  if unasked else "")
+    return 0
+
+
+def cmd_forget(run: Run) -> int:
+    """--forget: the ended sessions (of HOST; named NAME when one was asked for) leave
+    --status now (see out_of_sight); a live one is left alone."""
+    s = run.session
+    named = s.source("session") != "default"
+    gone = [r for recs in s.recorded(same_name=named).values() for r in recs if r.get("ended")]
+    for rec in gone:
+        save_record(s.state, dict(rec, forgotten=True))
+        if not run.args.quiet:
+            log.info("%s: session %s forgotten (it had ended: %s)", rec["host"], rec["session"],
+                     ended_text(rec["ended"], rec.get("idle_timeout")))
+    if not gone and not run.args.quiet:
+        log.info("no ended session to forget%s", " for %s" % s.host if s.host else "")
     return 0
 
 
@@ -5789,7 +5916,7 @@ RESTART_SECONDS = 30  # systemd and launchd: pause before restarting a --watch t
 NGINX_LISTEN = "127.0.0.1:8080"
 MSG_NGINX_NO_PORT = (
     "no session {session} is recorded for {host}, so its local port is unknown: start it "
-    "first (nbtunnel.py {host} --session {session} --local-port N) or pass --local-port N"
+    "first ({command}) or pass --local-port N"
 )
 
 
@@ -6003,7 +6130,9 @@ def cmd_print_nginx(run: Run) -> int:
     s, rec = run.session, run.session.record()
     port = s.local_port or (rec or {}).get("local_port")
     if not port:
-        raise UsageError(MSG_NGINX_NO_PORT.format(host=s.host, session=s.name))
+        raise UsageError(MSG_NGINX_NO_PORT.format(
+            host=s.host, session=s.name,
+            command=suggested(s.host, "--session", s.name, "--local-port", "N")))
     listen = check_listen(s.nginx_listen or NGINX_LISTEN)
     sys.stdout.write(nginx_server_block(port, listen, "Jupyter on %s (session %s)"
                                         % (s.host, s.name)))
@@ -6139,6 +6268,8 @@ def build_parser() -> argparse.ArgumentParser:
     act = p.add_mutually_exclusive_group()
     act.add_argument("--terminate", action="store_true", help="stop the server and the tunnel")
     act.add_argument("--status", action="store_true", help="show recorded sessions")
+    act.add_argument("--forget", action="store_true",
+                     help="drop ended sessions (of HOST) from --status now")
     act.add_argument("--ensure", action="store_true",
                      help="for cron: repair what is missing; silent when all is well")
     p.add_argument("--watch", action="store_true",
@@ -6261,13 +6392,15 @@ def main(argv=None) -> int:
         load_plugins(plugin_files(plugins))
         args = build_parser().parse_args(argv)
         progress.silent = args.ensure  # for cron: no line even on a terminal
+        suggested.given = given_options(args)
         run = Run(args, resolve(args, cfg), plugins)
-        if args.watch and (args.status or args.ensure):
-            raise UsageError("--watch cannot be combined with --%s"
-                             % ("status" if args.status else "ensure"))
+        if args.watch and (args.status or args.ensure or args.forget):
+            raise UsageError("--watch cannot be combined with --%s" % (
+                "status" if args.status else "ensure" if args.ensure else "forget"))
         if args.all and (not (args.terminate or args.ensure) or args.watch):
             raise UsageError("--all goes with --terminate or --ensure")
-        for flag, cmd in (("status", cmd_status), ("print_service", cmd_print_service),
+        for flag, cmd in (("status", cmd_status), ("forget", cmd_forget),
+                          ("print_service", cmd_print_service),
                           ("print_nginx", cmd_print_nginx), ("watch", cmd_watch)):
             if getattr(args, flag):
                 return cmd(run)

@@ -427,6 +427,25 @@ def start(nbt, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def printed_commands(text: str) -> list[str]:
+    """The commands that TEXT (a line nbtunnel printed) tells the user to run, in backquotes."""
+    return re.findall(r"`([^`]+)`", text)
+
+
+def pasted(nbt, command: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """COMMAND exactly as nbtunnel printed it, pasted into a shell where `nbtunnel` is this
+    nbtunnel.py: no state directory or ssh config of the test's own, only what it says."""
+    bin_dir = nbt.tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    program = bin_dir / "nbtunnel"
+    repo = Path(__file__).resolve().parent.parent
+    program.write_text(f'#!/bin/sh\nexec {sys.executable} {repo / "nbtunnel.py"} "$@"\n')
+    program.chmod(0o755)
+    env = dict(nbt.env, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
 def pip_installed_command(tmp: Path) -> Path:
     """`pip install .` of a copy of this tree into a fresh venv under TMP (the copy is
     removed afterwards: the installed command must not need it); the `nbtunnel` it gives."""

@@ -145,7 +145,8 @@ def test_ensure_without_terminal_says_why_once(onbt, otp):
     assert time.monotonic() - started < 60
     assert proc.returncode == 1, proc.stderr
     assert "one-time code" in proc.stderr and "cron cannot type" in proc.stderr, proc.stderr
-    assert f"run `nbtunnel {otp.alias}` on a terminal" in proc.stderr
+    assert (f"run `nbtunnel {otp.alias} -F {onbt.ssh_config} --state-dir {onbt.state_dir}` on a "
+            "terminal") in proc.stderr
     assert "ssh-agent" not in proc.stderr and "Traceback" not in proc.stderr
     again = onbt.run(otp.alias, "--ensure", timeout=120)  # cron's next run: no second mail
     assert again.returncode == 1 and again.stdout == "" and again.stderr == "", again.stderr

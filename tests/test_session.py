@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_kernel_code, wait_until
+from helpers import kill_jupyter, pasted, printed_commands, run_kernel_code, wait_until
 from unattended import api_status, ensure, jupyter_pids, kill_masters, start
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,6 +47,8 @@ def test_reattach_with_other_server_options_says_so(nbt, remote):
     assert again["reused"] is True and again["url"] == info["url"]
     assert "runs with other options than asked" in proc.stderr
     assert "--notebook-dir" in proc.stderr and "--setup" in proc.stderr and "--terminate" in proc.stderr
+    assert (f"run: nbtunnel {remote.alias} --session nbtunnel --terminate -F {nbt.ssh_config} "
+            f"--state-dir {nbt.state_dir}, then this command again") in proc.stderr
     same = nbt.run(remote.alias, "--json")  # asking nothing new: nothing to say
     assert same.returncode == 0 and "other options" not in same.stderr, same.stderr
 
@@ -119,3 +121,62 @@ def test_ensure_and_terminate_all_sessions(nbt, remote):
     assert "s1 stopped" in proc.stderr and "s2 stopped" in proc.stderr
     assert [r["ended"] for r in nbt.status()] == ["terminated"] * 2 and not jupyter_pids(remote)
     assert nbt.run("--status", "--all").returncode == 2  # --all goes with --terminate or --ensure
+
+
+def test_host_alone_means_the_one_session_recorded_for_it(nbt, remote):
+    """`nbtunnel HOST` takes over the only session recorded for HOST, with its manager
+    and options, as `--session NAME` would, instead of starting a second Jupyter."""
+    info = start(nbt, "--session", "nb-slow", "--manager", "screen")
+    proc = nbt.run(remote.alias, "--json")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(proc.stdout)
+    assert (again["session"], again["manager"], again["reused"]) == ("nb-slow", "screen", True)
+    assert again["url"] == info["url"] and len(jupyter_pids(remote)) == 1
+    assert f"using session nb-slow, the one recorded for {remote.alias}; --session NAME" \
+        in proc.stderr
+    assert remote.tmux_sessions() == [] and [r["session"] for r in nbt.status()] == ["nb-slow"]
+
+    start(nbt, "--session", "other")  # two recorded, neither of the default name
+    proc = nbt.run(remote.alias)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert "nb-slow, other" in proc.stderr and "--session NAME" in proc.stderr
+    assert len(jupyter_pids(remote)) == 2
+
+    start(nbt, "--session", "nbtunnel")  # the default name, once recorded, means that one
+    proc = nbt.run(remote.alias, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["session"] == "nbtunnel" and "using session" not in proc.stderr
+    assert len(jupyter_pids(remote)) == 3
+
+
+def test_crashed_server_status_says_how_to_start_it_and_ended_ones_can_be_forgotten(nbt, remote):
+    """A crashed server's --status line carries the commands that start it again, which
+    work as pasted (with this run's -F and --state-dir); an ended session is shown with
+    the command that starts it until --forget, and a repair still leaves it ended."""
+    info = start(nbt)
+    kill_jupyter(remote)
+    text = nbt.run(remote.alias, "--status")
+    assert text.returncode == 0, text.stderr
+    line = text.stdout.strip()
+    assert "server=stopped" in line and "jupyter is not running:" in line, line
+    again, plain = printed_commands(line)
+    assert again == (f"nbtunnel {remote.alias} --session nbtunnel --ensure -F {nbt.ssh_config} "
+                     f"--state-dir {nbt.state_dir}")
+    proc = pasted(nbt, again)
+    assert proc.returncode == 0 and "restarted Jupyter" in proc.stdout, proc.stderr
+    assert api_status(info["url"]) == 200 and nbt.status()[0]["url"] == info["url"]
+    kill_jupyter(remote)
+    proc = pasted(nbt, plain)
+    assert proc.returncode == 0 and proc.stdout.strip() == info["url"], proc.stderr
+    assert api_status(info["url"]) == 200
+
+    assert nbt.run(remote.alias, "--terminate").returncode == 0
+    text = nbt.run("--status").stdout
+    assert (f"ended: terminated by you; start it again with: nbtunnel {remote.alias} --session "
+            f"nbtunnel -F {nbt.ssh_config} --state-dir {nbt.state_dir}\n") in text, text
+    proc = nbt.run(remote.alias, "--forget")
+    assert proc.returncode == 0 and "session nbtunnel forgotten" in proc.stderr, proc.stderr
+    assert nbt.status() == []
+    proc = ensure(nbt)  # a unit's --ensure line still leaves it ended
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert not jupyter_pids(remote)

@@ -92,3 +92,31 @@ def test_slurm_job_only_the_remote_records_is_found_and_cancelled(nbt_cluster, c
         ("lostjob", False)]
     wait_until(lambda: not cluster.jobs(), 60, message="no Slurm job left")
     assert host_status(nbt) == []
+
+
+def test_a_session_recorded_under_another_alias_of_the_same_account_is_recorded(nbt, remote):
+    """Two ssh aliases for one account: a session started through one is, asked through
+    the other, the recorded session it is (under which name said), not an unrecorded one
+    to end."""
+    config = nbt.tmp / "two_aliases"
+    config.write_text(remote.ssh_config_block("nbremote") + remote.ssh_config_block("nbslow"))
+    nbt.ssh_config = config
+    rec = nbt.run("nbslow", "--session", "nb-slow", "--json", timeout=300)
+    assert rec.returncode == 0, rec.stderr
+    rec = json.loads(rec.stdout)
+
+    text = nbt.run("nbremote", "--status", timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "not recorded here" not in text.stdout and "--terminate" not in text.stdout
+    assert f"nbremote\tnb-slow\tserver=running\ttunnel=up\t{rec['url']}" in text.stdout
+    assert "recorded as nbslow" in text.stdout
+    rows = host_status_of(nbt, "nbremote")
+    assert [(r["session"], r["recorded"], r["recorded_as"], r["url"]) for r in rows] == [
+        ("nb-slow", True, "nbslow", rec["url"])]
+    assert [r["recorded_as"] for r in host_status_of(nbt, "nbslow")] == [None]
+
+
+def host_status_of(nbt, host: str) -> list[dict]:
+    proc = nbt.run(host, "--status", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

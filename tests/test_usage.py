@@ -150,6 +150,38 @@ def test_status_of_a_host_with_nothing_recorded_names_it_and_what_is_recorded(tm
     assert empty.returncode == 0 and "no sessions recorded" in empty.stderr
 
 
+# Ended sessions leave --status ##################################################
+
+
+def test_ended_sessions_leave_status_after_a_week_or_at_forget_and_stay_ended(tmp_path):
+    """Shown for 7 days after they ended, then out of sight; --forget at once.  The
+    record stays on disk, so a unit's --ensure still leaves the session ended."""
+    records, now = tmp_path / "records", nbtunnel.time.time()
+    records.mkdir(mode=0o700)
+    for name, days in (("old", 8), ("recent", 1), ("other", 2)):
+        nbtunnel.save_record(str(records), dict(host="hpc.invalid" if name != "other" else "b.invalid",
+                                                session=name, ended="terminated",
+                                                ended_at=int(now - days * 86400)))
+    rows = json.loads(run("--status", "--json", tmp=tmp_path).stdout)
+    assert sorted(r["session"] for r in rows) == ["other", "recent"]
+    text = run("--status", tmp=tmp_path)
+    assert "old" not in text.stdout and "recent\tserver=stopped\tended" in text.stdout
+
+    ensure = run("hpc.invalid", "--ensure", "--session", "old", tmp=tmp_path)
+    assert ensure.returncode == 0 and ensure.stdout == "" and ensure.stderr == ""
+
+    forget = run("hpc.invalid", "--forget", tmp=tmp_path)
+    assert forget.returncode == 0, forget.stderr
+    assert "hpc.invalid: session recent forgotten" in forget.stderr and "old" not in forget.stderr
+    assert [r["session"] for r in json.loads(run("--status", "--json", tmp=tmp_path).stdout)] == [
+        "other"]
+    ensure = run("hpc.invalid", "--ensure", "--session", "recent", tmp=tmp_path)
+    assert ensure.returncode == 0 and ensure.stdout == "" and ensure.stderr == ""
+    assert run("--forget", tmp=tmp_path).returncode == 0
+    assert run("--status", "--json", tmp=tmp_path).stdout.strip() == "[]"
+    assert len(list(records.glob("*.json"))) == 3
+
+
 # A record whose session manager plugin is not available ###########################
 
 
