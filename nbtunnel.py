@@ -5179,10 +5179,13 @@ def cmd_forget(run: Run) -> int:
     gone = [r for recs in s.recorded(same_name=named).values() for r in recs if r.get("ended")]
     for rec in gone:
         save_record(s.state, dict(rec, forgotten=True))
-        if not run.args.quiet:
+        if not run.args.quiet and not run.args.json:
             log.info("%s: session %s forgotten (it had ended: %s)", rec["host"], rec["session"],
                      ended_text(rec["ended"], rec.get("idle_timeout")))
-    if not gone and not run.args.quiet:
+    if run.args.json:
+        print(json.dumps([dict(host=r["host"], session=r["session"], ended=r["ended"])
+                          for r in gone]))
+    elif not gone and not run.args.quiet:
         log.info("no ended session to forget%s", " for %s" % s.host if s.host else "")
     return 0
 

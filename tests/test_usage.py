@@ -177,7 +177,9 @@ def test_ended_sessions_leave_status_after_a_week_or_at_forget_and_stay_ended(tm
         "other"]
     ensure = run("hpc.invalid", "--ensure", "--session", "recent", tmp=tmp_path)
     assert ensure.returncode == 0 and ensure.stdout == "" and ensure.stderr == ""
-    assert run("--forget", tmp=tmp_path).returncode == 0
+    forget = run("--forget", "--json", tmp=tmp_path)
+    assert forget.returncode == 0 and json.loads(forget.stdout) == [
+        dict(host="b.invalid", session="other", ended="terminated")]
     assert run("--status", "--json", tmp=tmp_path).stdout.strip() == "[]"
     assert len(list(records.glob("*.json"))) == 3
 
