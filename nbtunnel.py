@@ -74,7 +74,7 @@ except ImportError:  # not POSIX: main() refuses to run, with a message that say
     fcntl = None
 
 __version__ = "0.1.0"
-__all__ = [  # the plugin API: what plugins may use (README, "Writing a plugin")
+__all__ = [  # the plugin API: what plugins may use (docs/plugins.md, "Writing a plugin")
     "Error", "UsageError", "SshError", "SSH_REFUSALS", "SSH_LINK", "Option", "Session",
     "register", "SessionManager", "PidFileManager", "BatchManager", "ShellEnvironment",
     "TunnelBackend", "Transport", "shell_line", "forward_spec", "remote_call", "ssh_error",
@@ -315,7 +315,7 @@ def idle_args(minutes: float) -> list:
     """Jupyter Server's own settings that end it after MINUTES without activity: the
     server stops once it has had no kernel, no terminal and no activity that long; a
     kernel idle that long is shut down even with a browser connected, never while busy,
-    and so is a terminal without input or output (see README)."""
+    and so is a terminal without input or output (docs/clusters.md, "Idle end")."""
     secs = int(round(minutes * 60))
     if secs <= 0:
         return []

@@ -991,12 +991,12 @@ def breakdown_table(res: dict) -> list:
 
 
 def update_readme(text: str, command: str) -> None:
-    """Put the table between the benchmark markers of README.md."""
-    readme = REPO / "README.md"
+    """Put the table between the benchmark markers of bench/README.md."""
+    readme = BENCH / "README.md"
     content = readme.read_text()
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     if begin not in content or end not in content:
-        raise BenchError("README.md has no %s ... %s markers" % (begin, end))
+        raise BenchError("bench/README.md has no %s ... %s markers" % (begin, end))
     head, rest = content.split(begin, 1)
     tail = rest.split(end, 1)[1]
     block = "%s\n```sh\n%s\n```\n\n%s\n%s" % (begin, command, text, end)
@@ -1017,7 +1017,7 @@ def main(argv=None) -> int:
     p.add_argument("--nbtunnel", default=str(NBTUNNEL), metavar="FILE",
                    help="the nbtunnel.py to measure (default: the one in this repository)")
     p.add_argument("--out", default=str(BENCH / "results.json"), help="JSON output file")
-    p.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    p.add_argument("--readme", action="store_true", help="also put the table into bench/README.md")
     p.add_argument("--no-tab", dest="tab", action="store_false",
                    help="skip the open JupyterLab tab through a cut link")
     p.add_argument("--tab-before", metavar="FILE",

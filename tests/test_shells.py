@@ -228,8 +228,8 @@ def test_config_file_keys_for_plugin_options(nbt, home, tmp_path):
 
 
 def readme_plugin() -> str:
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text.split("### Writing a plugin", 1)[1]
+    text = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    section = text.split("## Writing a plugin", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
