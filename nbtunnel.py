@@ -6233,7 +6233,7 @@ def names(registry: dict, default=None) -> str:
 
 
 def help_epilog() -> str:
-    """The end of --help: examples, plugins, files, environment, exit codes."""
+    """The end of --help: examples, plugins, files, environment, exit codes, the reference."""
     import textwrap
 
     def item(title, text):
@@ -6254,7 +6254,8 @@ def help_epilog() -> str:
              ", $NBTUNNEL_PLUGIN_PATH, --plugin FILE"),
         item("environment:", ", ".join("%s (%s)" % (n, what) if what else n
                                        for n, what in ENV_VARS)),
-        item("exit codes:", EXIT_CODES)])]
+        item("exit codes:", EXIT_CODES),
+        item("reference:", "every option and config key: docs/reference.md in the source tree")])]
     return "\n".join(lines)
 
 
