@@ -2,9 +2,11 @@
 """A TCP delay line: accept on LISTEN, connect each client to TARGET, and hold every
 chunk for DELAY seconds in each direction before passing it on.
 
-    python3 delayproxy.py --listen 127.0.0.1:0 --target 10.0.0.2:22 --delay 0.025
+    python3 delayproxy.py --listen 127.0.0.1:0 --target 10.0.0.2:22 --delay 0.025 [--source 10.0.0.5]
 
-Prints the port it listens on, then serves until SIGTERM/SIGINT.
+With --source, each connection to TARGET comes from that address, so TARGET's own log
+tells the connections that crossed the delay line from any other way in. Prints the
+port it listens on, then serves until SIGTERM/SIGINT.
 
 It is a delay line, not stop-and-wait: a reader keeps reading while earlier chunks
 wait for their time, so any number of bytes can be in flight and throughput is not
@@ -93,19 +95,21 @@ async def pump(reader, writer, delay: float) -> None:
 CONNECTIONS = set()
 
 
-async def handle(client_r, client_w, target, delay: float) -> None:
+async def handle(client_r, client_w, target, delay: float, source) -> None:
     """One client connection: connect to TARGET and run both directions."""
     CONNECTIONS.add(asyncio.current_task())
     try:
-        await connect(client_r, client_w, target, delay)
+        await connect(client_r, client_w, target, delay, source)
     finally:
         CONNECTIONS.discard(asyncio.current_task())
 
 
-async def connect(client_r, client_w, target, delay: float) -> None:
-    """Open the TARGET side, then pass data both ways until both end (or one fails)."""
+async def connect(client_r, client_w, target, delay: float, source=None) -> None:
+    """Open the TARGET side (from SOURCE, when given), then pass data both ways until
+    both end (or one fails)."""
     try:
-        server_r, server_w = await asyncio.open_connection(*target)
+        server_r, server_w = await asyncio.open_connection(
+            *target, local_addr=(source, 0) if source else None)
     except OSError:
         client_w.close()
         return
@@ -134,10 +138,10 @@ def address(text: str):
     return host.strip("[]"), int(port)
 
 
-async def serve(listen, target, delay: float) -> None:
+async def serve(listen, target, delay: float, source=None) -> None:
     """Accept until told to stop."""
     server = await asyncio.start_server(
-        lambda r, w: handle(r, w, target, delay), *listen, limit=CHUNK * 4)
+        lambda r, w: handle(r, w, target, delay, source), *listen, limit=CHUNK * 4)
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -156,8 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to accept on")
     p.add_argument("--target", required=True, help="HOST:PORT to connect to")
     p.add_argument("--delay", type=float, default=0.025, help="seconds, each direction")
+    p.add_argument("--source", help="address to connect to TARGET from")
     args = p.parse_args(argv)
-    asyncio.run(serve(address(args.listen), address(args.target), args.delay))
+    asyncio.run(serve(address(args.listen), address(args.target), args.delay, args.source))
     return 0
 
 
