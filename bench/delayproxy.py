@@ -2,11 +2,11 @@
 """A TCP delay line: accept on LISTEN, connect each client to TARGET, and hold every
 chunk for DELAY seconds in each direction before passing it on.
 
-    python3 delayproxy.py --listen 127.0.0.1:0 --target 10.0.0.2:22 --delay 0.025 [--source 10.0.0.5]
+    python3 delayproxy.py --listen 127.0.0.1:0 --target 10.0.0.2:22 --delay 0.025 --source 10.0.0.5
 
-With --source, each connection to TARGET comes from that address, so TARGET's own log
-tells the connections that crossed the delay line from any other way in. Prints the
-port it listens on, then serves until SIGTERM/SIGINT.
+With --source (optional), each connection to TARGET comes from that address, so
+TARGET's own log tells the connections that crossed the delay line from any other way
+in. Prints the port it listens on, then serves until SIGTERM/SIGINT.
 
 It is a delay line, not stop-and-wait: a reader keeps reading while earlier chunks
 wait for their time, so any number of bytes can be in flight and throughput is not
