@@ -11,7 +11,9 @@ side: a policy rule for uid 0 looks up a table of this run that routes the addre
 into a veth whose peer sits in an empty namespace (a permanent neighbour entry, so not
 even ARP answers). A connection from root then hangs with no error and no answer, as to
 an address of another network; the veth's tx_packets (``sunk()``) counts every packet
-sent there. The relay (uid nobody) still gets through.
+sent there. The relay (uid nobody) still gets through, and so does what the kernel
+sends on behalf of its connections (a last ACK, a reset: the kernel sends those as
+root): a rule before the drop sends every packet from the relay's address the usual way.
 
 Names carry nbf<pid>; the rule's table is TABLE_BASE + pid. What a killed run left
 (namespaces, veths, rule, table, relay, user, files) is removed at the next start.
@@ -42,6 +44,7 @@ from remotehost import (
 PREFIX = "nbf"
 TABLE_BASE = 0x6E660000  # + pid (< 2**22): a routing table of each run
 RULE_PRIORITY = 3271  # before main (32766); rules of several runs may share it
+RELAY_RULE_PRIORITY = RULE_PRIORITY - 1  # from the relay's address: lookup main
 RELAY = Path(__file__).with_name("relay.py")
 RELAY_PYTHON = "/usr/bin/python3"  # readable by nobody, unlike a Python under /root
 RUN_AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -72,6 +75,12 @@ def _rules() -> list[tuple[str, int]]:
     return found
 
 
+def _relay_rules() -> list[str]:
+    """The source address of every rule at RELAY_RULE_PRIORITY."""
+    return re.findall(rf"^{RELAY_RULE_PRIORITY}:\s+from (\S+) lookup main",
+                      _root(["ip", "rule", "show"], check=False).stdout, re.MULTILINE)
+
+
 def _reap_stale() -> None:
     """Remove what earlier, killed runs of this host left behind."""
     for pid in find_pids(rf"/var/tmp/{PREFIX}\d+-relay/"):
@@ -100,6 +109,11 @@ def _reap_stale() -> None:
         run = _run_of(link)
         if run is not None and _stale(run):
             _root(["ip", "link", "del", link], check=False)
+    local = _root(["ip", "-4", "-o", "addr"], check=False).stdout
+    for source in _relay_rules():  # its address went with its veth
+        if not re.search(rf"\binet {re.escape(source)}/", local):
+            _root(["ip", "rule", "del", "priority", str(RELAY_RULE_PRIORITY), "from", source,
+                   "lookup", "main"], check=False)
     for path in Path("/var/tmp").glob(f"{PREFIX}*-relay"):
         run = _run_of(path.name[: -len("-relay")])
         if run is not None and _stale(run):
@@ -164,8 +178,10 @@ class ForwardedHost(RemoteHost):
             _root(command.split())
         peer_mac = _root([*in_sink.split(), "cat",
                           f"/sys/class/net/{self.sink_peer}/address"]).stdout.strip()
+        # From the host-side address, so that a connection from root to the host's address
+        # is the drop's from its first packet to its last.
         _root(["ip", "route", "add", f"{self.ip}/32", "dev", self.sink_link,
-               "table", str(self.table)])
+               "src", self.host_ip, "table", str(self.table)])
         _root(["ip", "neigh", "replace", self.ip, "lladdr", peer_mac, "dev", self.sink_link,
                "nud", "permanent"])
         rule = self._rule("add")
@@ -173,6 +189,8 @@ class ForwardedHost(RemoteHost):
             raise ForwardUnavailable(f"`ip rule add uidrange` is not permitted here: "
                                      f"{rule.stderr.strip()}")
         self._rule("del")
+        _root(["ip", "rule", "add", "priority", str(RELAY_RULE_PRIORITY), "from",
+               self.relay_source, "lookup", "main"])
 
     def _rule(self, verb: str) -> subprocess.CompletedProcess:
         return _root(["ip", "rule", verb, "priority", str(RULE_PRIORITY), "uidrange", "0-0",
@@ -234,6 +252,9 @@ class ForwardedHost(RemoteHost):
 
     def stop(self) -> None:
         self._rule("del")
+        if self.relay_source in _relay_rules():
+            _root(["ip", "rule", "del", "priority", str(RELAY_RULE_PRIORITY), "from",
+                   self.relay_source, "lookup", "main"], check=False)
         _root(["ip", "route", "flush", "table", str(self.table)], check=False)
         if self.relay is not None:
             kill_pids([self.relay.pid, *_descendants(self.relay.pid)], timeout=5)
@@ -250,6 +271,8 @@ class ForwardedHost(RemoteHost):
         found = super().leftovers()
         if any(table == self.table for _, table in _rules()):
             found.append(f"ip rule looking up table {self.table}")
+        if self.relay_source and self.relay_source in _relay_rules():
+            found.append(f"ip rule from {self.relay_source}")
         if _root(["ip", "route", "show", "table", str(self.table)], check=False).stdout.strip():
             found.append(f"routes in table {self.table}")
         if self.sink_ns in _netns_list():
