@@ -825,6 +825,7 @@ def repeat_recorded(values: dict, origin: dict, rec: dict) -> dict:
     REC's start options replace those in VALUES (and ORIGIN).  Returns what a deliberate
     start would use instead, {dest: (value, where from)}: it applies at the next one."""
     recorded, pending = recorded_start_options(rec), {}
+    asked = rec.get("options") or {}
     for option in session_options():
         dest, was = option.dest, recorded.get(option.dest)
         if not option.start or origin.get(dest) == "record" or values[dest] == was:
@@ -832,8 +833,8 @@ def repeat_recorded(values: dict, origin: dict, rec: dict) -> dict:
         if values[dest] is not None and (dest != "manager" or was is not None):
             pending[dest] = (values[dest], origin[dest])
         values[dest] = was
-        if was is None:
-            origin.pop(dest, None)
+        if asked.get(dest) is None:  # its start did not ask for it (the manager it ran
+            origin.pop(dest, None)   # under by default): repeating it is no asking either
         else:
             origin[dest] = "record"
     return pending
@@ -4480,7 +4481,7 @@ def new_record(s: Session, conn: Connection, old, params: dict, info: dict, loca
             ssh_settings(conn.options, host), host, login_node(info)) else "name"
     was = server_options(old, info) if info["reused"] else None
     if was is not None:  # the record tells how the running server was started, not what was asked
-        warn_options_differ(host, session, was, params["options"])
+        warn_options_differ(host, session, dict(was, **shown_options(info)), params["options"])
         start = {o.dest for o in session_options() if o.start}
         rec["options"] = dict({k: v for k, v in rec["options"].items() if k not in start}, **was)
     rec["url"] = make_url(local_port, rec["base_url"], rec["app"], rec["token"])
@@ -4647,12 +4648,23 @@ def server_options(old, info: dict) -> dict:
             if k in {o.dest for o in session_options() if o.start}}
 
 
+def shown_options(info: dict) -> dict:
+    """The start options that the running server of INFO shows it has, asked for or not."""
+    shown = dict(manager=info.get("manager"), app=info.get("app"),
+                 unix_socket=bool(info.get("sock")), remote_port=info.get("port") or None)
+    return {k: v for k, v in shown.items() if v is not None}
+
+
 def warn_options_differ(host: str, session: str, was: dict, now: dict) -> None:
-    """Say so when a reattach asks for other start options than the server runs with."""
+    """Say so when a reattach asks (NOW: on the command line, in the config file, or
+    recorded from its start) for other start options than the server runs with (WAS);
+    an option nobody asked for is no difference."""
     flags = {o.dest: o.flag for o in session_options()}
+    switches = {o.dest for o in session_options() if o.switch}  # not set: off
     if was is None:
         return
-    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    changed = sorted(k for k in now if (bool(was.get(k)) != bool(now[k]) if k in switches
+                                        else was.get(k) != now[k]))
 
     def value(v):
         return "not set" if v is None else json.dumps(v)

@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import os
 
-from helpers import http_get, http_request, wait_until
-from unattended import api_status, ensure, finish, jupyter_pids, start, watch
+from helpers import http_get, http_request, local_port_open, wait_until
+from unattended import (
+    api_status,
+    ensure,
+    finish,
+    jupyter_pids,
+    kill_masters,
+    start,
+    wait_logged,
+    watch,
+)
 
 
 def root_has(info: dict, name: str) -> bool:
@@ -66,6 +75,69 @@ def test_reattach_warning_names_an_unset_option_plainly(nbt, remote):
     assert proc.returncode == 0, proc.stderr
     assert "--notebook-dir not set, asked \"dirB\"" in proc.stderr, proc.stderr
     assert "null" not in proc.stderr
+
+
+def repairs_said(nbt, remote) -> dict[str, str]:
+    """What the unattended repairs of the running session say on stderr: --ensure while
+    all is well, --ensure once its tunnel died, --watch when its tunnel dies, then a plain
+    reattach; each also checked to have done its work."""
+    port = nbt.status()[0]["local_port"]
+    said = {}
+    healthy = ensure(nbt)
+    assert healthy.returncode == 0 and healthy.stdout == "", healthy
+    said["--ensure, all well"] = healthy.stderr
+    kill_masters(nbt.ssh_config)
+    wait_until(lambda: not local_port_open(port), 15, message="tunnel closed")
+    repaired = ensure(nbt)
+    assert repaired.returncode == 0, repaired.stderr
+    assert repaired.stdout.startswith(f"reopened the tunnel to {remote.alias}"), repaired.stdout
+    said["--ensure, tunnel died"] = repaired.stderr
+    proc, url = watch(nbt)
+    kill_masters(nbt.ssh_config)
+    seen = wait_logged(proc, f"reopened the tunnel to {remote.alias} (session nbtunnel)", 60)
+    code, _, err = finish(proc)
+    assert code == 0, seen + err
+    said["--watch, tunnel died"] = seen + err
+    again = nbt.run(remote.alias)
+    assert again.returncode == 0, again.stderr
+    said["reattach"] = again.stderr
+    return said
+
+
+def test_repairs_of_a_plain_session_warn_of_nothing(nbt, remote):
+    first = nbt.run(remote.alias)
+    assert first.returncode == 0 and "warning" not in first.stderr, first.stderr
+    said = repairs_said(nbt, remote)
+    assert not {what: text for what, text in said.items() if "warning" in text}
+    # Asked explicitly, the defaults it runs with are no difference either.
+    same = nbt.run(remote.alias, "--app", "lab", "--manager", "tmux")
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+    # A real difference still warns, and the server keeps its own.
+    other = nbt.run(remote.alias, "--app", "notebook")
+    assert other.returncode == 0, other.stderr
+    assert "warning" in other.stderr and '--app "lab", asked "notebook"' in other.stderr, other.stderr
+    assert nbt.status()[0]["app"] == "lab"
+    # A repair that restarts it asks for nothing either: not even the manager it ran under.
+    kill_servers(remote)
+    restarted = ensure(nbt)
+    assert restarted.returncode == 0 and restarted.stdout.startswith("restarted"), restarted
+    assert "warning" not in restarted.stderr, restarted.stderr
+    cron = nbt.run(remote.alias, "--print-service", "cron")
+    assert cron.returncode == 0 and "--manager" not in cron.stdout, cron.stdout
+
+
+def test_config_options_that_match_what_runs_warn_of_nothing(nbt, remote):
+    two_dirs(remote)
+    info = start(nbt, "--notebook-dir", "dirA")
+    nbt.config_file.write_text(f"[host {remote.alias}]\nnotebook-dir = dirA\n")
+    said = repairs_said(nbt, remote)
+    assert not {what: text for what, text in said.items() if "warning" in text}
+    assert root_has(nbt.status()[0], "in-dirA") and nbt.status()[0]["token"] == info["token"]
+    # What the config file asks beside what runs is a difference.
+    nbt.config_file.write_text(f"[host {remote.alias}]\nnotebook-dir = dirB\n")
+    other = nbt.run(remote.alias)
+    assert other.returncode == 0, other.stderr
+    assert '--notebook-dir "dirA", asked "dirB"' in other.stderr, other.stderr
 
 
 def test_an_option_of_another_manager_is_refused(nbt, remote):
