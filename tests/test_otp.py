@@ -85,10 +85,11 @@ class OnTerminal:
         _, status = os.waitpid(self.pid, 0)
         self.code = os.waitstatus_to_exitcode(status)
 
-    def wait_for(self, text: str, timeout: float = 120) -> str:
-        wait_until(lambda: text in self.output or self.code is not None, timeout,
+    def wait_for(self, text: str, timeout: float = 120, after: int = 0) -> str:
+        """Wait until TEXT is on the terminal (written after its first AFTER characters)."""
+        wait_until(lambda: text in self.output[after:] or self.code is not None, timeout,
                    message=f"{text!r} on the terminal")
-        assert text in self.output, self.output
+        assert text in self.output[after:], self.output
         return self.output
 
     def finish(self, timeout: float = 180) -> int:
@@ -159,23 +160,35 @@ def test_ensure_without_terminal_says_why_once(onbt, otp):
     assert "last --ensure failure" not in onbt.run("--status", timeout=120).stdout
 
 
-def test_watch_asks_once_after_a_cut_link(onbt, otp):
+CUTS = 10
+
+
+def test_watch_asks_once_per_cut_link(onbt, otp):
+    """Each cut of the link costs one code (one phone unlock), however the repair's steps
+    and the master's end and start interleave: the same --watch run cut CUTS times."""
     proxy = TcpProxy((otp.ip, otp.port))
     config = proxy_config(onbt, otp, proxy, "nbotpproxy")
     text = config.read_text().replace("    BatchMode yes\n", "")
     config.write_text(text)
     onbt.ssh_config = config
+    before = otp.auth_count("keyboard-interactive/pam")  # the module's other tests logged in
     try:
         term = on_terminal(onbt, otp, "nbotpproxy", "--watch", "--interval", "1",
-                           "--timeout", "10")
+                           "--timeout", "10", "-v")
         url = url_in(term.wait_for("watching Jupyter"))
         assert term.codes == 1 and api_status(url) == 200
-        proxy.cut()
-        term.wait_for("is down; reconnecting", 60)
-        proxy.restore()
-        term.wait_for("reopened the tunnel", 120)
-        assert term.codes == 2, term.output  # one code for the repair, not one per try
-        assert api_status(url) == 200  # the same URL answers again
+        for cut in range(1, CUTS + 1):
+            time.sleep(cut % 4 * 0.3)  # cuts at several points of the 1 s checks
+            seen = len(term.output)
+            proxy.cut()
+            term.wait_for("is down; reconnecting", 60, after=seen)
+            proxy.restore()
+            term.wait_for("reopened the tunnel", 120, after=seen)
+            logins = otp.auth_count("keyboard-interactive/pam") - before
+            assert term.codes == cut + 1 == logins, (  # one code for the repair, not one per try
+                f"cut {cut}: {term.codes} codes, {logins} logins\n{term.output}\n"
+                f"sshd:\n{otp.sshd_log.read_text(errors='replace')}")
+            assert api_status(url) == 200  # the same URL answers again
         assert term.interrupt() == 0, term.output
     finally:
         proxy.cut()
