@@ -3867,15 +3867,29 @@ class Connection(Transport):
         line stops redrawing, so the prompt stays readable."""
         return contextlib.nullcontext() if self.no_prompt else progress.frozen_while()
 
+    # Every command over the master, never a login of its own (--watch): ssh with
+    # ControlMaster=no whose master has just ended (its socket gone or refusing) quietly
+    # connects and authenticates by itself, which on a one-time-code login asks for a
+    # code that is spent on one command; the repair's own login then asks again.
+    shared_only = False
+
     def pipe(self, command: str, data: bytes, timeout: float):
         """COMMAND over the master (if none runs, ssh connects by itself for this one
-        command), DATA on its stdin: (stdout, stderr, exit status)."""
-        argv = self.argv("-T", "-o", "ControlMaster=no",
+        command, unless SHARED_ONLY), DATA on its stdin: (stdout, stderr, exit status)."""
+        shared = os.path.exists(self.socket)
+        if self.shared_only:
+            try:
+                mux_connect(self.socket).close()  # a master answers there, not a stale file
+            except OSError:
+                raise ssh_error(self.host, "unreachable", MSG_MASTER_ENDED) from None
+        # BatchMode: should the master end between that look and ssh's, ssh's own login
+        # cannot ask anything (over a master it asks nothing anyway).
+        argv = self.argv("-T", "-o", "ControlMaster=no", *(
+            ["-o", "BatchMode=yes"] if self.shared_only else []),
                          "-o", "ConnectTimeout=%d" % max(1, int(self.timeout)),
                          self.host, command)
         # Over a master, ssh cannot prompt: it runs in a session of its own, so a Ctrl-C at
         # the terminal reaches nbtunnel alone, which may then let the operation finish.
-        shared = os.path.exists(self.socket)
         with contextlib.nullcontext() if shared else self.may_prompt():
             proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, start_new_session=shared)
@@ -3888,6 +3902,8 @@ class Connection(Transport):
             except BaseException:
                 self.unfinished = (proc, timeout)
                 raise
+        if self.shared_only and proc.returncode == 255 and not self.alive():
+            raise ssh_error(self.host, "unreachable", MSG_MASTER_ENDED)  # not a refusal
         return out, err, proc.returncode
 
     def control(self, command: str, *extra) -> None:
@@ -3905,6 +3921,7 @@ class Connection(Transport):
                     capture_output=True)
 
 
+MSG_MASTER_ENDED = "its ssh connection has ended"
 MSG_NODE_UNREACHABLE = (
     "session runs on login node {node} of {host} ({address} port {port}), which cannot be "
     "reached from here along the route your ssh config gives {host}: {detail}. Reach {node} "
@@ -5536,7 +5553,7 @@ def watch_loop(run: Run, conn: Connection, rec: dict, params: dict) -> None:
         current = fresh_record(s)
         if current and current.get("socket") not in (None, conn.socket):
             conn = s.connection(current)  # another command made the session a new connection
-            conn.no_prompt = not on_terminal()
+            conn.no_prompt, conn.shared_only = not on_terminal(), True
         held = WATCHED.get((current or rec)["local_port"])
         if held is not None and not held.forwarded and current and current != rec \
                 and conn.alive():  # a command on a terminal connected and proved it anew
@@ -5605,7 +5622,7 @@ def cmd_watch(run: Run) -> int:
     # On a terminal a repair may ask again what the login asks (a one-time code): once per
     # new connection, with the progress line out of the way.  Without one, never.
     s.no_prompt = True
-    conn.no_prompt = not on_terminal()
+    conn.no_prompt, conn.shared_only = not on_terminal(), True
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         watch_loop(run, conn, rec, dict(params, repair=True))
