@@ -316,10 +316,13 @@ def idle_args(minutes: float) -> list:
     server stops once it has had no kernel, no terminal and no activity that long; a
     kernel idle that long is shut down even with a browser connected, never while busy,
     and so is a terminal without input or output (docs/clusters.md, "Idle end")."""
-    secs = int(round(minutes * 60))
-    if secs <= 0:
+    if minutes <= 0:
         return []
-    every = max(10, min(300, secs // 2))
+    secs = max(1, round(minutes * 60))
+    # Kernels and terminals are looked at a few times within the timeout (Jupyter's
+    # default, every 300 s, would let a short one run minutes over); the server itself
+    # looks once a minute (fixed in Jupyter Server), so it ends up to a minute late.
+    every = max(1, min(60, secs // 4))
     return ["--ServerApp.shutdown_no_activity_timeout=%d" % secs,
             "--MappingKernelManager.cull_idle_timeout=%d" % secs,
             "--MappingKernelManager.cull_interval=%d" % every,
@@ -382,15 +385,28 @@ def port(text) -> int:
     return check_port(text, "port")
 
 
+DURATION_UNITS = {"s": 1 / 60, "m": 1, "min": 1, "h": 60, "": 1}  # in minutes
+DURATION_WANTED = ("must be 0 (never) or a duration from 1s to 30 days: 45s, 30m, 2h, or a "
+                   "bare number of minutes")
+
+
 def minutes(text) -> float:
-    """TEXT as a number of minutes, 0 (never) to 30 days, else ValueError."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0  # not a number: the message below says what is wanted
-    if not 0 <= value <= 30 * 1440:  # also refuses nan and inf
-        raise ValueError("must be a number of minutes from 0 (never) to 30 days")
+    """TEXT, a duration (45s, 30m or 30min, 2h; a bare number is minutes, as Slurm's
+    --time), in minutes: 0 (never), or 1 s to 30 days; else ValueError."""
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([A-Za-z]*)\s*", text)
+    unit = match and DURATION_UNITS.get(match.group(2).lower())
+    value = float(match.group(1)) * unit if unit else -1.0  # digits only: no nan, inf, 1e9
+    if value != 0 and not 1 / 60 <= value <= 30 * 1440:
+        raise ValueError(DURATION_WANTED)
     return value
+
+
+def duration_text(minutes: float) -> str:
+    """MINUTES as people read it, and as --idle-timeout takes it back: 45s, 30min, 2h."""
+    secs = max(1, round(minutes * 60)) if minutes else 0
+    if secs and secs % 3600 == 0:
+        return "%dh" % (secs // 3600)
+    return "%dmin" % (secs // 60) if secs % 60 == 0 else "%ds" % secs
 
 
 def node_address(text) -> str:
@@ -491,17 +507,19 @@ class Option:
     it); ``multiple`` makes it repeatable (one value per line in the config file);
     ``switch`` makes it a flag without a value; ``start`` says it shapes the server
     itself, so a reattach with another value warns that the running server keeps its own;
-    ``sticky`` (the default) lets later runs of the session take it from the record.
+    ``sticky`` (the default) lets later runs of the session take it from the record;
+    ``show`` turns one value back into the text ``type`` takes (default: str, %g for a float).
     """
 
     def __init__(self, flag: str, help: str, metavar=None, type=str, multiple=False,
-                 short=None, choices=None, switch=False, start=True, sticky=True):
+                 short=None, choices=None, switch=False, start=True, sticky=True, show=None):
         if not re.match(r"--[a-z][a-z0-9-]{1,30}\Z", flag):
             raise Error("invalid option name %r: use --lowercase-words" % (flag,))
         self.flag, self.key, self.dest = flag, flag[2:], flag[2:].replace("-", "_")
         self.help, self.metavar, self.type, self.multiple = help, metavar, type, multiple
         self.short, self.choices, self.switch, self.start = short, choices, switch, start
         self.sticky = sticky  # a later run of the session takes it from the record
+        self.show = show
 
     def add_to(self, parser) -> None:
         """Add it to PARSER (an argparse parser or group); values are converted later,
@@ -549,8 +567,8 @@ class Option:
         if self.switch:
             return [self.flag] if value else []
         values = value if self.multiple else [value]
-        return [w for one in values for w in (self.short or self.flag, "%g" % one
-                                                if isinstance(one, float) else str(one))]
+        show = self.show or (lambda one: "%g" % one if isinstance(one, float) else str(one))
+        return [w for one in values for w in (self.short or self.flag, show(one))]
 
 
 # The options that make up a session, in the order --help lists them.  Plugins add
@@ -564,9 +582,11 @@ SERVER_OPTIONS = [
     Option("--unix-socket", "listen on a Unix socket in a private directory, not a TCP "
            "port (no other user can connect)",
            switch=True),
-    # minutes without activity, then Jupyter ends (idle_args); 0: never
-    Option("--idle-timeout", "end Jupyter after MIN idle (0: never; batch: %d)"
-           % DEFAULT_IDLE, metavar="MIN", type=minutes),
+    # how long without activity, then Jupyter ends (idle_args); 0: never.  Kept in
+    # minutes (records, --json), a fraction for seconds: 0.75 is 45 s
+    Option("--idle-timeout", "end Jupyter after DURATION idle: 45s, 30m, 2h, a bare number "
+           "is minutes (0: never; batch: %s)" % duration_text(DEFAULT_IDLE), metavar="DURATION",
+           type=minutes, show=duration_text),
     # a batch job's address on its node, as the login node reaches it (r_node_address)
     Option("--node-address", "batch job: its node's address for Jupyter", metavar="ADDR",
            type=node_address),
@@ -4153,13 +4173,13 @@ def drop_record(directory: str, host: str, session: str) -> None:
 
 
 ENDED = {"terminated": "terminated by you", "shutdown": "shut down from Jupyter (File > Shut Down)",
-         "idle": "idle for {idle:g} min"}
+         "idle": "idle for {idle}"}
 
 
 def ended_text(how: str, idle=None) -> str:
     """How a session ended on purpose (HOW, a key of ENDED; IDLE: its idle timeout in
     minutes), in words."""
-    return ENDED.get(how, how).format(idle=idle or 0)
+    return ENDED.get(how, how).format(idle=duration_text(idle or 0))
 
 
 def rec_idle(rec: dict) -> float:
@@ -5169,8 +5189,8 @@ def cmd_status(run: Run) -> int:
                     r["host"], r["session"], ended_text(r["ended"], r.get("idle_timeout")),
                     start_again(r["host"], r["session"])))
                 continue
-            idle = "\tidle-timeout=%s" % ("%gmin" % r["idle_timeout"] if r["idle_timeout"]
-                                           else "never")
+            idle = "\tidle-timeout=%s" % (duration_text(r["idle_timeout"])
+                                           if r["idle_timeout"] else "never")
             if r.get("last_failure"):
                 pending += "\tlast --ensure failure: %s" % r["last_failure"]["message"]
             if r["server"] == "gone":

@@ -192,7 +192,7 @@ def test_watch_exits_when_the_server_ended_itself_idle(nbt, remote):
     port = int(url.split(":")[2].split("/")[0])
     code, out, err = finish(proc, None, timeout=240)
     assert code == 0, err
-    assert "was idle for 0.5 min" in err, err
+    assert "was idle for 30s" in err, err
     wait_until(lambda: not jupyter_pids(remote), 15, message="server gone")
     assert remote.tmux_sessions() == []
     assert not masters(nbt.ssh_config) and not local_port_open(port)
@@ -201,6 +201,28 @@ def test_watch_exits_when_the_server_ended_itself_idle(nbt, remote):
     again = ensure(nbt)
     assert again.returncode == 0 and again.stdout == "", (again.stdout, again.stderr)
     assert not jupyter_pids(remote) and nbt.status()[0]["ended"] == "idle"
+
+
+def test_idle_timeout_in_seconds_ends_a_tmux_session(nbt, remote):
+    """--idle-timeout 15s is fifteen seconds, not fifteen minutes: with nobody using it,
+    Jupyter under tmux ends itself at its first look (once a minute), and --status says
+    how it ended, in seconds as asked (--json: minutes)."""
+    info = start(nbt, "--idle-timeout", "15s")
+    began = time.monotonic()
+    assert api_status(info["url"]) == 200
+    text = nbt.run("--status", timeout=60).stdout
+    assert "\tidle-timeout=15s" in text, text
+    assert nbt.status()[0]["idle_timeout"] == 0.25
+    log = remote.home / ".local/state/nbtunnel/nbtunnel.log"
+    assert "Will shut down after 15 seconds with no kernels" in log.read_text()
+    wait_until(lambda: not jupyter_pids(remote), 150, interval=1, message="Jupyter ended itself")
+    print(f"measured: idle session (15 s) ended {time.monotonic() - began:.0f}s after its start")
+    assert remote.tmux_sessions() == []
+    assert "No kernels for" in log.read_text()
+    proc = nbt.run("--status", timeout=60)
+    assert proc.returncode == 0 and "ended: idle for 15s" in proc.stdout, proc.stdout
+    [row] = nbt.status()
+    assert row["ended"] == "idle" and row["server"] == "stopped", row
 
 
 def test_watch_ends_when_terminated_from_elsewhere(nbt, remote):

@@ -358,3 +358,49 @@ def test_a_round_robin_name_lists_the_node():
     assert not nbtunnel.round_robin(seen, "x", dict(node="n", address="127.0.0.1", port=22))
     assert not nbtunnel.round_robin({"hostname": "no-such-host.invalid"}, "x",
                                     dict(node="n", address="127.0.0.1", port=22))
+
+
+# --idle-timeout: a duration, kept in minutes ###################################
+
+
+@pytest.mark.parametrize("text, minutes, shown", [
+    ("45s", 0.75, "45s"), ("30m", 30, "30min"), ("30min", 30, "30min"), ("2h", 120, "2h"),
+    ("90", 90, "90min"), ("0.5", 0.5, "30s"), ("1.5h", 90, "90min"), (" 20 S ", 1 / 3, "20s"),
+    ("1s", 1 / 60, "1s"), ("720h", 43200, "720h"), ("0", 0, None), ("0s", 0, None),
+])
+def test_idle_timeout_takes_units_and_reads_back(text, minutes, shown):
+    value = nbtunnel.minutes(text)
+    assert value == pytest.approx(minutes)
+    if shown:  # what --status shows is what the option takes back
+        assert nbtunnel.duration_text(value) == shown
+        assert nbtunnel.minutes(shown) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["-1", "5x", "nan", "inf", "1e999", "1e3", "", " ", "s", "0.5s",
+                                  "721h", "43201", "1h30m", "5 5", "0x10"])
+def test_idle_timeout_refuses_bad_durations(text):
+    with pytest.raises(ValueError) as e:
+        nbtunnel.minutes(text)
+    assert str(e.value) == nbtunnel.DURATION_WANTED
+
+
+def test_idle_timeout_old_records_and_service_units_read_right():
+    option = next(o for o in nbtunnel.session_options() if o.dest == "idle_timeout")
+    assert option.convert(0.75, "record") == 0.75  # a recorded number is minutes, as before
+    assert option.convert("45s", "config [DEFAULT]") == 0.75
+    assert option.words(0.75) == ["--idle-timeout", "45s"]  # a unit's command line
+    assert option.words(60.0) == ["--idle-timeout", "1h"]
+    assert nbtunnel.ended_text("idle", 0.75) == "idle for 45s"
+    assert nbtunnel.ended_text("idle", 1) == "idle for 1min"
+
+
+@pytest.mark.parametrize("minutes, secs, every", [(0.25, 15, 3), (1 / 3, 20, 5), (1 / 60, 1, 1),
+                                                  (1, 60, 15), (60, 3600, 60)])
+def test_idle_args_look_often_enough_for_the_timeout(minutes, secs, every):
+    words = nbtunnel.idle_args(minutes)
+    assert "--ServerApp.shutdown_no_activity_timeout=%d" % secs in words
+    assert "--MappingKernelManager.cull_idle_timeout=%d" % secs in words
+    assert "--MappingKernelManager.cull_interval=%d" % every in words
+    assert "--TerminalManager.cull_inactive_timeout=%d" % secs in words
+    assert "--TerminalManager.cull_interval=%d" % every in words
+    assert nbtunnel.idle_args(0) == []

@@ -256,8 +256,12 @@ def test_pip_install_ships_the_plugins(tmp_path):
 
 
 @pytest.mark.parametrize("args, said", [
-    (["--idle-timeout", "soon"], "minutes from 0 (never)"),
-    (["--idle-timeout", "-1"], "minutes from 0 (never)"),
+    (["--idle-timeout", "soon"], "0 (never) or a duration from 1s to 30 days"),
+    (["--idle-timeout", "-1"], "0 (never) or a duration from 1s to 30 days"),
+    (["--idle-timeout", "5x"], "0 (never) or a duration from 1s to 30 days"),
+    (["--idle-timeout", "nan"], "0 (never) or a duration from 1s to 30 days"),
+    (["--idle-timeout", "1e999"], "0 (never) or a duration from 1s to 30 days"),
+    (["--idle-timeout", ""], "0 (never) or a duration from 1s to 30 days"),
     (["--node-address", "a b"], "an address or a host name"),
     (["--node-address=-x"], "an address or a host name"),
     (["--node-address", "10.0.0.5"], "is for batch managers"),  # tmux: no node
