@@ -584,8 +584,8 @@ SERVER_OPTIONS = [
            switch=True),
     # how long without activity, then Jupyter ends (idle_args); 0: never.  Kept in
     # minutes (records, --json), a fraction for seconds: 0.75 is 45 s
-    Option("--idle-timeout", "end Jupyter after DURATION idle: 45s, 30m, 2h, a bare number "
-           "is minutes (0: never; batch: %s)" % duration_text(DEFAULT_IDLE), metavar="DURATION",
+    Option("--idle-timeout", "end after TIME idle: 45s, 30m, 2h (0: never; batch %s)"
+           % duration_text(DEFAULT_IDLE), metavar="TIME",
            type=minutes, show=duration_text),
     # a batch job's address on its node, as the login node reaches it (r_node_address)
     Option("--node-address", "batch job: its node's address for Jupyter", metavar="ADDR",
