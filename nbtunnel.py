@@ -6272,7 +6272,7 @@ EXAMPLES = (
     ("nbtunnel hpc --manager slurm --partition gpu --gres gpu:1 --time 8:00:00", ""),
 )
 EXIT_CODES = ("0 done; 1 could not do it (unreachable, refused, Jupyter failed); "
-              "2 bad usage or input; 3 --terminate refused: kernels busy (--force)")
+              "2 bad usage; 3 --terminate refused: kernels busy (--force)")
 
 
 def names(registry: dict, default=None) -> str:
