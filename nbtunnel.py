@@ -169,18 +169,22 @@ class Error(Exception):
     """The one exception that reaches the user: a message, a kind and an exit code.
 
     ``kind`` says what went wrong in a word that code may test (retry decisions
-    read it, never the message text); ``log_tail`` is the remote log, if any."""
+    read it, never the message text); ``log_tail`` is the remote log, if any; FACTS are
+    what a caller needs to act on that kind (``how`` a session "ended"), kept as
+    attributes and in ``facts``."""
 
     code = 1
     kind = "error"
 
-    def __init__(self, message: str, code=None, kind=None, log_tail: str = ""):
+    def __init__(self, message: str, code=None, kind=None, log_tail: str = "", **facts):
         super().__init__(message)
         if code is not None:
             self.code = code
         if kind is not None:
             self.kind = kind
         self.log_tail = log_tail
+        self.facts = facts
+        vars(self).update(facts)
 
     def text(self) -> str:
         """The message with the remote log appended, as the user sees it."""
@@ -1019,7 +1023,7 @@ def r_state_dir():
     problem = r_dir_problem(path, 0o022)
     if problem is None:
         return path
-    if problem.startswith("is writable"):  # ours, but open to others: the mode can be mended
+    if r_dir_problem(path, 0) is None:  # ours, but open to others: the mode can be mended
         fix = "check what is in it, then chmod 700 %s" % path
     else:
         fix = "move it away (mv %s %s.unsafe) and nbtunnel makes a new one" % (path, path)
@@ -2669,7 +2673,7 @@ def r_op_start(p):
     on purpose)."""
     how = r_how_ended(p["session"])
     if p.get("repair") and how in ("terminated", "shutdown", "idle"):
-        raise RemoteFail("ended", how)
+        raise RemoteFail("ended", how, how=how)
     r_remove(r_files(p["session"])["ended"])
     return R_KINDS[p["manager"].get("kind", "session")]["start"](p)
 
@@ -2800,9 +2804,11 @@ def parse_result(host: str, stdout: str, stderr: str, code: int):
                 break
             if answer.get("ok"):
                 return answer["result"]
+            facts = {k: v for k, v in answer.items()
+                     if k not in ("ok", "kind", "message", "log_tail", "code")}
             err = RemoteError("%s: %s" % (host, answer.get("message")),
                               kind=answer.get("kind") or "internal",
-                              log_tail=answer.get("log_tail") or "")
+                              log_tail=answer.get("log_tail") or "", **facts)
             err.answer = answer  # what else the remote said (where the session lives)
             raise err
     if code == 255:  # ssh's own failure: its words, not the remote shell's
@@ -4578,7 +4584,7 @@ def undo_start(session: Session, conn: Connection, params: dict, err: BaseExcept
     if started is None:
         return err
     if type(err) in (Error, SshError, RemoteError):
-        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail)
+        return type(err)(str(err) + "; " + note, err.code, err.kind, err.log_tail, **err.facts)
     log.error("%s", note)  # beside the message of an error nobody foresaw
     return err
 
@@ -5359,22 +5365,27 @@ MSG_NOT_ANSWERING = (
 )
 
 
-def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was_up) -> list:
-    """One line for each thing a repair changed (nothing when nothing had to change)."""
+def repair_change(host: str, session: str, old, rec: dict, info: dict, tunnel_was_up):
+    """What a repair changed, without the URL; None when nothing had to change."""
     where = "%s (session %s)" % (host, session)
     if not info["reused"]:
         if old:
-            return ["restarted Jupyter on %s, which was not running: %s" % (where, rec["url"])]
-        return ["started Jupyter on %s: %s" % (where, rec["url"])]
+            return "restarted Jupyter on %s, which was not running" % where
+        return "started Jupyter on %s" % where
     if old is None:
-        return ["reattached to Jupyter already running on %s: %s" % (where, rec["url"])]
+        return "reattached to Jupyter already running on %s" % where
     if tunnel_was_up and rec["local_port"] == old["local_port"] \
             and recorded_destination(rec) == recorded_destination(old):
-        return []
+        return None
     moved = "" if rec["local_port"] == old["local_port"] else \
         " (local port %d was taken)" % old["local_port"]
-    return ["reopened the tunnel to %s on local port %d%s: %s"
-            % (where, rec["local_port"], moved, rec["url"])]
+    return "reopened the tunnel to %s on local port %d%s" % (where, rec["local_port"], moved)
+
+
+def repair_lines(host: str, session: str, old, rec: dict, info: dict, tunnel_was_up) -> list:
+    """One line for each thing a repair changed (nothing when nothing had to change)."""
+    change = repair_change(host, session, old, rec, info, tunnel_was_up)
+    return ["%s: %s" % (change, rec["url"])] if change else []
 
 
 def repair(run: Run, conn: Connection, old, params: dict):
@@ -5387,7 +5398,7 @@ def repair(run: Run, conn: Connection, old, params: dict):
     except Error as e:  # the remote knows it ended on purpose (shut down, or another laptop)
         if e.kind != "ended":
             raise
-        return ended_on_purpose(run, conn, old, str(e).rsplit(": ", 1)[-1])
+        return ended_on_purpose(run, conn, old, e.how)
     deadline = time.monotonic() + 10
     while not api_ok(rec):
         if time.monotonic() > deadline:
@@ -5395,17 +5406,16 @@ def repair(run: Run, conn: Connection, old, params: dict):
                                                  port=rec["local_port"], log=rec.get("log")),
                         kind="not-answering")
         time.sleep(0.3)
-    lines = repair_lines(host, rec["session"], old, rec, info, tunnel_was_up)
+    change = repair_change(host, rec["session"], old, rec, info, tunnel_was_up)
     if info.get("node_gone"):
-        lines = ["%s; started a new one on login node %s: %s" % (MSG_NODE_GONE.format(
-            host=host, session=rec["session"], node=info["node_gone"]),
-            rec.get("login_node"), rec["url"])]
+        change = "%s; started a new one on login node %s" % (MSG_NODE_GONE.format(
+            host=host, session=rec["session"], node=info["node_gone"]), rec.get("login_node"))
     if old and not info["reused"]:  # started again as it last ran, whatever changed since
         pending = run.session.pending
-        lines = ["%s, as it last ran%s: %s" % (lines[0].rsplit(": ", 1)[0], (
-            "; %s will apply when you start it yourself" % pending_text(pending))
-            if pending else "", rec["url"])]
-    return rec, lines
+        change += ", as it last ran%s" % (
+            "; %s will apply when you start it yourself" % pending_text(pending)
+            if pending else "")
+    return rec, ["%s: %s" % (change, rec["url"])] if change else []
 
 
 def ended_on_purpose(run: Run, conn: Connection, old, how: str):
@@ -5626,8 +5636,7 @@ def cmd_watch(run: Run) -> int:
             raise
         with locked(s.state, host, session):
             conn = s.connection(fresh_record(s))
-            log.info("%s", ended_on_purpose(run, conn, fresh_record(s),
-                                            str(e).rsplit(": ", 1)[-1])[1][0])
+            log.info("%s", ended_on_purpose(run, conn, fresh_record(s), e.how)[1][0])
         return 0
     with locked(s.state, host, session):
         watch_port(s, conn, rec)  # before the URL is out: from now on no connection is refused
