@@ -122,6 +122,16 @@ def test_remote_failure_kind_survives_the_wire():
     assert e.value.kind == "no-dir" and e.value.log_tail == "x" and "remote log" in e.value.text()
 
 
+def test_remote_failure_facts_survive_the_wire():
+    """What a caller acts on travels as data: the message may say anything."""
+    line = nbtunnel.RESULT_MARK + '{"ok": false, "kind": "ended", "message": "it: ended", "how": "idle"}'
+    with pytest.raises(nbtunnel.RemoteError) as e:
+        nbtunnel.parse_result("h", line + "\n", "", 0)
+    assert e.value.kind == "ended" and e.value.how == "idle" and e.value.facts == {"how": "idle"}
+    plain = nbtunnel.Error("no facts", 3, "busy")
+    assert (plain.code, plain.kind, plain.facts) == (3, "busy", {})
+
+
 def test_copied_alone_the_file_works(tmp_path):
     copy = tmp_path / "nbtunnel.py"
     copy.write_bytes((REPO / "nbtunnel.py").read_bytes())
