@@ -4968,6 +4968,24 @@ def may_need_prompt(err: Error) -> bool:
     return err.kind in ("auth", "hostkey-unknown", "needs-person")
 
 
+def per_host(hosts, fn) -> dict:
+    """FN(host) for every host of HOSTS at once, one thread each: {host: what it returned,
+    or the Error it raised}, in the order of HOSTS.  Any other exception (a bug) is raised
+    here; Ctrl-C reaches the main thread, which waits for the others (their ssh got it too)."""
+    import concurrent.futures
+
+    def one(host):
+        try:
+            return fn(host)
+        except Error as e:
+            return e
+
+    hosts = list(hosts)
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        futures = [pool.submit(one, h) for h in hosts]
+        return {h: f.result() for h, f in zip(hosts, futures)}
+
+
 def ask_hosts(session: Session, by_host: dict) -> dict:
     """Ask every host at once (one thread and one connection each): {host: (up, answers)}
     in the order of BY_HOST.
@@ -4975,7 +4993,6 @@ def ask_hosts(session: Session, by_host: dict) -> dict:
     On a terminal several hosts must not prompt at the same time, so the parallel pass
     runs ssh in batch mode, and the hosts it could not log into without a prompt are
     asked again one after the other, with their prompts."""
-    import concurrent.futures
 
     def one(host, no_prompt):
         try:
@@ -4989,10 +5006,8 @@ def ask_hosts(session: Session, by_host: dict) -> dict:
     if len(hosts) == 1:
         got[hosts[0]] = one(hosts[0], False)
     elif hosts:
-        with progress("asking %d hosts" % len(hosts)), \
-                concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
-            futures = {h: pool.submit(one, h, interactive) for h in hosts}
-            got = {h: f.result() for h, f in futures.items()}
+        with progress("asking %d hosts" % len(hosts)):
+            got = per_host(hosts, lambda h: one(h, interactive))
     for host in hosts:
         err = got[host][2]
         if interactive and len(hosts) > 1 and err and may_need_prompt(err):
@@ -5097,127 +5112,172 @@ MSG_NOT_RUNNING = ("jupyter is not running: `{ensure}` or `{start}` starts it ag
                    "the same URL")
 
 
-def cmd_status(run: Run) -> int:
-    """Ask each recorded host about its sessions; one line (or JSON object) each.
-    Sessions whose manager plugin is missing are not asked about: state unknown."""
-    args, s = run.args, run.session
-    by_host = s.recorded(same_name=s.source("session") != "default")
+def status_asked(s: Session, by_host: dict):
+    """Ask the hosts of BY_HOST about their sessions for --status: ({host: (up, answers)},
+    None or the Error of a named host that nothing is recorded for).  Sessions whose
+    manager plugin is missing are not asked about: state unknown."""
     def ask(rec):  # an ended session needs no question: nothing runs
         return not missing_manager(rec) and not rec.get("ended")
 
     wanted = {h: [r for r in recs if ask(r)] for h, recs in by_host.items()
               if any(ask(r) for r in recs)}
-    asked, unasked = {}, None
     if s.host is None:
-        asked = ask_hosts(s, wanted)
-    else:  # the host named: also what runs there unrecorded, in the same one question
-        try:
-            up, answers, err = ask_host(s, s.host, wanted.get(s.host, []), discover=True)
-        except Error as e:
-            up, answers, err = False, {}, e
-        asked[s.host] = up, answers
-        if err and by_host.get(s.host):
-            log.warning("warning: %s", err)
-        elif err:  # nothing recorded for it (a typo?): said in the one line below
-            unasked = err
-        by_host.setdefault(s.host, [])
+        return ask_hosts(s, wanted), None
+    # The host named: also what runs there unrecorded, in the same one question.
+    try:
+        up, answers, err = ask_host(s, s.host, wanted.get(s.host, []), discover=True)
+    except Error as e:
+        up, answers, err = False, {}, e
+    if err and by_host.get(s.host):
+        log.warning("warning: %s", err)
+    return {s.host: (up, answers)}, err if err and not by_host.get(s.host) else None
+
+
+def ended_row(rec: dict) -> dict:
+    """The --status row of a session that ended on purpose: nothing runs, nothing asked."""
+    return dict(public(rec), server="stopped", tunnel="down", recorded=True, recorded_as=None,
+                tunnel_state="down", pending={}, pending_text="")
+
+
+def answered_fields(a) -> dict:
+    """The fields of a --status row that the host's answer A (None: no answer) decides."""
+    out = {"login_node": a["login_node"]} if a and a.get("login_node") else {}
+    out["unreached"] = a.get("unreached") if a else None
+    if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
+        out["ended"] = a["ended"]
+    return out
+
+
+def tunnel_state(s: Session, h: str, rec: dict, a, up, port_open: bool) -> str:
+    """"up" or "down": the tunnel of REC as asked through host H, whose master is UP."""
+    backend = TUNNELS.get(rec.get("tunnel", "ssh"))
+    held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
+    mine = up if rec["host"] == h else port_open and s.connection(
+        rec, host=rec["host"]).alive()  # its own name's master holds its tunnel
+    if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
+        return "down"  # the forward points at an older server
+    return "up" if (held_here or mine) and port_open else "down"
+
+
+def record_fields(s: Session, rec: dict, tunnel: str) -> dict:
+    """The fields of a --status row that the record REC and the config decide."""
+    pending = config_pending(s.cfg, rec) if "options" in rec else {}
+    keys = {o.dest: o.key for o in session_options()}
+    return dict(
+        plugin=rec.get("plugin") or (
+            MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None),
+        backend=rec.get("tunnel"), tunnel_backend=rec.get("tunnel"), tunnel_state=tunnel,
+        environment=rec.get("environment", []),
+        pending={keys[d]: dict(value=v, source=where) for d, (v, where) in sorted(pending.items())},
+        pending_text=pending_text(pending),
+        last_failure=last_failure(s.state, rec["host"], rec["session"]))
+
+
+def live_row(s: Session, h: str, rec: dict, a, up, port_open: bool, missing) -> dict:
+    """The --status row of REC, a session not ended on purpose, as host H answered (A)."""
+    row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True,
+               recorded_as=None)
+    if rec["host"] != h:  # asked by another name of the same account
+        row.update(host=h, recorded_as=rec["host"])
+    row.update(answered_fields(a))
+    row["tunnel"] = tunnel_state(s, h, rec, a, up, port_open)
+    for key in JOB_FIELDS if a and "job_id" in a else ():
+        row[key] = a.get(key)
+    if missing:
+        row["missing_plugin"] = rec.get("manager")
+        row.update({k: None for k in ("job_state", "time_left") if k in row})  # stale
+    row.update(record_fields(s, rec, row["tunnel"]))
+    log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
+              rec.get("manager"), row["plugin"], row["backend"])
+    return row
+
+
+def host_rows(s: Session, h: str, recs: list, up, answers: dict) -> list:
+    """The --status rows of host H: its records RECS (and, when H was named, those recorded
+    under another name of the same account), then what it runs unrecorded here.  UP: is
+    its master up (None: H was not asked); ANSWERS: {session: answer}."""
+    aliased = recorded_as_other(s, h, answers.values()) if h == s.host else {}
     rows = []
-    for h, recs in by_host.items():
-        up, answers = asked.get(h, (None, {}))
-        aliased = recorded_as_other(s, h, answers.values()) if h == s.host else {}
-        for rec in recs + list(aliased.values()):
-            if rec.get("ended"):
-                rows.append(dict(public(rec), server="stopped", tunnel="down", recorded=True,
-                                 recorded_as=None, tunnel_state="down", pending={},
-                                 pending_text=""))
-                continue
-            missing = missing_manager(rec)
-            if missing:
-                log.warning("warning: %s", missing)
-            a = None if missing else answers.get(rec["session"])
-            row = dict(public(rec), server=a["server"] if a else "unknown", recorded=True,
-                       recorded_as=None)
-            if rec["host"] != h:  # asked by another name of the same account
-                row.update(host=h, recorded_as=rec["host"])
-            if a and a.get("login_node"):  # where it runs now, as the host says
-                row["login_node"] = a["login_node"]
-            row["unreached"] = a.get("unreached") if a else None
-            if a and a.get("ended") in ENDED:  # File > Shut Down, or --terminate elsewhere
-                row["ended"] = a["ended"]
-            backend = TUNNELS.get(rec.get("tunnel", "ssh"))
-            held_here = backend is not None and backend.foreground  # by a foreground nbtunnel
-            port_open = local_port_open(rec["local_port"])
-            if port_open and up is None and rec["host"] == h:  # not asked: master still up?
-                up = s.connection(rec, host=h).alive()
-            mine = up if rec["host"] == h else port_open and s.connection(
-                rec, host=rec["host"]).alive()  # its own name's master holds its tunnel
-            row["tunnel"] = "up" if (held_here or mine) and port_open else "down"
-            if a and a["server"] == "running" and destination(a) != recorded_destination(rec):
-                row["tunnel"] = "down"  # the forward points at an older server
-            for key in JOB_FIELDS if a and "job_id" in a else ():
-                row[key] = a.get(key)
-            if missing:
-                row["missing_plugin"] = rec.get("manager")
-                row.update({k: None for k in ("job_state", "time_left") if k in row})  # stale
-            row["plugin"] = rec.get("plugin") or (
-                MANAGERS[rec["manager"]].source if rec.get("manager") in MANAGERS else None)
-            row["backend"] = row["tunnel_backend"] = rec.get("tunnel")
-            row["tunnel_state"] = row["tunnel"]
-            row["environment"] = rec.get("environment", [])
-            pending = config_pending(s.cfg, rec) if "options" in rec else {}
-            keys = {o.dest: o.key for o in session_options()}
-            row["pending"] = {keys[d]: dict(value=v, source=where)
-                              for d, (v, where) in sorted(pending.items())}
-            row["pending_text"] = pending_text(pending)
-            row["last_failure"] = last_failure(s.state, rec["host"], rec["session"])
-            log.debug("%s %s: served by manager %s (%s), tunnel %s", h, rec["session"],
-                      rec.get("manager"), row["plugin"], row["backend"])
-            rows.append(row)
-        rows += [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())
-                 if a["session"] not in aliased]
+    for rec in recs + list(aliased.values()):
+        if rec.get("ended"):
+            rows.append(ended_row(rec))
+            continue
+        missing = missing_manager(rec)
+        if missing:
+            log.warning("warning: %s", missing)
+        port_open = local_port_open(rec["local_port"])
+        if port_open and up is None and rec["host"] == h:  # not asked: master still up?
+            up = s.connection(rec, host=h).alive()
+        rows.append(live_row(s, h, rec, None if missing else answers.get(rec["session"]),
+                             up, port_open, missing))
+    return rows + [unrecorded_row(h, a) for a in unrecorded_answers(answers.values())
+                   if a["session"] not in aliased]
+
+
+def status_rows(s: Session):
+    """(the --status rows, one per session, as --status --json prints them; None or the
+    Error of a named host that nothing is recorded for and that could not be asked)."""
+    by_host = s.recorded(same_name=s.source("session") != "default")
+    asked, unasked = status_asked(s, by_host)
+    if s.host is not None:
+        by_host.setdefault(s.host, [])
+    return [row for h, recs in by_host.items()
+            for row in host_rows(s, h, recs, *asked.get(h, (None, {})))], unasked
+
+
+def status_notes(r: dict) -> str:
+    """The tab-separated notes at the end of the --status line of row R, a live session."""
+    notes = "\tpending: %s at next start" % r["pending_text"] if r["pending_text"] else ""
+    if r.get("last_failure"):
+        notes += "\tlast --ensure failure: %s" % r["last_failure"]["message"]
+    if r["server"] == "gone":
+        notes = "\tlogin node %s is gone, and its server with it: --ensure starts " \
+            "a new one on a node that answers, --terminate forgets it%s" % (
+                r["login_node"], notes)
+    elif r["unreached"]:
+        notes = "\t%s%s" % (r["unreached"], notes)
+    elif r["login_node"]:
+        notes = "\tlogin node %s%s" % (r["login_node"], notes)
+    if r["recorded_as"]:
+        notes = "\trecorded as %s%s" % (r["recorded_as"], notes)
+    if r["server"] == "stopped":  # crashed, killed or out of time: not on purpose
+        name = r["recorded_as"] or r["host"]
+        notes = "\t%s%s" % (MSG_NOT_RUNNING.format(
+            ensure=suggested(name, "--session", r["session"], "--ensure"),
+            start=suggested(name, "--session", r["session"])), notes)
+    return notes
+
+
+def status_line(r: dict) -> str:
+    """The --status line of row R."""
+    job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
+        "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
+    if not r["recorded"]:
+        return "%s\t%s\tserver=%s\ttunnel=down\tnot recorded here%s; end it with: %s" % (
+            r["host"], r["session"], r["server"], job,
+            terminate_command(r["host"], r["session"]))
+    if r["ended"]:
+        return "%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
+            r["host"], r["session"], ended_text(r["ended"], r.get("idle_timeout")),
+            start_again(r["host"], r["session"]))
+    idle = "\tidle-timeout=%s" % (duration_text(r["idle_timeout"])
+                                   if r["idle_timeout"] else "never")
+    gone = "\tmanager plugin %s not loaded" % r["missing_plugin"] if "missing_plugin" in r else ""
+    return "%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (
+        r["host"], r["session"], r["server"], r["tunnel"],
+        r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
+        idle, gone, status_notes(r))
+
+
+def cmd_status(run: Run) -> int:
+    """Ask each recorded host about its sessions; one line (or JSON object) each."""
+    args, s = run.args, run.session
+    rows, unasked = status_rows(s)
     if args.json:
         print(json.dumps(rows))
     else:
         for r in rows:
-            job = "\tjob=%s %s node=%s left=%s" % tuple(r.get(k) or "-" for k in (
-                "job_id", "job_state", "node", "time_left")) if "job_id" in r else ""
-            gone = ("\tmanager plugin %s not loaded" % r["missing_plugin"]
-                    if "missing_plugin" in r else "")
-            pending = ("\tpending: %s at next start" % r["pending_text"]
-                       if r["pending_text"] else "")
-            if not r["recorded"]:
-                print("%s\t%s\tserver=%s\ttunnel=down\tnot recorded here%s; end it with: "
-                      "%s" % (r["host"], r["session"], r["server"], job,
-                              terminate_command(r["host"], r["session"])))
-                continue
-            if r["ended"]:
-                print("%s\t%s\tserver=stopped\tended: %s; start it again with: %s" % (
-                    r["host"], r["session"], ended_text(r["ended"], r.get("idle_timeout")),
-                    start_again(r["host"], r["session"])))
-                continue
-            idle = "\tidle-timeout=%s" % (duration_text(r["idle_timeout"])
-                                           if r["idle_timeout"] else "never")
-            if r.get("last_failure"):
-                pending += "\tlast --ensure failure: %s" % r["last_failure"]["message"]
-            if r["server"] == "gone":
-                pending = "\tlogin node %s is gone, and its server with it: --ensure starts " \
-                    "a new one on a node that answers, --terminate forgets it%s" % (
-                        r["login_node"], pending)
-            elif r["unreached"]:
-                pending = "\t%s%s" % (r["unreached"], pending)
-            elif r["login_node"]:
-                pending = "\tlogin node %s%s" % (r["login_node"], pending)
-            if r["recorded_as"]:
-                pending = "\trecorded as %s%s" % (r["recorded_as"], pending)
-            if r["server"] == "stopped":  # crashed, killed or out of time: not on purpose
-                name = r["recorded_as"] or r["host"]
-                pending = "\t%s%s" % (MSG_NOT_RUNNING.format(
-                    ensure=suggested(name, "--session", r["session"], "--ensure"),
-                    start=suggested(name, "--session", r["session"])), pending)
-            print("%s\t%s\tserver=%s\ttunnel=%s\t%s%s%s%s%s" % (
-                r["host"], r["session"], r["server"], r["tunnel"],
-                r["url"] if r["tunnel"] == "up" else "local port %s" % r["local_port"], job,
-                idle, gone, pending))
+            print(status_line(r))
     if not rows and not args.quiet:
         log.info("%s%s", nothing_recorded(s.records, s.host,
                                           s.name if s.source("session") != "default" else None),
@@ -5320,8 +5380,6 @@ def every_session(run: Run, cfg, action):
     HOST), all hosts at once, one connection each: the sessions of one host go one after
     the other over its connection.  Results come in record order; the exit code is the
     worst one."""
-    import concurrent.futures
-
     s = run.session
     by_host = s.recorded()
     if s.host is not None and action is terminate_session:
@@ -5337,9 +5395,7 @@ def every_session(run: Run, cfg, action):
                 done.append((rec, None, e))
         return done
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(by_host))) as pool:
-        futures = [pool.submit(one_host, h) for h in by_host]
-        outcome = [item for f in futures for item in f.result()]
+    outcome = [item for done in per_host(by_host, one_host).values() for item in done]
     code = 0
     for rec, _, err in outcome:
         if err is not None and getattr(err, "said", False):

@@ -132,6 +132,18 @@ def test_remote_failure_facts_survive_the_wire():
     assert (plain.code, plain.kind, plain.facts) == (3, "busy", {})
 
 
+def test_per_host_answers_each_host_in_order():
+    def ask(host):
+        if host == "b":
+            raise nbtunnel.Error("b is down", kind="unreachable")
+        return host.upper()
+
+    got = nbtunnel.per_host(["c", "b", "a"], ask)
+    assert list(got) == ["c", "b", "a"] and got["c"] == "C" and got["a"] == "A"
+    assert isinstance(got["b"], nbtunnel.Error) and got["b"].kind == "unreachable"
+    assert nbtunnel.per_host([], ask) == {}
+
+
 def test_copied_alone_the_file_works(tmp_path):
     copy = tmp_path / "nbtunnel.py"
     copy.write_bytes((REPO / "nbtunnel.py").read_bytes())
