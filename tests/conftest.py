@@ -12,6 +12,7 @@ Tests marked ``noroot`` use neither: ``pytest -m noroot`` runs them as any user.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -32,6 +33,8 @@ from helpers import (
     local_port_open,
     pid_alive,
     proc_cmdline,
+    socket_listening,
+    unix_sockets,
 )
 
 # Re-exported: test modules and older code import these from conftest.
@@ -52,6 +55,30 @@ sys.path.insert(0, str(REPO))  # lets unit tests `import nbtunnel`
 _REMOTES: list[RemoteHost] = []
 _LEFTOVERS: list[str] = []
 
+# nbtunnel's ssh control sockets: every runner of this session sets NBTUNNEL_RUNTIME_DIR to
+# one directory of the session's own, instead of the user's /tmp/nbtunnel-UID that other
+# runs share. A master killed with SIGKILL (a fault test, or the forced cleanup) leaves its
+# socket file: each test's cleanup removes the dead ones, and the session ends by checking
+# that none is left there, nor where the tests' records named one (cron's environment has
+# no NBTUNNEL_RUNTIME_DIR), then removes the directory.
+_RUNTIME_DIR: list[Path] = []
+_RECORDED_SOCKETS: set[Path] = set()
+
+
+def runtime_dir() -> Path:
+    """This session's NBTUNNEL_RUNTIME_DIR, made on first use."""
+    if not _RUNTIME_DIR:
+        _RUNTIME_DIR.append(Path(tempfile.mkdtemp(prefix="nbtrt")))
+    return _RUNTIME_DIR[0]
+
+
+def socket_leftovers() -> list[str]:
+    """The control sockets this session left; then its runtime directory is removed."""
+    found = [p for p in sorted(_RECORDED_SOCKETS) if p.is_socket()]
+    for directory in _RUNTIME_DIR:
+        found += unix_sockets(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+    return [f"control socket {p}{'' if socket_listening(p) else ' (dead)'}" for p in found]
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +126,7 @@ class NbtRunner:
             XDG_CONFIG_HOME=str(self.tmp / "xdg-config"),
             XDG_CACHE_HOME=str(self.tmp / "xdg-cache"),
             NBTUNNEL_CONFIG=str(self.config_file),
+            NBTUNNEL_RUNTIME_DIR=str(runtime_dir()),
         )
         self.popens: list[subprocess.Popen] = []
 
@@ -174,6 +202,7 @@ class NbtRunner:
                     proc.kill()
                     proc.wait(timeout=10)
                     forced.append(f"nbtunnel.py pid {proc.pid} ignored SIGINT")
+        named = self.recorded_sockets()  # before --terminate, which may drop records
         sessions = []
         if self.state_dir.exists():
             # Clean up whatever the test left, even when it broke --status itself.
@@ -216,8 +245,32 @@ class NbtRunner:
         open_ports = [port for port in ports if local_port_open(port)]
         if open_ports:
             forced.append(f"local ports still open {open_ports}")
+        self.remove_dead_sockets(named)
         shutil.rmtree(self.tmp, ignore_errors=True)
         return forced
+
+    def recorded_sockets(self) -> set[Path]:
+        """The control sockets the test's records name."""
+        named: set[Path] = set()
+        for record in self.state_dir.glob("**/*.json") if self.state_dir.exists() else ():
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                sock = json.loads(record.read_text()).get("socket")
+                if sock:
+                    named.add(Path(sock))
+        return named
+
+    def remove_dead_sockets(self, named: set[Path]) -> None:
+        """Remove the control sockets of masters that are gone: those in the session's
+        runtime directory and those the test's records name (with ssh's temporary names
+        beside them). A socket still listening stays, for the session's leftovers check."""
+        found = set(unix_sockets(runtime_dir()))
+        for path in named:
+            found.update(p for p in path.parent.glob(glob.escape(path.name) + "*") if p.is_socket())
+        _RECORDED_SOCKETS.update(p for p in found if not p.is_relative_to(self.tmp))
+        for path in found:
+            if not socket_listening(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
 
 @pytest.fixture
@@ -237,8 +290,13 @@ def nbt(remote: RemoteHost) -> Iterator[NbtRunner]:
 # Markers ######################################################################
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test marked noroot must not reach the test remote (it needs root to exist)."""
+    """A test marked noroot must not reach the test remote (it needs root to exist).
+    Every noroot test is also in the fast tier (marker ``fast``)."""
+    for item in items:
+        if item.get_closest_marker("noroot"):
+            item.add_marker(pytest.mark.fast)
     wrong = [
         item.nodeid
         for item in items
@@ -266,6 +324,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # trylast: after pytest's own session teardown, so the remote fixture is gone.
     for host in _REMOTES:
         _LEFTOVERS.extend(f"{host.user}: {item}" for item in host.leftovers())
+    _LEFTOVERS.extend(socket_leftovers())
     if _LEFTOVERS and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

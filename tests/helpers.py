@@ -17,6 +17,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -188,6 +189,30 @@ def kill_pids(
         time.sleep(0.1)
         alive = [pid for pid in alive if pid_alive(pid)]
     return alive
+
+
+def unix_sockets(directory: Path | str) -> list[Path]:
+    """The Unix socket files under DIRECTORY (none when it does not exist)."""
+    found = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            path = Path(root) / name
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    found.append(path)
+    return sorted(found)
+
+
+def socket_listening(path: Path | str) -> bool:
+    """Does a process still accept connections on the Unix socket PATH?  A master killed
+    with SIGKILL leaves its socket file behind, dead: connecting to it is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def run_in_pty(
