@@ -76,9 +76,12 @@ def test_tmux_server_killed(nbt, remote):
 def test_jupyter_killed_ensure_from_cron_environment(nbt, remote):
     """The tunnel was opened from a desktop session (XDG_RUNTIME_DIR set), cron has none:
     --ensure still finds and reuses that tunnel's connection."""
-    proc = nbt.run(remote.alias, "--json", env={"XDG_RUNTIME_DIR": str(nbt.tmp / "rt")})
+    desktop = nbt.tmp / "rt"
+    desktop.mkdir(mode=0o700)
+    proc = nbt.run(remote.alias, "--json", env={"XDG_RUNTIME_DIR": str(desktop), "NBTUNNEL_RUNTIME_DIR": None})
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
+    assert os.path.dirname(json.loads(record_file(nbt).read_text())["socket"]) == str(desktop / "nbtunnel")
     master = masters(nbt.ssh_config)
     kill_jupyter(remote)
     before = remote.auth_count()
