@@ -38,6 +38,7 @@ HOSTILE_DIRS = [
 ]
 
 
+@pytest.mark.fast
 def test_start_serves_jupyter_through_tunnel(nbt, remote):
     before = remote.auth_count()
     proc = nbt.run(remote.alias)
@@ -81,6 +82,7 @@ def test_json_output_and_state_files_are_private(nbt, remote):
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
+@pytest.mark.fast
 def test_reattach_reuses_server_and_reopens_tunnel(nbt, remote):
     first = start(nbt)
     pids = jupyter_pids(remote)
@@ -108,6 +110,7 @@ def test_reattach_reuses_server_and_reopens_tunnel(nbt, remote):
     assert remote.tmux_sessions() == ["nbtunnel"]
 
 
+@pytest.mark.fast
 def test_status_asks_the_remote(nbt, remote):
     info = start(nbt)
     proc = nbt.run("--status")
@@ -128,6 +131,7 @@ def test_status_asks_the_remote(nbt, remote):
     assert api_status(again["url"]) == 200
 
 
+@pytest.mark.fast
 def test_terminate_leaves_nothing(nbt, remote):
     info = start(nbt)
     assert local_ssh_pids(str(nbt.ssh_config))

@@ -30,6 +30,8 @@ import pytest
 import nbtunnel
 from helpers import api_status, pid_alive, wait_until
 
+pytestmark = pytest.mark.fast  # in-process and quick: part of `bash tests/run -m fast`
+
 REPO = Path(__file__).resolve().parent.parent
 FAKE_JUPYTER = Path(__file__).resolve().parent / "fake_jupyter.py"
 PY36_PREFIX = Path("/opt/nbtunnel-test/python3.6")  # made by tests/run from pyenv's 3.6
