@@ -74,11 +74,13 @@ def runtime_dir() -> Path:
 
 def socket_leftovers() -> list[str]:
     """The control sockets this session left; then its runtime directory is removed."""
-    found = [p for p in sorted(_RECORDED_SOCKETS) if p.is_socket()]
+    found = {p for p in _RECORDED_SOCKETS if p.is_socket()}
     for directory in _RUNTIME_DIR:
-        found += unix_sockets(directory)
+        found.update(unix_sockets(directory))
+    left = [f"control socket {p}{'' if socket_listening(p) else ' (dead)'}" for p in sorted(found)]
+    for directory in _RUNTIME_DIR:
         shutil.rmtree(directory, ignore_errors=True)
-    return [f"control socket {p}{'' if socket_listening(p) else ' (dead)'}" for p in found]
+    return left
 
 
 @pytest.fixture(scope="session")
