@@ -3985,7 +3985,8 @@ def ssh_settings(options: list, host: str) -> dict:
                     capture_output=True, text=True, timeout=15)
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    return dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    return dict(line.split(" ", 1) for line in r.stdout.splitlines()
+                if " " in line) if r.returncode == 0 else {}
 
 
 def node_way(options: list, host: str, node: dict) -> str:
@@ -5075,15 +5076,9 @@ def unrecorded_row(host: str, answer: dict) -> dict:
 def ssh_account(session: Session, host: str, rec=None):
     """(user, hostname, port) that HOST logs into, as ``ssh -G`` says with the ssh options
     of this command, else those REC was recorded with; None when ssh cannot say."""
-    options = ssh_options(session) or (rec or {}).get("ssh_options") or []
-    try:
-        r = subproc(["ssh"] + list(options) + ["-G", host], stdin=subprocess.DEVNULL,
-                    capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    seen = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    seen = ssh_settings(ssh_options(session) or (rec or {}).get("ssh_options") or [], host)
     return (seen.get("user"), seen.get("hostname"), seen.get("port")) \
-        if r.returncode == 0 and seen.get("hostname") else None
+        if seen.get("hostname") else None
 
 
 def recorded_as_other(session: Session, host: str, answers) -> dict:
